@@ -1,0 +1,82 @@
+"""A decoder-only transformer, readable top to bottom (in the spirit of nanoGPT's model.py).
+
+Plain PyTorch: no parallelism, no Lightning. `llm.parallel` shards it from outside, block by
+block (`model.blocks`), and the stages in `llm.stages` train it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from llm.model.attention import Attention, attention_bias
+from llm.model.config import ModelConfig
+from llm.model.layers import MLP, build_norm
+from llm.model.position import build_position
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], bias: Optional[Tensor]) -> Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), rotary, bias))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, rotary, bias)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        vocab = cfg.padded_vocab_size
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.position = build_position(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = build_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases; residual output projections scaled down by
+        sqrt(2 n_layers) so the residual stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_residual_init else std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith("attn.o") or name.endswith("mlp.down")
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for module in self.modules():  # position buffers (not saved) after a meta-device build
+            if module is not self and hasattr(module, "reset_parameters") and not isinstance(
+                module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+            ):
+                module.reset_parameters()
+
+    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, padded vocab)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.drop(self.position.embed(self.embed(tokens), positions))
+        rotary = self.position.rotary(positions)
+        bias = attention_bias(positions, positions, self.cfg.attention.window, self.position.slopes(), x.dtype)
+        for block in self.blocks:
+            x = block(x, rotary, bias)
+        return self.lm_head(self.norm(x))
