@@ -1,0 +1,5 @@
+"""How a plain model is spread over devices. Applied from outside: the model knows nothing of it."""
+
+from llm.parallel.apply import Single
+
+__all__ = ["Single"]

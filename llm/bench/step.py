@@ -1,0 +1,123 @@
+"""Training-step benchmark: the framework (Lightning module + Trainer, as `llm-train` runs it)
+against a bare PyTorch loop over the same model, optimizer, schedule and batches, interleaved
+in one process so machine noise hits both. Figures are tokens/s, MFU and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+
+from llm.config import typed
+from llm.config.schema import DataSchema, TrainerSchema
+from llm.config.validate import BYTE_VOCAB
+from llm.model import ModelConfig, Transformer
+from llm.scaling.flops import model_size
+from llm.stages.optim import build_optimizer
+from llm.stages.pretrain import next_token_loss
+from llm.tracking.metrics import JsonlLogger
+from llm.tracking.throughput import ThroughputMonitor, peak_flops
+
+
+def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g) for _ in range(n)]
+
+
+def bare_loop(model_cfg: ModelConfig, optim: Callable, schedule: Callable, batches: list, warmup: int,
+              clip: float | None, seed: int) -> float:
+    """Seconds for the timed steps of a plain PyTorch training loop."""
+    torch.manual_seed(seed)
+    model = Transformer(model_cfg)
+    optimizer = build_optimizer(optim, model)
+    total = len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total))
+    model.train()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:])
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+class _StepClock(Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+def framework_loop(cfg: DictConfig, model_cfg: ModelConfig, batches: list, warmup: int, trainer_cfg: TrainerSchema,
+                   tokens_per_step: int, flops_per_token: float, log_dir: str) -> float:
+    """Seconds for the timed steps of the framework's own module, Trainer, loggers and callbacks."""
+    torch.manual_seed(cfg.seed)
+    module = instantiate(cfg.posttrain)(
+        model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
+        total_steps=len(batches), tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+    )
+    clock = _StepClock(warmup)
+    trainer = pl.Trainer(
+        accelerator=trainer_cfg.accelerator, devices=1, precision=trainer_cfg.precision, max_steps=len(batches),
+        gradient_clip_val=trainer_cfg.gradient_clip_val, log_every_n_steps=trainer_cfg.log_every,
+        logger=[JsonlLogger(f"{log_dir}/metrics.jsonl")], limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[ThroughputMonitor(tokens_per_step, flops_per_token, trainer_cfg.log_every), clock],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        strategy=module.parallelism.strategy(), default_root_dir=log_dir,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return clock.end - clock.start
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 3, log_dir: str = ".") -> dict:
+    """Interleave `repeats` rounds of bare and framework loops; report medians and their ratio."""
+    data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
+    trainer_cfg: TrainerSchema = typed(cfg.trainer, TrainerSchema)
+    model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
+    if model_cfg.vocab_size is None:
+        vocab = BYTE_VOCAB if cfg.tokenizer.kind == "byte" else int(cfg.tokenizer.get("vocab_size") or 2048)
+        model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": vocab})
+    size = model_size(model_cfg, data.seq_len)
+    tokens_per_step = data.micro_batch_size * data.seq_len
+    batches = random_batches(warmup + steps, data.micro_batch_size, data.seq_len, model_cfg.vocab_size, cfg.seed)
+    optim, schedule = instantiate(cfg.optim, _convert_="all"), instantiate(cfg.schedule)
+    bare, framework = [], []
+    for r in range(repeats):
+        print(f"round {r + 1}/{repeats}: bare loop ...", flush=True)
+        bare.append(bare_loop(model_cfg, optim, schedule, batches, warmup, trainer_cfg.gradient_clip_val, cfg.seed))
+        print(f"round {r + 1}/{repeats}: framework ...", flush=True)
+        framework.append(framework_loop(cfg, model_cfg, batches, warmup, trainer_cfg, tokens_per_step,
+                                        size.flops_per_token, log_dir))
+    peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu"))
+    tps = {name: tokens_per_step * steps / statistics.median(times) for name, times in
+           (("bare", bare), ("framework", framework))}
+    return {
+        "params": size.params, "non_embedding": size.non_embedding, "flops_per_token": size.flops_per_token,
+        "tokens_per_step": tokens_per_step, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+        "bare_tokens_per_s": tps["bare"], "framework_tokens_per_s": tps["framework"],
+        "ratio": tps["framework"] / tps["bare"],
+        "bare_mfu": tps["bare"] * size.flops_per_token / peak, "framework_mfu": tps["framework"] * size.flops_per_token / peak,
+        "peak_flops": peak, "peak_rss_mib": peak_rss_mib(),
+        "bare_seconds": bare, "framework_seconds": framework,
+    }

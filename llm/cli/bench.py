@@ -1,0 +1,53 @@
+"""`llm-bench <overrides>`: tokens/s, MFU and memory of a config's training step, against a bare
+PyTorch loop over the same model and batches in the same process.
+
+  llm-bench                       # the default CPU model
+  llm-bench model=small bench.steps=10
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import llm.config  # noqa: F401  (registers the schemas)
+from llm.cli.common import setup
+from llm.cli.train import CONF_DIR
+
+setup()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
+def _app(cfg: DictConfig) -> None:
+    from llm.bench.step import benchmark
+    from llm.config import ConfigError, validate
+
+    bench = cfg.bench
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
+    try:
+        validate(run_cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out_dir = Path(cfg.paths.run_dir)
+    result = benchmark(run_cfg, steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats, log_dir=str(out_dir))
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmodel: {result['params']:,} parameters, {result['flops_per_token']:.3g} FLOPs/token, "
+          f"{result['tokens_per_step']:,} tokens/step, {result['threads']} threads")
+    print(f"{'':12}{'tokens/s':>12}{'MFU':>8}")
+    for name in ("bare", "framework"):
+        print(f"{name:12}{result[f'{name}_tokens_per_s']:>12,.0f}{result[f'{name}_mfu']:>8.1%}")
+    print(f"ratio framework / bare: {result['ratio']:.3f}   (peak RSS {result['peak_rss_mib']:,.0f} MiB)")
+    print(f"written: {out_dir / 'bench.json'}")
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

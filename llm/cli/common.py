@@ -1,0 +1,48 @@
+"""What every entry point sets up before Hydra composes: resolvers used by conf/, quiet libraries."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+
+def run_dir(resume: Optional[str], runs_dir: str, stamp: str) -> str:
+    """A fresh `<runs_dir>/<stamp>`, or the directory of the run being resumed (a path or a run id)."""
+    if not resume:
+        return str(Path(runs_dir) / stamp)
+    path = Path(resume).expanduser()
+    if not path.is_dir() and (Path(runs_dir) / resume).is_dir():
+        path = Path(runs_dir) / resume
+    return str(path.resolve())
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("llm_run_dir"):
+        OmegaConf.register_new_resolver("llm_run_dir", run_dir)
+
+
+NOISE = (
+    ".*treespec, LeafSpec.*",
+    ".*does not have many workers.*",
+    ".*resuming from a checkpoint that ended before the epoch.*",
+    ".*IterableDataset.*has `__len__` defined.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress lines: Lightning's tips and known-harmless
+    warnings about choices we made on purpose (no loader workers, endless data stream)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def setup() -> None:
+    register_resolvers()
+    quiet_libraries()

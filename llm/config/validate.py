@@ -1,0 +1,262 @@
+"""One validation pass over the composed config, before any data is read.
+
+Every problem names the key, the value and what is allowed; all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llm.config.schema import (
+    LOGGERS,
+    PRECISIONS,
+    SCHEMAS,
+    TARGET_NODES,
+    TOP_LEVEL_KEYS,
+    WANDB_MODES,
+)
+from llm.model.config import KERNELS, MLPS, NORM_PLACEMENTS, NORMS, POSITIONS, ModelConfig
+
+TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece", "byte", "pretrained")
+BYTE_VOCAB = 256 + 3  # raw bytes + BOS/EOS/PAD
+HYDRA_KEYWORDS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot work. `problems` lists one line per offending key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"Invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+def _allowed(options) -> str:
+    return ", ".join(str(o) for o in options)
+
+
+def _unknown(key: str, name: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{key}: unknown key.{hint} Allowed keys: {_allowed(sorted(allowed))}"
+
+
+def check_schema(node: Any, schema: type, prefix: str) -> list[str]:
+    """Unknown keys (recursively), then types, of a plain node against its dataclass schema."""
+    if not isinstance(node, DictConfig):
+        return [f"{prefix}={node!r}: expected a mapping with keys {_allowed(f.name for f in dataclasses.fields(schema))}"]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    problems = []
+    for name in node.keys():
+        key = f"{prefix}.{name}"
+        if name not in fields:
+            problems.append(_unknown(key, str(name), list(fields)))
+        elif dataclasses.is_dataclass(fields[name].type if isinstance(fields[name].type, type) else None):
+            problems += check_schema(node[name], fields[name].type, key)
+    nested = {n: f for n, f in fields.items() if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)}
+    for name, f in nested.items():
+        if name in node:
+            problems += check_schema(node[name], f.default_factory, f"{prefix}.{name}")
+    if problems:
+        return problems
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as e:
+        key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
+        return [f"{key}: {str(e).splitlines()[0]}"]
+    return []
+
+
+def plain(node: DictConfig, drop: tuple[str, ...] = ()) -> DictConfig:
+    """A detached copy of a node with its interpolations resolved in the context of the whole
+    config, minus the `drop` keys."""
+    container = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: v for k, v in container.items() if k not in drop})
+
+
+def typed(node: DictConfig, schema: type, drop: tuple[str, ...] = ()) -> Any:
+    """The node as an instance of its schema dataclass (after `check_schema` passed)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain(node, drop)))
+
+
+def _import(target: str) -> Callable:
+    module, _, name = target.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_target(node: Any, key: str) -> list[str]:
+    """A `_target_` node: the target imports, and every key is one of its parameters."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return [f"{key}: expected a mapping with a `_target_` (the class or function it builds)"]
+    target = node["_target_"]
+    try:
+        fn = _import(target)
+    except (ImportError, AttributeError) as e:
+        return [f"{key}._target_={target!r}: cannot be imported ({e})"]
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    allowed = [n for n in params if n != "self"]
+    return [_unknown(f"{key}.{n}", str(n), allowed) for n in node.keys() if n not in HYDRA_KEYWORDS and n not in allowed]
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r}: not allowed. Choose one of: {_allowed(allowed)}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_model(m: ModelConfig, problems: list[str], seq_len: int) -> None:
+    _choice(problems, "model.norm", m.norm, NORMS)
+    _choice(problems, "model.norm_placement", m.norm_placement, NORM_PLACEMENTS)
+    _choice(problems, "model.mlp", m.mlp, MLPS)
+    _choice(problems, "model.position.kind", m.position.kind, POSITIONS)
+    _choice(problems, "model.attention.kernel", m.attention.kernel, KERNELS)
+    for key, value in (("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads)):
+        if value < 1:
+            problems.append(f"{key}={value}: must be a positive integer")
+    if m.n_heads < 1 or m.d_model < 1:
+        return
+    if m.head_dim is None and m.d_model % m.n_heads:
+        problems.append(
+            f"model.n_heads={m.n_heads}: must divide model.d_model={m.d_model} "
+            f"(allowed: {_allowed(_divisors(m.d_model))}), or set model.head_dim"
+        )
+    kv = m.attention.n_kv_heads
+    if kv is not None and (kv < 1 or m.n_heads % kv):
+        problems.append(
+            f"model.attention.n_kv_heads={kv}: must divide model.n_heads={m.n_heads} "
+            f"(allowed: {_allowed(_divisors(m.n_heads))}; 1 = MQA, {m.n_heads} = MHA)"
+        )
+    if m.position.kind == "rope" and m.head_size % 2:
+        problems.append(f"model.head_dim={m.head_size}: RoPE rotates pairs of channels, so the head dim must be even")
+    if m.position.kind == "sinusoidal" and m.d_model % 2:
+        problems.append(f"model.d_model={m.d_model}: the sinusoidal table needs an even model width")
+    if m.position.kind in ("learned", "sinusoidal") and seq_len > m.max_seq_len:
+        problems.append(
+            f"data.seq_len={seq_len}: longer than the {m.position.kind} position table "
+            f"(model.max_seq_len={m.max_seq_len}); allowed: <= {m.max_seq_len}"
+        )
+    if m.attention.window is not None and m.attention.window < 1:
+        problems.append(f"model.attention.window={m.attention.window}: must be >= 1, or null for full attention")
+    if m.attention.kernel == "flash" and (m.position.kind == "alibi" or m.attention.window):
+        problems.append(
+            "model.attention.kernel='flash': the flash kernel takes no additive mask, so it cannot do "
+            f"{'ALiBi' if m.position.kind == 'alibi' else 'a sliding window'}; allowed: sdpa, flex"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        problems.append(f"model.dropout={m.dropout}: must be in [0, 1)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Check the whole composed config; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    for key in cfg.keys():
+        if key not in TOP_LEVEL_KEYS and key != "hydra":
+            problems.append(_unknown(str(key), str(key), list(TOP_LEVEL_KEYS)))
+    for group, schema in SCHEMAS.items():
+        if group not in cfg:
+            problems.append(f"{group}: missing (select an option of the `{group}` group)")
+            continue
+        node = cfg[group]
+        if isinstance(node, DictConfig):
+            try:
+                node = plain(node, drop=("corpus",) if group == "data" else ())
+            except OmegaConfBaseException as e:
+                problems.append(f"{group}.{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}")
+                continue
+        problems += check_schema(node, schema, group)
+    for key in TARGET_NODES:
+        node = OmegaConf.select(cfg, key)
+        problems += check_target(node, key) if node is not None else [f"{key}: missing"]
+    if problems:  # types are wrong: the cross-field rules below would only add noise
+        raise ConfigError(problems)
+
+    model: ModelConfig = typed(cfg.model, ModelConfig)
+    data = typed(cfg.data, SCHEMAS["data"], drop=("corpus",))
+    trainer, budget, logger = (typed(cfg[g], SCHEMAS[g]) for g in ("trainer", "budget", "logger"))
+    check_model(model, problems, data.seq_len)
+    _choice(problems, "trainer.precision", trainer.precision, PRECISIONS)
+    _choice(problems, "logger.kind", logger.kind, LOGGERS)
+    _choice(problems, "logger.mode", logger.mode, WANDB_MODES)
+    tok_kind = cfg.tokenizer.get("kind")
+    _choice(problems, "tokenizer.kind", tok_kind, TOKENIZER_KINDS)
+    if tok_kind == "pretrained" and not cfg.tokenizer.get("path"):
+        problems.append("tokenizer.path=None: tokenizer=pretrained needs the path of a tokenizer.json")
+
+    needs_cuda = model.attention.kernel in ("flash", "flex")
+    if needs_cuda and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())):
+        problems.append(
+            f"model.attention.kernel={model.attention.kernel!r}: needs a CUDA device "
+            f"(trainer.accelerator={trainer.accelerator!r}); allowed here: sdpa"
+        )
+
+    # Vocabulary: a fixed model vocabulary must hold every token id the tokenizer can emit.
+    tok_vocab = BYTE_VOCAB if tok_kind == "byte" else cfg.tokenizer.get("vocab_size")
+    if model.vocab_size is not None and tok_vocab and tok_kind != "pretrained" and tok_vocab > model.vocab_size:
+        problems.append(
+            f"model.vocab_size={model.vocab_size}: smaller than the tokenizer's vocabulary ({tok_vocab}); "
+            f"allowed: >= {tok_vocab}, or null to take it from the tokenizer"
+        )
+    if "Synthetic" in str(cfg.data.corpus.get("_target_")) and tok_kind != "byte":
+        problems.append(
+            f"tokenizer.kind={tok_kind!r}: data=synthetic emits one character per symbol, so its entropy "
+            "floor is per token only with tokenizer=byte; allowed: byte"
+        )
+
+    # Batch arithmetic: global batch = micro batch x data-parallel ranks x accumulation.
+    ranks = world_size or data_parallel_size(cfg)
+    if data.seq_len < 1:
+        problems.append(f"data.seq_len={data.seq_len}: must be >= 1")
+    if data.micro_batch_size < 1:
+        problems.append(f"data.micro_batch_size={data.micro_batch_size}: must be >= 1")
+    elif data.global_batch_size is not None and data.global_batch_size % (data.micro_batch_size * ranks):
+        unit = data.micro_batch_size * ranks
+        problems.append(
+            f"data.global_batch_size={data.global_batch_size}: must be a multiple of data.micro_batch_size x "
+            f"data-parallel ranks = {data.micro_batch_size} x {ranks} = {unit} (e.g. {unit}, {2 * unit}, {4 * unit})"
+        )
+
+    set_fields = [f.name for f in dataclasses.fields(budget) if getattr(budget, f.name) is not None]
+    if len(set_fields) != 1:
+        problems.append(
+            f"budget: exactly one of steps, tokens, flops, tokens_per_param must be set (got {set_fields or 'none'}); "
+            "e.g. budget=steps budget.steps=500"
+        )
+    for name in set_fields:
+        if getattr(budget, name) <= 0:
+            problems.append(f"budget.{name}={getattr(budget, name)}: must be > 0")
+    for key in ("val_every", "log_every", "checkpoint_every"):
+        if getattr(trainer, key) < 1:
+            problems.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1 (steps)")
+    if "lr" in cfg.optim and not cfg.optim.lr > 0:
+        problems.append(f"optim.lr={cfg.optim.lr}: must be > 0")
+    if problems:
+        raise ConfigError(problems)
+
+
+def data_parallel_size(cfg: DictConfig) -> int:
+    """Data-parallel ranks implied by the trainer settings (devices x nodes / tensor parallel)."""
+    devices = cfg.trainer.devices
+    per_node = devices if isinstance(devices, int) and devices > 0 else 1
+    tp = int(cfg.parallelism.get("tensor_parallel", 1) or 1)
+    return max(1, per_node * int(cfg.trainer.num_nodes) // tp)

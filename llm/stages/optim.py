@@ -1,0 +1,33 @@
+"""Optimizer parameter groups: weight decay on matrices only."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay every >= 2-D weight except embeddings; never decay norms, biases or embeddings.
+    Tied parameters appear once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(factory: Callable, model: nn.Module) -> torch.optim.Optimizer:
+    """`factory` is the instantiated `optim` group (a partial). `fused: null` means fused where
+    the parameters' device supports it (CUDA, and CPU in recent PyTorch)."""
+    keywords = dict(getattr(factory, "keywords", {}))
+    weight_decay = keywords.get("weight_decay", 0.0)
+    if keywords.get("fused", "unset") is None:
+        device = next(model.parameters()).device.type
+        keywords["fused"] = device in ("cuda", "cpu")
+    func = getattr(factory, "func", factory)
+    return func(param_groups(model, weight_decay), **keywords)

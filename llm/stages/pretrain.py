@@ -1,0 +1,84 @@
+"""Pretraining: next-token cross-entropy. The base LightningModule of every stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llm.model import ModelConfig, Transformer
+from llm.stages.optim import build_optimizer
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class PretrainModule(pl.LightningModule):
+    """Owns the plain `Transformer`; the parallelism option shards/wraps it in `configure_model`."""
+
+    stage = "pretrain"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        optimizer: Callable,
+        schedule: Callable[[int, int], float],
+        parallelism: Any,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+    ):
+        super().__init__()
+        self.model_config = model_config
+        self.optimizer_factory = optimizer
+        self.schedule = schedule
+        self.parallelism = parallelism
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.model: Optional[Transformer] = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = Transformer(self.model_config)
+        mesh = getattr(self, "device_mesh", None)
+        self.model = self.parallelism.parallelize(self.model, mesh)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        steps_done = self.global_step + 1
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("trainer/tokens", float(steps_done * self.tokens_per_step))
+        self.log("trainer/flops", float(steps_done * self.tokens_per_step * self.flops_per_token))
+        self.log("trainer/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        total = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        checkpoint["llm"] = {"stage": self.stage, "model_config": asdict(self.model_config)}

@@ -1,0 +1,115 @@
+"""The project's tokenizer: a thin wrapper over `tokenizers.Tokenizer` with fixed special tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import tokenizers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD)
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """A directory stands for the `tokenizer.json` inside it, as Hugging Face lays them out."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+class Tokenizer:
+    """Thin wrapper over tokenizers.Tokenizer with explicit special tokens.
+
+    `encode` never adds special tokens: the data pipeline places EOS between documents itself,
+    so what a model sees does not depend on a backend's post-processor.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        self.backend = backend
+        self.bos_id: int = backend.token_to_id(BOS)
+        self.eos_id: int = backend.token_to_id(EOS)
+        self.pad_id: int = backend.token_to_id(PAD)
+        self.cached = False  # set by build_tokenizer when this came from its on-disk cache
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def content_hash(self) -> str:
+        """sha256 of the compact serialized JSON: equal for equal tokenizers, also after a reload."""
+        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json atomically, so a reader never sees half a file."""
+        path = _resolve(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.backend.to_str(pretty=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a tokenizer is meant to be shared
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = _resolve(path)
+        backend = load_backend(path)
+        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer {path} lacks the special tokens {missing}")
+        return cls(backend)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, model={type(self.backend.model).__name__})"
+
+
+def load_backend(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """Read a tokenizer.json, with errors that name the file."""
+    path = _resolve(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
+    """UTF-8 bytes per token over `texts`: the tokenizer's compression, higher is denser."""
+    n_bytes = n_tokens = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_tokens
+        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
+        batch.clear()
+
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        batch.append(text)
+        if len(batch) == 256:
+            flush()
+    flush()
+    if n_tokens == 0:
+        raise ValueError("bytes_per_token: the texts encode to no tokens")
+    return n_bytes / n_tokens

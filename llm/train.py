@@ -1,0 +1,228 @@
+"""The one path a run takes: validate -> instantiate groups -> LightningModule + Trainer -> fit
+-> summary.json. `llm-train` (llm/cli/train.py) composes the config and calls `train`."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llm.config import ConfigError, typed, validate
+from llm.config.schema import BudgetSchema, DataSchema, LoggerSchema, TrainerSchema
+from llm.model import ModelConfig
+from llm.scaling.flops import ModelSize, model_size
+from llm.tracking.checkpoint_io import AtomicCheckpointIO
+from llm.tracking.checkpoints import PeriodicCheckpoint, checkpoint_step, last_checkpoint
+from llm.tracking.metrics import JsonlLogger, read_metrics
+from llm.tracking.progress import StepProgressBar
+from llm.tracking.run import git_state, group_choices, resolved_config, run_id, write_json
+from llm.tracking.throughput import ThroughputMonitor
+
+RUN_FILE = "run.json"  # the unresolved config and group choices, read back by resume=<run>
+
+def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int) -> tuple[int, str]:
+    """Optimizer steps for the budget, and a line saying how they were derived."""
+    if budget.steps is not None:
+        return int(budget.steps), f"{budget.steps} steps"
+    if budget.tokens is not None:
+        tokens, how = budget.tokens, f"{budget.tokens:.3g} tokens"
+    elif budget.flops is not None:
+        tokens = budget.flops / size.flops_per_token
+        how = f"{budget.flops:.3g} FLOPs / {size.flops_per_token:.3g} FLOPs per token = {tokens:.3g} tokens"
+    else:
+        tokens = budget.tokens_per_param * size.non_embedding
+        how = f"{budget.tokens_per_param:g} tokens/param x {size.non_embedding:,} non-embedding params = {tokens:.3g} tokens"
+    steps = max(1, math.ceil(tokens / tokens_per_step))
+    return steps, f"{how} -> {steps} steps of {tokens_per_step:,} tokens"
+
+
+def with_vocab(model: ModelConfig, vocab_size: int) -> ModelConfig:
+    if model.vocab_size is None:
+        return replace(model, vocab_size=vocab_size)
+    if model.vocab_size < vocab_size:
+        raise ConfigError([f"model.vocab_size={model.vocab_size}: smaller than the tokenizer's vocabulary "
+                           f"({vocab_size}); allowed: >= {vocab_size}, or null to take it from the tokenizer"])
+    return model
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """For resume=<run>: the run's own config, with this command line's plain key overrides on
+    top (e.g. budget.steps to extend it). Changing a group of an existing run is an error."""
+    run_dir = Path(cfg.paths.run_dir)
+    saved_file = run_dir / RUN_FILE
+    if not saved_file.exists():
+        raise ConfigError([f"resume={cfg.resume!r}: {run_dir} is not a run directory (no {RUN_FILE})"])
+    saved = json.loads(saved_file.read_text())
+    merged = OmegaConf.create(saved["config"])
+    overrides = _command_line_overrides()
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if "." not in key:
+            raise ConfigError([f"{key}={value}: a resumed run keeps its groups (it chose {key}="
+                               f"{saved['choices'].get(key)!r}); start a new run to change it"])
+        OmegaConf.update(merged, key, OmegaConf.create({"v": value}).v if value else None, force_add=False)
+    merged.resume = cfg.resume
+    merged.paths = cfg.paths
+    return merged, saved
+
+
+def _command_line_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment; returns the summary also written to <run_dir>/summary.json."""
+    started = time.time()
+    run_dir = Path(cfg.paths.run_dir)
+    choices = group_choices(cfg)
+    resume_from = None
+    if cfg.resume:
+        cfg, saved = resume_config(cfg)
+        choices = saved["choices"]
+        resume_from = last_checkpoint(run_dir)
+    validate(cfg)  # every config problem, before any work
+
+    model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
+    data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
+    trainer_cfg: TrainerSchema = typed(cfg.trainer, TrainerSchema)
+    logger_cfg: LoggerSchema = typed(cfg.logger, LoggerSchema)
+    budget: BudgetSchema = typed(cfg.budget, BudgetSchema)
+    if logger_cfg.kind == "wandb":
+        from llm.tracking.wandb import resolve_mode
+
+        resolve_mode(logger_cfg.mode)  # fails now, not after the data work, on missing credentials
+    rid = run_id(run_dir, Path(cfg.paths.runs_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume_from:
+        write_json(run_dir / RUN_FILE, {"run_id": rid, "choices": choices, "overrides": _command_line_overrides(),
+                                        "config": OmegaConf.to_container(cfg, resolve=False)})
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
+    print(f"run {rid}: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(trainer_cfg.matmul_precision)
+
+    # Data work starts here: corpus, tokenizer (trained once, cached), token caches.
+    from llm.data import LMDataModule, build_token_cache
+    from llm.tokenizer import bytes_per_token
+
+    cache_dir = Path(cfg.paths.cache_dir)
+    corpus = instantiate(cfg.data.corpus)
+    tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache_dir)
+    tokenizer.save(run_dir / "tokenizer.json")
+    model_cfg = with_vocab(model_cfg, tokenizer.vocab_size)
+    size = model_size(model_cfg, data.seq_len)
+
+    world = 1
+    global_batch = data.global_batch_size or data.micro_batch_size * world
+    accumulate = global_batch // (data.micro_batch_size * world)
+    tokens_per_step = global_batch * data.seq_len
+    steps, budget_line = budget_steps(budget, size, tokens_per_step)
+    train_tokens = build_token_cache(corpus, tokenizer, "train", cache_dir)
+    val_tokens = build_token_cache(corpus, tokenizer, "val", cache_dir)
+    datamodule = LMDataModule(train_tokens.tokens, val_tokens.tokens, data.seq_len, data.micro_batch_size,
+                              seed=cfg.seed, val_batches=data.val_batches)
+    entropy_floor = getattr(corpus, "entropy_rate", None)
+    facts = {
+        "run_id": rid, "run_dir": str(run_dir), "stage": "pretrain", "choices": choices,
+        "N": size.params, "N_non_embedding": size.non_embedding, "flops_per_token": size.flops_per_token,
+        "vocab_size": model_cfg.vocab_size, "tokens_per_step": tokens_per_step, "steps": steps,
+        "budget": budget_line, "data_fingerprint": corpus.fingerprint(), "train_tokens": train_tokens.n_tokens,
+        "val_tokens": val_tokens.n_tokens, "bytes_per_token": bytes_per_token(tokenizer, corpus.documents("val")),
+        "entropy_floor": entropy_floor, **{f"git_{k}": v for k, v in git_state(Path(cfg.paths.root_dir)).items()},
+    }
+    print(f"model: {size.params:,} parameters ({size.non_embedding:,} non-embedding), "
+          f"{size.flops_per_token:.3g} FLOPs/token; budget: {budget_line}")
+
+    module = instantiate(cfg.posttrain)(
+        model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
+        total_steps=steps, tokens_per_step=tokens_per_step, flops_per_token=size.flops_per_token,
+    )
+    resume_step = checkpoint_step(resume_from) if resume_from else None
+    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step if resume_from else -1)]
+    if logger_cfg.kind == "wandb":
+        from llm.tracking.wandb import wandb_logger
+
+        name = " ".join([rid, *[choices[g] for g in ("model", "attention", "position") if g in choices]])
+        wandb = wandb_logger(logger_cfg, rid, run_dir, module.stage, name,
+                             [f"{g}:{c}" for g, c in choices.items()], logger_cfg.group)
+        wandb.log_hyperparams({**resolved_config(cfg), **{f"choice/{g}": c for g, c in choices.items()},
+                               "derived": {k: v for k, v in facts.items() if k not in ("choices",)}})
+        loggers.append(wandb)
+    elif logger_cfg.kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        loggers.append(CSVLogger(run_dir, name="csv", version=""))
+
+    throughput = ThroughputMonitor(tokens_per_step, size.flops_per_token, window=trainer_cfg.log_every)
+    callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every), throughput]
+    if trainer_cfg.progress_bar:
+        callbacks.append(StepProgressBar())
+    trainer = pl.Trainer(
+        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
+        strategy=module.parallelism.strategy(), precision=trainer_cfg.precision, max_steps=steps,
+        val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
+        log_every_n_steps=trainer_cfg.log_every, gradient_clip_val=trainer_cfg.gradient_clip_val,
+        accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
+        enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], deterministic=trainer_cfg.deterministic,
+        default_root_dir=run_dir, use_distributed_sampler=False,
+    )
+    summary = {**facts, "status": "running"}
+    write_json(run_dir / "summary.json", summary)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        if trainer.global_step % min(trainer_cfg.val_every, steps):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        callbacks[0].save(trainer)
+        summary["status"] = "completed"
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        summary.update(final_metrics(run_dir / "metrics.jsonl"), tokens_seen=trainer.global_step * tokens_per_step,
+                       steps_done=trainer.global_step, tokens_per_s=throughput.mean_tokens_per_s,
+                       wall_seconds=round(time.time() - started, 1))
+        summary["C"] = summary["tokens_seen"] * size.flops_per_token
+        summary["D"] = summary["tokens_seen"]
+        write_json(run_dir / "summary.json", summary)
+        _finish_wandb(summary["status"] != "completed")
+    return summary
+
+
+def final_metrics(path: Path) -> dict[str, Any]:
+    records = read_metrics(path)
+    val = [r["val/loss"] for r in records if isinstance(r.get("val/loss"), float)]
+    train = [r["train/loss"] for r in records if isinstance(r.get("train/loss"), float)]
+    out: dict[str, Any] = {}
+    if train:
+        out["train/loss"] = train[-1]
+    if val:
+        out.update({"val/loss": val[-1], "val/ppl": math.exp(min(val[-1], 50)), "best_val/loss": min(val)})
+    return out
+
+
+def _finish_wandb(failed: bool) -> None:
+    """Always close the W&B run, also on failure, so the next job never reuses it."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
