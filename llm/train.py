@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume_from:
         write_json(run_dir / RUN_FILE, {"run_id": rid, "choices": choices, "overrides": _command_line_overrides(),
-                                        "config": OmegaConf.to_container(cfg, resolve=False)})
+                                        "config": resolved_config(cfg, resolve=False)})
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
     print(f"run {rid}: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
 

@@ -521,17 +521,7 @@ def test_meta_build_has_same_parameter_count(kind, tie):
     assert n_params(meta) == n_params(Transformer(cfg)) == model_size(cfg).params
 
 
-SINUSOIDAL_META_BUG = pytest.mark.xfail(
-    reason="SinusoidalPosition has no reset_parameters: its non-persistent `table` buffer stays "
-    "uninitialised after a meta-device build + to_empty + Transformer.reset_parameters()",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    ["rope", "alibi", "learned", "none", pytest.param("sinusoidal", marks=SINUSOIDAL_META_BUG)],
-)
+@pytest.mark.parametrize("kind", ["rope", "alibi", "learned", "none", "sinusoidal"])
 def test_meta_build_materialises_to_finite_outputs(kind):
     model = meta_then_materialise(make_cfg(kind, 2, tie_embeddings=False))
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -540,7 +530,7 @@ def test_meta_build_materialises_to_finite_outputs(kind):
         assert torch.isfinite(model(torch.randint(0, 50, (2, 16)))).all()
 
 
-@pytest.mark.parametrize("kind", ["rope", "alibi", pytest.param("sinusoidal", marks=SINUSOIDAL_META_BUG)])
+@pytest.mark.parametrize("kind", ["rope", "alibi", "sinusoidal"])
 def test_meta_build_recomputes_buffers(kind):
     cfg = make_cfg(kind, 2, tie_embeddings=False)
     normal = build(cfg)
@@ -553,12 +543,6 @@ def test_meta_build_recomputes_buffers(kind):
         assert torch.equal(model(tokens), normal(tokens))
 
 
-@pytest.mark.xfail(
-    reason="Module.to_empty replaces each Parameter separately, so after a meta-device build "
-    "lm_head.weight and embed.weight become two tensors; Transformer.reset_parameters does "
-    "not re-tie them",
-    strict=True,
-)
 def test_meta_build_keeps_embeddings_tied():
     cfg = make_cfg("rope", tie_embeddings=True)
     model = meta_then_materialise(cfg)

@@ -86,6 +86,20 @@ def typed(node: DictConfig, schema: type, drop: tuple[str, ...] = ()) -> Any:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain(node, drop)))
 
 
+def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is `???` (the Hydra app's own `hydra` node aside)."""
+    found = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if full == "hydra":
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.append(full)
+        elif isinstance(node._get_node(key), DictConfig):
+            found += missing_keys(node[key], f"{full}.")
+    return found
+
+
 def _import(target: str) -> Callable:
     module, _, name = target.rpartition(".")
     obj = importlib.import_module(module)
@@ -173,6 +187,10 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS and key != "hydra":
             problems.append(_unknown(str(key), str(key), list(TOP_LEVEL_KEYS)))
+    for key in missing_keys(cfg):
+        problems.append(f"{key}: required but not set (`???`); give it on the command line: {key}=...")
+    if problems:
+        raise ConfigError(problems)
     for group, schema in SCHEMAS.items():
         if group not in cfg:
             problems.append(f"{group}: missing (select an option of the `{group}` group)")
@@ -200,8 +218,6 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     _choice(problems, "logger.mode", logger.mode, WANDB_MODES)
     tok_kind = cfg.tokenizer.get("kind")
     _choice(problems, "tokenizer.kind", tok_kind, TOKENIZER_KINDS)
-    if tok_kind == "pretrained" and not cfg.tokenizer.get("path"):
-        problems.append("tokenizer.path=None: tokenizer=pretrained needs the path of a tokenizer.json")
 
     needs_cuda = model.attention.kernel in ("flash", "flex")
     if needs_cuda and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())):

@@ -54,6 +54,9 @@ class SinusoidalPosition(Position):
         super().__init__()
         self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
 
+    def reset_parameters(self) -> None:  # not saved; recompute after meta-device init
+        self.table = sinusoidal_table(*self.table.shape).to(self.table.device)
+
     def embed(self, x: Tensor, positions: Tensor) -> Tensor:
         return x + self.table[positions].to(x.dtype)
 

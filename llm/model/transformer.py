@@ -54,6 +54,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, zero biases; residual output projections scaled down by
         sqrt(2 n_layers) so the residual stream's variance does not grow with depth."""
+        if self.cfg.tie_embeddings:  # again: to_empty() after a meta-device build unties them
+            self.lm_head.weight = self.embed.weight
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_residual_init else std
         for name, module in self.named_modules():

@@ -38,7 +38,8 @@ def build_tokenizer(
 
     A trained tokenizer is cached as cache_dir/tokenizers/<hash>.json, the hash covering the
     corpus fingerprint, every training setting and the tokenizers version; the same call again
-    loads it (and sets `.cached`). `byte` and `pretrained` need no corpus and are not cached.
+    loads it (and sets `.cached`). `byte` and `pretrained` need no corpus, ignore vocab_size,
+    min_frequency and max_training_bytes, and are not cached.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")

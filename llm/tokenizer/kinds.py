@@ -11,7 +11,7 @@ import string
 from typing import Iterable
 
 from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from llm.tokenizer.tokenizer import SPECIAL_TOKENS
 
@@ -64,12 +64,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Back
 def train_unigram(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Backend:
     """SentencePiece-style Unigram over Metaspace pieces, with byte fallback for unseen characters.
 
+    Words are cut as "whitespace run + non-space run", so a piece such as "\\n▁▁▁▁return" can
+    hold indentation: Metaspace's own split would leave every indenting space a token of its
+    own (about 2 bytes/token on Python instead of 3.4), and no split at all trains ~10x slower.
     The trainer has no min_frequency (it prunes by likelihood instead); it is accepted and unused.
     256 of the `vocab_size` slots hold the <0xXX> byte pieces, so no character decodes to nothing.
     """
     # prepend_scheme="never": no invented leading space, so a text's own leading spaces survive.
     backend = Backend(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s*\S+|\s+"), behavior="isolated"),
+        pre_tokenizers.Metaspace(prepend_scheme="never", split=False),
+    ])
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size - N_BYTES,
         special_tokens=[*SPECIAL_TOKENS, UNK],
@@ -87,7 +93,7 @@ def train_unigram(texts: Iterable[str], vocab_size: int, min_frequency: int) -> 
     spec["model"]["byte_fallback"] = True
     backend = Backend.from_str(json.dumps(spec))
     backend.decoder = decoders.Sequence(
-        [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="never")]
+        [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="never", split=False)]
     )
     return backend
 

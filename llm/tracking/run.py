@@ -53,5 +53,7 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def resolved_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+def resolved_config(cfg: DictConfig, resolve: bool = True) -> dict:
+    """The run's config as plain data, without Hydra's own `hydra` node."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=resolve) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "hydra"}

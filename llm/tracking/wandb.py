@@ -42,7 +42,7 @@ def wandb_logger(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str,
     os.environ.setdefault("WANDB_SILENT", "true")
     logger = WandbLogger(
         project=cfg.project, entity=cfg.entity, id=run_id, name=name, group=group, job_type=job_type,
-        tags=[*tags, *cfg.tags], notes=cfg.notes, mode=mode, dir=str(run_dir), resume="allow",
+        tags=[*tags, *cfg.tags], notes=cfg.notes, mode=mode, save_dir=str(run_dir), resume="allow",
         log_model=bool(cfg.log_checkpoints),
     )
     if mode == "offline":

@@ -1,0 +1,60 @@
+"""Shared test helpers: real Hydra composition of conf/train.yaml, tiny and fast settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from llm.cli.common import setup
+from llm.cli.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run that trains in seconds on 2 cores: the smallest model on ~300 kB of the stdlib corpus.
+TINY_RUN = [
+    "model=nano",
+    "data.corpus.max_bytes=300000",
+    "tokenizer.vocab_size=512",
+    "data.seq_len=64",
+    "data.micro_batch_size=8",
+    "logger=none",
+    "trainer.progress_bar=false",
+]
+
+
+def compose_train(overrides: list[str], root: Path | None = None, config_name: str = "train") -> DictConfig:
+    """Compose like `llm-train` does (same config dir, resolvers, schemas), with paths under `root`."""
+    setup()
+    GlobalHydra.instance().clear()
+    paths = [f"paths.root_dir={root}", f"paths.run_dir={root}/run"] if root else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=[*overrides, *paths], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} and the group choices resolve
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, command: str = "train", timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a console script of this package in a subprocess, as a user would."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **kwargs.pop("env", {})}
+    code = f"from llm.cli.{command} import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_wandb(tmp_path, monkeypatch):
+    """No test may reach W&B's servers or a user's credentials."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
