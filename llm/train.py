@@ -153,6 +153,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
         schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
         total_steps=steps, tokens_per_step=tokens_per_step, flops_per_token=size.flops_per_token,
+        gradient_clip=trainer_cfg.gradient_clip_val,
     )
     resume_step = checkpoint_step(resume_from) if resume_from else None
     loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step if resume_from else -1)]
@@ -178,8 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
         strategy=module.parallelism.strategy(), precision=trainer_cfg.precision, max_steps=steps,
         val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
-        log_every_n_steps=trainer_cfg.log_every, gradient_clip_val=trainer_cfg.gradient_clip_val,
-        accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
+        log_every_n_steps=trainer_cfg.log_every, accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
         enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,
         num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], deterministic=trainer_cfg.deterministic,
         default_root_dir=run_dir, use_distributed_sampler=False,
@@ -203,6 +203,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["D"] = summary["tokens_seen"]
         write_json(run_dir / "summary.json", summary)
         _finish_wandb(summary["status"] != "completed")
+    if "val/loss" in summary:
+        print(f"done: val/loss {summary['val/loss']:.4f} (ppl {summary['val/ppl']:.1f}) after {summary['D']:,} tokens, "
+              f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_seconds']:.0f} s -> {run_dir / 'summary.json'}")
     return summary
 
 

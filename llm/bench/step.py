@@ -71,11 +71,12 @@ def framework_loop(cfg: DictConfig, model_cfg: ModelConfig, batches: list, warmu
         model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
         schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
         total_steps=len(batches), tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+        gradient_clip=trainer_cfg.gradient_clip_val,
     )
     clock = _StepClock(warmup)
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator, devices=1, precision=trainer_cfg.precision, max_steps=len(batches),
-        gradient_clip_val=trainer_cfg.gradient_clip_val, log_every_n_steps=trainer_cfg.log_every,
+        log_every_n_steps=trainer_cfg.log_every,
         logger=[JsonlLogger(f"{log_dir}/metrics.jsonl")], limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[ThroughputMonitor(tokens_per_step, flops_per_token, trainer_cfg.log_every), clock],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -91,7 +92,8 @@ def peak_rss_mib() -> float:
 
 
 def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 3, log_dir: str = ".") -> dict:
-    """Interleave `repeats` rounds of bare and framework loops; report medians and their ratio."""
+    """Interleave `repeats` rounds of bare and framework loops; report the best round of each and
+    their ratio (and the ratio of medians)."""
     data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
     trainer_cfg: TrainerSchema = typed(cfg.trainer, TrainerSchema)
     model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
@@ -110,13 +112,16 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
         framework.append(framework_loop(cfg, model_cfg, batches, warmup, trainer_cfg, tokens_per_step,
                                         size.flops_per_token, log_dir))
     peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu"))
-    tps = {name: tokens_per_step * steps / statistics.median(times) for name, times in
-           (("bare", bare), ("framework", framework))}
+    # Best-of-rounds is the headline (the least disturbed round of each, on a shared machine);
+    # medians are reported beside it.
+    tps = {name: tokens_per_step * steps / min(times) for name, times in (("bare", bare), ("framework", framework))}
+    median = {name: tokens_per_step * steps / statistics.median(times) for name, times in
+              (("bare", bare), ("framework", framework))}
     return {
         "params": size.params, "non_embedding": size.non_embedding, "flops_per_token": size.flops_per_token,
         "tokens_per_step": tokens_per_step, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
         "bare_tokens_per_s": tps["bare"], "framework_tokens_per_s": tps["framework"],
-        "ratio": tps["framework"] / tps["bare"],
+        "ratio": tps["framework"] / tps["bare"], "median_ratio": median["framework"] / median["bare"],
         "bare_mfu": tps["bare"] * size.flops_per_token / peak, "framework_mfu": tps["framework"] * size.flops_per_token / peak,
         "peak_flops": peak, "peak_rss_mib": peak_rss_mib(),
         "bare_seconds": bare, "framework_seconds": framework,

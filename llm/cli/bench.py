@@ -41,7 +41,9 @@ def _app(cfg: DictConfig) -> None:
     print(f"{'':12}{'tokens/s':>12}{'MFU':>8}")
     for name in ("bare", "framework"):
         print(f"{name:12}{result[f'{name}_tokens_per_s']:>12,.0f}{result[f'{name}_mfu']:>8.1%}")
-    print(f"ratio framework / bare: {result['ratio']:.3f}   (peak RSS {result['peak_rss_mib']:,.0f} MiB)")
+    print(f"ratio framework / bare: {result['ratio']:.3f} best of {result['repeats']} rounds, "
+          f"{result['median_ratio']:.3f} of medians   (peak RSS {result['peak_rss_mib']:,.0f} MiB, "
+          f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
     print(f"written: {out_dir / 'bench.json'}")
 
 

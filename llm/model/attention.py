@@ -3,11 +3,12 @@
 K and V are projected to n_kv_heads heads only (the parameter and KV-cache saving is real);
 SDPA broadcasts them over the query groups natively (`enable_gqa`). Head counts are read from
 the tensors, not the config, so a tensor-parallel plan that shards the projections just works.
+For generation, a layer's KV cache (`llm.generate.cache.LayerCache`) stores those few heads.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,26 +17,45 @@ from torch import Tensor, nn
 from llm.model.config import ModelConfig
 from llm.model.position import apply_rotary
 
+if TYPE_CHECKING:  # only a type: the model does not depend on the generation package
+    from llm.generate.cache import LayerCache
+
 
 def attention_bias(
-    q_pos: Tensor, k_pos: Tensor, window: Optional[int], slopes: Optional[Tensor], dtype: torch.dtype
+    q_pos: Tensor,
+    k_pos: Tensor,
+    window: Optional[int],
+    slopes: Optional[Tensor],
+    dtype: torch.dtype,
+    q_valid: Optional[Tensor] = None,
+    k_valid: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
     """Additive float mask (1 or H, Tq, Tk): causal, optional sliding window, optional ALiBi.
+
+    Positions are (T,) or per row (B, T); with per-row inputs the mask is (B, 1 or H, Tq, Tk).
+    `k_valid` (B, Tk) is False at padding keys (left-padded batches): real queries never see
+    them. A padded query (`q_valid` False) ignores padding, so it still sees itself and its
+    softmax row is never all -inf (NaN there would leak into every later layer's values).
 
     Returns None for plain causal attention over aligned positions, so SDPA can take its
     fastest `is_causal` path.
     """
     aligned = q_pos.shape == k_pos.shape and q_pos.dim() == 1
-    if window is None and slopes is None and aligned:
+    if window is None and slopes is None and k_valid is None and aligned:
         return None
     distance = (q_pos[..., :, None] - k_pos[..., None, :]).unsqueeze(-3)  # (..., 1, Tq, Tk)
     allowed = distance >= 0
     if window is not None:
         allowed = allowed & (distance < window)
+    if k_valid is not None:
+        visible = k_valid[:, None, None, :]
+        if q_valid is not None:
+            visible = visible | ~q_valid[:, None, :, None]
+        allowed = allowed & visible
     bias = torch.zeros(distance.shape, dtype=dtype, device=q_pos.device)
     if slopes is not None:  # a linear penalty on distance, one slope per head
         bias = -slopes.to(dtype).view(-1, 1, 1) * distance.clamp(min=0).to(dtype)
-    bias = bias.masked_fill(~allowed, float("-inf"))
+    bias = torch.where(allowed, bias, float("-inf"))  # where, not masked_fill: padding may add a batch dim
     return bias if bias.dim() == 4 else bias.unsqueeze(0)
 
 
@@ -52,7 +72,11 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=bias)
 
     def forward(
-        self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]] = None, bias: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
+        bias: Optional[Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -60,7 +84,11 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = self.attend(q, k, v, bias)
+        if cache is None:
+            y = self.attend(q, k, v, bias)
+        else:  # decoding: attend to every cached key; the explicit mask (never is_causal) says which
+            k, v = cache.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=q.shape[1] != k.shape[1])
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -7,7 +7,7 @@ block (`model.blocks`), and the stages in `llm.stages` train it.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,9 @@ from llm.model.attention import Attention, attention_bias
 from llm.model.config import ModelConfig
 from llm.model.layers import MLP, build_norm
 from llm.model.position import build_position
+
+if TYPE_CHECKING:  # only a type: the model does not depend on the generation package
+    from llm.generate.cache import KVCache, LayerCache
 
 
 class Block(nn.Module):
@@ -28,11 +31,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rotary: Optional[tuple[Tensor, Tensor]], bias: Optional[Tensor]) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rotary: Optional[tuple[Tensor, Tensor]],
+        bias: Optional[Tensor],
+        cache: Optional[LayerCache] = None,
+    ) -> Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), rotary, bias))
+            x = x + self.drop(self.attn(self.attn_norm(x), rotary, bias, cache))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, rotary, bias)))
+        x = self.attn_norm(x + self.drop(self.attn(x, rotary, bias, cache)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
@@ -72,13 +81,33 @@ class Transformer(nn.Module):
             ):
                 module.reset_parameters()
 
-    def forward(self, tokens: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        """tokens (B, T) -> logits (B, T, padded vocab)."""
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+        mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, padded vocab).
+
+        For generation (`llm.generate`): with a `cache`, the tokens follow those of earlier calls,
+        whose keys and values it holds; positions then default to continuing from its length.
+        `mask` (B, T) is False at padding tokens (left-padded prompts), which no real token sees.
+        Without either, this is the training path: one causal mask shared by the batch.
+        """
+        start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.drop(self.position.embed(self.embed(tokens), positions))
         rotary = self.position.rotary(positions)
-        bias = attention_bias(positions, positions, self.cfg.attention.window, self.position.slopes(), x.dtype)
-        for block in self.blocks:
-            x = block(x, rotary, bias)
+        k_pos, k_valid = (positions, mask) if cache is None else cache.append(positions, mask)
+        bias = attention_bias(
+            positions, k_pos, self.cfg.attention.window, self.position.slopes(), x.dtype, mask, k_valid
+        )
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, rotary, bias)
+        else:
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, rotary, bias, layer_cache)
         return self.lm_head(self.norm(x))

@@ -33,6 +33,7 @@ class PretrainModule(pl.LightningModule):
         total_steps: int,
         tokens_per_step: int,
         flops_per_token: float,
+        gradient_clip: Optional[float] = 1.0,
     ):
         super().__init__()
         self.model_config = model_config
@@ -42,6 +43,7 @@ class PretrainModule(pl.LightningModule):
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.gradient_clip = gradient_clip
         self.model: Optional[Transformer] = None
 
     def configure_model(self) -> None:
@@ -72,6 +74,12 @@ class PretrainModule(pl.LightningModule):
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Clipped here rather than by the Trainer, which refuses fused optimizers under mixed precision.
+        if self.gradient_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip)
+            self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.optimizer_factory, self.model)

@@ -1,0 +1,222 @@
+"""`llm-scaling`: fit scaling laws to finished runs, and plan compute-optimal runs.
+
+  llm-scaling fit runs/multirun/2025-01-01_12-00-00          # a sweep: every summary.json below it
+  llm-scaling fit points.csv --approaches 2,3 --bootstrap 200
+  llm-scaling plan --flops 1e18                              # published Chinchilla law
+  llm-scaling plan --flops 1e18 --fit runs/multirun/.../scaling/fit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+FIT_HELP = """Fit scaling laws to finished runs and write fit.json plus PNG plots.
+
+Sources (any number, mixed):
+  DIR                          a run or Hydra sweep directory: every summary.json below it is one run;
+                               runs whose status is not "completed" are skipped (and listed)
+  FILE.csv                     columns N, D, loss; optional C (default 6*N*D), budget, run_id
+  wandb:ENTITY/PROJECT[/GROUP] finished runs of a W&B project (needs `wandb login` and network)
+
+Approaches (Hoffmann et al. 2022; Kaplan et al. 2020):
+  1       lower envelope of the runs' val-loss-vs-FLOPs curves (metrics.jsonl) -> N_opt = k_N C^a, D_opt = k_D C^b
+  2       IsoFLOP profiles: a parabola of loss in ln N per FLOP budget -> N_opt(C), D_opt(C) = C / 6 N_opt -> a, b
+  3       L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log residuals, L-BFGS); a = beta/(alpha+beta)
+  kaplan  L(C) = (C_c / C)^alpha_C on the compute frontier
+
+Intervals are 95 % percentile bootstrap intervals. An approach the data cannot support is skipped
+with the reason; the command fails (exit 1) only when none could run."""
+
+PLAN_HELP = """Compute-optimal parameters N and tokens D for a budget, and the llm-train overrides.
+
+Give one of --flops, --tokens, --params; the others follow from the law and C = 6 N D. The law is
+the fit's Approach 3 (else 2, else 1) with --fit, or the published Chinchilla law
+L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 (Hoffmann et al. 2022) without. The model shape follows
+llm.scaling.plan.shape_for_params: d_model a multiple of 64, 64-wide heads, d_model/n_layers ~ 64."""
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _approaches(text: str) -> list[str]:
+    from llm.scaling.fit import APPROACHES
+
+    chosen = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in chosen if a not in APPROACHES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(APPROACHES)} (comma-separated)")
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-scaling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,plan}")
+
+    fit = sub.add_parser("fit", help="fit scaling laws to runs / CSV / W&B; write fit.json and plots",
+                         description=FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("sources", nargs="+", metavar="SOURCE", help="run/sweep directory, .csv file, or wandb:ENTITY/PROJECT[/GROUP]")
+    fit.add_argument("--out", metavar="DIR", help="where fit.json and the PNGs go (default: <first source>/scaling "
+                                                  "for a directory, else ./scaling)")
+    fit.add_argument("--bootstrap", type=int, default=100, metavar="R",
+                     help="bootstrap resamples per approach for the intervals; 0 = none (default: %(default)s)")
+    fit.add_argument("--n-kind", choices=("total", "non_embedding"), default="total",
+                     help="N = all parameters (summary key N, as Hoffmann et al.) or non-embedding ones "
+                          "(N_non_embedding, as Kaplan et al.) (default: %(default)s)")
+    fit.add_argument("--approaches", type=_approaches, default="1,2,3,kaplan", metavar="LIST",
+                     help="comma-separated subset of 1,2,3,kaplan (default: %(default)s)")
+    fit.add_argument("--loss", choices=("final", "best"), default="final",
+                     help="each run's final val/loss or its best_val/loss (default: %(default)s)")
+    fit.add_argument("--budget-tolerance", type=float, default=0.25, metavar="REL",
+                     help="Approach 2 groups runs whose C differ by at most this fraction into one FLOP budget, "
+                          "unless every run records its launch budget (default: %(default)s)")
+    fit.add_argument("--kaplan-irreducible", action="store_true",
+                     help="fit L(C) = E + (C_c/C)^alpha_C instead of Kaplan's pure power law")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: %(default)s)")
+    fit.add_argument("--no-plots", action="store_true", help="write fit.json only")
+
+    plan = sub.add_parser("plan", help="compute-optimal N, D, C and llm-train overrides for a budget",
+                          description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    given = plan.add_mutually_exclusive_group(required=True)
+    given.add_argument("--flops", type=_number, metavar="C", help="training compute in FLOPs, e.g. 1e18")
+    given.add_argument("--tokens", type=_number, metavar="D", help="training tokens, e.g. 2e9")
+    given.add_argument("--params", type=_number, metavar="N", help="model parameters, e.g. 1e8")
+    plan.add_argument("--fit", metavar="FIT_JSON", help="fit.json written by `llm-scaling fit` (default: published Chinchilla law)")
+    plan.add_argument("--vocab-size", type=int, default=2048, metavar="V",
+                      help="vocabulary for counting embeddings when N is total parameters, and for the FLOPs/token "
+                           "of the chosen shape (default: %(default)s, conf/tokenizer/bpe.yaml)")
+    plan.add_argument("--seq-len", type=int, default=128, metavar="T",
+                      help="sequence length for the attention FLOPs of the chosen shape (default: %(default)s, data.seq_len)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON instead of text")
+    return parser
+
+
+# ---------------------------------------------------------------- fit
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _finite(data: Any) -> Any:
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def default_out(sources: list[str]) -> Path:
+    first = Path(sources[0])
+    return first / "scaling" if not sources[0].startswith("wandb:") and first.is_dir() else Path("scaling")
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from llm.scaling.fit import fit_all
+    from llm.scaling.points import load_runs
+
+    try:
+        runs = load_runs(args.sources, args.n_kind, "val/loss" if args.loss == "final" else "best_val/loss")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"data: {len(runs.points)} runs/points, {len(runs.curves)} loss curves from {len(args.sources)} source(s); "
+          f"N = {args.n_kind} parameters")
+    if runs.skipped:
+        print(f"skipped {len(runs.skipped)} run(s):")
+        for run, why in runs.skipped.items():
+            print(f"  {run}: {why}")
+
+    results, skipped = fit_all(runs, args.approaches, n_bootstrap=args.bootstrap, seed=args.seed,
+                               budget_tolerance=args.budget_tolerance, kaplan_irreducible=args.kaplan_irreducible)
+    for approach in args.approaches:
+        title = "Kaplan" if approach == "kaplan" else f"Approach {approach}"
+        if approach in skipped:
+            print(f"\n{title}: skipped: {skipped[approach]}")
+            continue
+        r = results[approach]
+        print(f"\n{title}: {r.form}\n  ({r.n_points} points, {r.n_bootstrap} bootstrap resamples)")
+        print(f"  {'parameter':<10}{'value':>12}   95% interval")
+        for name, e in r.params.items():
+            interval = f"[{_fmt(e.low)}, {_fmt(e.high)}]" if e.low is not None else "-"
+            print(f"  {name:<10}{_fmt(e.value):>12}   {interval}")
+
+    out = Path(args.out) if args.out else default_out(args.sources)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if not args.no_plots:
+        from llm.scaling.plots import write_plots
+
+        plots = [str(p) for p in write_plots(runs.points, runs.curves, results, out)]
+    report = {
+        "sources": args.sources, "n_kind": args.n_kind, "loss": args.loss, "n_points": len(runs.points),
+        "n_curves": len(runs.curves), "skipped_runs": runs.skipped, "bootstrap": args.bootstrap, "seed": args.seed,
+        "succeeded": list(results), "approaches": {k: r.as_dict() for k, r in results.items()},
+        "skipped": skipped, "plots": plots,
+    }
+    (out / "fit.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
+    print(f"\nwritten: {out / 'fit.json'}" + "".join(f"\n         {p}" for p in plots))
+    if not results:
+        print("error: no approach could run on these data (reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+
+def run_plan(args: argparse.Namespace) -> int:
+    from llm.model.config import ModelConfig
+    from llm.scaling.flops import model_size
+    from llm.scaling.plan import config_overrides, plan, shape_for_params
+
+    if args.fit and not Path(args.fit).is_file():
+        print(f"error: --fit {args.fit}: no such file", file=sys.stderr)
+        return 2
+    try:
+        result = plan(flops=args.flops, tokens=args.tokens, params=args.params, fit=args.fit)
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = result["n_kind"]
+    shape = shape_for_params(result["N"], kind, args.vocab_size)
+    size = model_size(ModelConfig(**shape, vocab_size=args.vocab_size), args.seq_len)
+    overrides = config_overrides(result["N"], result["D"], kind, args.vocab_size)
+    if args.json:
+        print(json.dumps({**result, "shape": shape, "model_size": size.as_dict(), "overrides": overrides}, indent=2))
+        return 0
+    print(f"law: {result['law']}")
+    print(f"  compute  C = {result['C']:.4g} FLOPs")
+    print(f"  params   N = {result['N']:.4g} ({kind.replace('_', '-')})")
+    print(f"  tokens   D = {result['D']:.4g} ({result['tokens_per_param']:.3g} tokens per parameter)")
+    if result["loss"] is not None:
+        print(f"  expected loss: {result['loss']:.4f}")
+    print(f"model shape: {' '.join(f'{k}={v}' for k, v in shape.items())} -> {size.params:.4g} parameters "
+          f"({size.non_embedding:.4g} non-embedding, vocab {args.vocab_size}); "
+          f"{size.flops_per_token:.4g} FLOPs/token at seq_len {args.seq_len}, "
+          f"so D tokens cost {size.flops_per_token * result['D']:.4g} FLOPs by llm-train's accounting")
+    print("llm-train overrides:")
+    print("  " + " ".join(overrides))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(run_fit(args) if args.command == "fit" else run_plan(args))
+
+
+if __name__ == "__main__":
+    main()

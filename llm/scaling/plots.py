@@ -1,0 +1,154 @@
+"""PNG figures of the data and the fits (matplotlib's object API with the Agg canvas: no display,
+no global pyplot state, safe in tests and on headless machines).
+
+`write_plots` draws every figure the data and fits allow and returns the paths written:
+  loss_vs_compute.png   loss against FLOPs, one line per model size (+ the Kaplan L(C) fit)
+  isoflops.png          IsoFLOP points with their fitted parabolas and minima (Approach 2)
+  frontier.png          N_opt(C) and D_opt(C) of every approach, with the points they came from
+  residuals.png         log-space residuals of the Approach-3 fit against N and D
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from llm.scaling.fit import FitResult, envelope
+from llm.scaling.laws import ComputeLaw, Frontier, ParametricLaw
+from llm.scaling.points import Curve, Point
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _size_colors(sizes: Sequence[float]) -> dict[float, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return {n: cmap(i / max(1, len(sizes) - 1)) for i, n in enumerate(sorted(sizes))}
+
+
+def plot_loss_vs_compute(points: Sequence[Point], curves: Sequence[Curve], out_dir: Path,
+                         kaplan: FitResult | None = None) -> Path:
+    """One line per model size: its val-loss curve when there are curves, else its final points."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    if curves:
+        colors = _size_colors({c.N for c in curves})
+        labelled = set()
+        for c in sorted(curves, key=lambda c: c.N):
+            ax.plot(c.C, c.loss, color=colors[c.N], lw=1, label=None if c.N in labelled else f"N={c.N:.3g}")
+            labelled.add(c.N)
+    else:
+        colors = _size_colors({p.N for p in points})
+        for n in sorted(colors):
+            mine = sorted((p for p in points if p.N == n), key=lambda p: p.C)
+            ax.plot([p.C for p in mine], [p.loss for p in mine], "o-", color=colors[n], ms=3, lw=1, label=f"N={n:.3g}")
+    if kaplan is not None:
+        law = kaplan.law()
+        assert isinstance(law, ComputeLaw)
+        Cs = [c.C for c in curves] or [np.array([p.C for p in points])]
+        grid = np.logspace(np.log10(min(x.min() for x in Cs)), np.log10(max(x.max() for x in Cs)), 100)
+        ax.plot(grid, law.loss(grid), "k--", lw=1.5, label=f"{kaplan.form}, alpha_C={law.alpha_C:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="Loss vs compute")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out_dir / "loss_vs_compute.png")
+
+
+def plot_isoflops(result: FitResult, out_dir: Path) -> Path:
+    """Each budget's points, its parabola in ln N and the vertex (the optimal N)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    budgets = result.details["budgets"]
+    colors = _size_colors([b["C"] for b in budgets])
+    for b in budgets:
+        color = colors[b["C"]]
+        N, loss = np.array(b["points"]).T
+        ax.plot(N, loss, "o", color=color, ms=4, label=f"C={b['C']:.2g}")
+        lo, hi = b["N_range"]
+        x = np.linspace(np.log(lo), np.log(hi), 100)
+        ax.plot(np.exp(x), np.polyval(b["coef"], x - b["center"]), "-", color=color, lw=1)
+        if b["N_opt"] is not None:
+            ax.plot([b["N_opt"]], [b["loss_min"]], "*", color=color, ms=12, mec="k")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="IsoFLOP profiles (Approach 2); * = minimum")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir / "isoflops.png")
+
+
+def plot_frontier(results: Mapping[str, FitResult], curves: Sequence[Curve], out_dir: Path) -> Path:
+    """N_opt(C) and D_opt(C): each approach's law as a line, the points it was fitted to as markers."""
+    fig = Figure(figsize=(11, 4.5))
+    ax_n, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    Cs: list[float] = []
+    styles = {"1": ("C0", "."), "2": ("C1", "o"), "3": ("C2", None)}
+    if "1" in results and curves:
+        env = envelope(curves)
+        ax_n.plot(env.C, env.N, styles["1"][1], color=styles["1"][0], ms=3, alpha=0.5)
+        ax_d.plot(env.C, env.D, styles["1"][1], color=styles["1"][0], ms=3, alpha=0.5)
+        Cs += [float(env.C.min()), float(env.C.max())]
+    if "2" in results:
+        minima = [b for b in results["2"].details["budgets"] if b["N_opt"] is not None]
+        ax_n.plot([b["C"] for b in minima], [b["N_opt"] for b in minima], "o", color=styles["2"][0])
+        ax_d.plot([b["C"] for b in minima], [b["D_opt"] for b in minima], "o", color=styles["2"][0])
+        Cs += [b["C"] for b in minima]
+    if not Cs:
+        Cs = [1e15, 1e22]
+    grid = np.logspace(np.log10(min(Cs)) - 0.5, np.log10(max(Cs)) + 0.5, 100)
+    for key in ("1", "2", "3"):
+        if key not in results:
+            continue
+        law = results[key].law()
+        if isinstance(law, ParametricLaw):
+            N, D = law.optimal(grid)
+            a, b = law.a, law.b
+        else:
+            assert isinstance(law, Frontier)
+            r = results[key]
+            N, D = r.value("k_N") * grid ** r.value("a"), r.value("k_D") * grid ** r.value("b")
+            a, b = r.value("a"), r.value("b")
+        ax_n.plot(grid, N, "-", color=styles[key][0], label=f"Approach {key}: a={a:.3f}")
+        ax_d.plot(grid, D, "-", color=styles[key][0], label=f"Approach {key}: b={b:.3f}")
+    ax_n.set(xscale="log", yscale="log", xlabel="FLOPs C", ylabel="optimal parameters N_opt", title="N_opt(C)")
+    ax_d.set(xscale="log", yscale="log", xlabel="FLOPs C", ylabel="optimal tokens D_opt", title="D_opt(C)")
+    ax_n.legend(fontsize=8)
+    ax_d.legend(fontsize=8)
+    return _save(fig, out_dir / "frontier.png")
+
+
+def plot_residuals(points: Sequence[Point], result: FitResult, out_dir: Path) -> Path:
+    """ln L_fit - ln L of every point, against N and against D: structure here means misfit."""
+    law = result.law()
+    assert isinstance(law, ParametricLaw)
+    N = np.array([p.N for p in points])
+    D = np.array([p.D for p in points])
+    residual = np.log(law.loss(N, D)) - np.log([p.loss for p in points])
+    fig = Figure(figsize=(11, 4))
+    for i, (x, name) in enumerate(((N, "parameters N"), (D, "tokens D"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.scatter(x, residual, s=12)
+        ax.set(xscale="log", xlabel=name, ylabel="ln L_fit - ln L", title=f"Approach 3 residuals vs {name.split()[-1]}")
+    return _save(fig, out_dir / "residuals.png")
+
+
+def write_plots(points: Sequence[Point], curves: Sequence[Curve], results: Mapping[str, FitResult],
+                out_dir: str | Path) -> list[Path]:
+    """Every figure the data and fits allow, as PNGs in out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if points or curves:
+        paths.append(plot_loss_vs_compute(points, curves, out, results.get("kaplan")))
+    if "2" in results:
+        paths.append(plot_isoflops(results["2"], out))
+    if any(k in results for k in ("1", "2", "3")):
+        paths.append(plot_frontier(results, curves, out))
+    if "3" in results:
+        paths.append(plot_residuals(points, results["3"], out))
+    return paths
