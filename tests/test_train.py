@@ -155,3 +155,13 @@ def test_failed_run_is_recorded_as_failed(tmp_path):
         train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "beta" in summary["error"].lower()
+
+
+def test_multirun_gives_each_job_its_own_run(tmp_path):
+    result = run_cli(["-m", *TINY_RUN, "attention=mha,mqa", "budget.steps=3", "trainer.val_every=3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "multirun").glob("*/*/summary.json"))]
+    assert [s["choices"]["attention"] for s in summaries] == ["mha", "mqa"]
+    assert len({s["run_id"] for s in summaries}) == 2
+    assert all(s["status"] == "completed" for s in summaries)
+    assert summaries[1]["N"] < summaries[0]["N"]  # MQA's K/V projections are smaller

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from pathlib import Path
@@ -24,6 +25,9 @@ def run_dir(resume: Optional[str], runs_dir: str, stamp: str) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llm_run_dir"):
         OmegaConf.register_new_resolver("llm_run_dir", run_dir)
+    if not OmegaConf.has_resolver("llm_cwd"):
+        # The launch directory; unlike ${hydra:runtime.cwd} it also resolves in the multirun launcher.
+        OmegaConf.register_new_resolver("llm_cwd", lambda: os.getcwd())
 
 
 NOISE = (
@@ -31,6 +35,7 @@ NOISE = (
     ".*does not have many workers.*",
     ".*resuming from a checkpoint that ended before the epoch.*",
     ".*IterableDataset.*has `__len__` defined.*",
+    ".*You defined a `validation_step` but have no `val_dataloader`.*",
 )
 
 

@@ -48,7 +48,7 @@ def accept_or_resample(
 ) -> tuple[bool, Optional[int]]:
     """One verification: (True, None) if the draft token stands, else (False, its replacement)."""
     u = torch.rand((), generator=generator, device=p.device)
-    if True:  # u < p/q without dividing; q[token] > 0 since token was drawn from q
+    if u * q[token] < p[token]:  # u < p/q without dividing; q[token] > 0 since token was drawn from q
         return True, None
     residual = (p - q).clamp(min=0)
     if residual.sum() <= 0:  # p == q up to rounding: the rejection was a rounding artefact

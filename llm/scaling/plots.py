@@ -11,9 +11,11 @@ no global pyplot state, safe in tests and on headless machines).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from llm.scaling.fit import FitResult, envelope
@@ -27,37 +29,47 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _size_colors(sizes: Sequence[float]) -> dict[float, tuple]:
-    from matplotlib import colormaps
+def _colors(values: Sequence[float]) -> tuple[Callable[[float], tuple], ScalarMappable]:
+    """Colour by log value (viridis), and the mappable a colorbar for it needs."""
+    lo, hi = min(values), max(values)
+    mappable = ScalarMappable(norm=LogNorm(lo, hi if hi > lo else lo * 1.01), cmap="viridis")
+    return (lambda v: mappable.to_rgba(v)), mappable
 
-    cmap = colormaps["viridis"]
-    return {n: cmap(i / max(1, len(sizes) - 1)) for i, n in enumerate(sorted(sizes))}
+
+def _group_sizes(points: Sequence[Point], rel: float = 0.01) -> list[list[Point]]:
+    """Points of one model size together: N within `rel` of each other (CSV values may be rounded)."""
+    groups: list[list[Point]] = []
+    for p in sorted(points, key=lambda p: p.N):
+        if groups and p.N <= groups[-1][0].N * (1 + rel):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
 
 
 def plot_loss_vs_compute(points: Sequence[Point], curves: Sequence[Curve], out_dir: Path,
                          kaplan: FitResult | None = None) -> Path:
-    """One line per model size: its val-loss curve when there are curves, else its final points."""
-    fig = Figure(figsize=(7, 4.5))
+    """One line per model size (colour = N): its val-loss curve when there are curves, else its final points."""
+    fig = Figure(figsize=(7.5, 4.5))
     ax = fig.add_subplot()
     if curves:
-        colors = _size_colors({c.N for c in curves})
-        labelled = set()
-        for c in sorted(curves, key=lambda c: c.N):
-            ax.plot(c.C, c.loss, color=colors[c.N], lw=1, label=None if c.N in labelled else f"N={c.N:.3g}")
-            labelled.add(c.N)
+        color, mappable = _colors([c.N for c in curves])
+        for c in curves:
+            ax.plot(c.C, c.loss, color=color(c.N), lw=1)
     else:
-        colors = _size_colors({p.N for p in points})
-        for n in sorted(colors):
-            mine = sorted((p for p in points if p.N == n), key=lambda p: p.C)
-            ax.plot([p.C for p in mine], [p.loss for p in mine], "o-", color=colors[n], ms=3, lw=1, label=f"N={n:.3g}")
+        color, mappable = _colors([p.N for p in points])
+        for group in _group_sizes(points):
+            group.sort(key=lambda p: p.C)
+            ax.plot([p.C for p in group], [p.loss for p in group], "o-", color=color(group[0].N), ms=3, lw=1)
+    fig.colorbar(mappable, ax=ax, label="parameters N")
     if kaplan is not None:
         law = kaplan.law()
         assert isinstance(law, ComputeLaw)
-        Cs = [c.C for c in curves] or [np.array([p.C for p in points])]
-        grid = np.logspace(np.log10(min(x.min() for x in Cs)), np.log10(max(x.max() for x in Cs)), 100)
-        ax.plot(grid, law.loss(grid), "k--", lw=1.5, label=f"{kaplan.form}, alpha_C={law.alpha_C:.3f}")
+        C = np.concatenate([c.C for c in curves] or [[p.C for p in points]])
+        grid = np.logspace(np.log10(C.min()), np.log10(C.max()), 100)
+        ax.plot(grid, law.loss(grid), "k--", lw=1.5, label=f"Kaplan fit {kaplan.form}, alpha_C={law.alpha_C:.3f}")
+        ax.legend(fontsize=8)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss", title="Loss vs compute")
-    ax.legend(fontsize=7, ncol=2)
     return _save(fig, out_dir / "loss_vs_compute.png")
 
 
@@ -66,9 +78,9 @@ def plot_isoflops(result: FitResult, out_dir: Path) -> Path:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     budgets = result.details["budgets"]
-    colors = _size_colors([b["C"] for b in budgets])
+    colors, _ = _colors([b["C"] for b in budgets])
     for b in budgets:
-        color = colors[b["C"]]
+        color = colors(b["C"])
         N, loss = np.array(b["points"]).T
         ax.plot(N, loss, "o", color=color, ms=4, label=f"C={b['C']:.2g}")
         lo, hi = b["N_range"]

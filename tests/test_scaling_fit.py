@@ -1,0 +1,353 @@
+"""Scaling-law fitting and planning (`llm.scaling.{points,fit,plan,plots}`, `llm-scaling`) on data drawn
+from known laws: each approach must recover the law it was generated from."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm.cli.scaling import main as scaling_main
+from llm.config import validate
+from llm.model import ModelConfig
+from llm.scaling.fit import FitResult, fit_approach1, fit_approach2, fit_approach3, fit_kaplan
+from llm.scaling.flops import model_size
+from llm.scaling.laws import CHINCHILLA, ParametricLaw
+from llm.scaling.plan import config_overrides, plan, shape_for_params
+from llm.scaling.points import Curve, Point, load_curves, load_points, load_runs, parse_wandb_spec
+from tests.conftest import compose_train
+
+TRUE = ParametricLaw(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.28)
+TRUE_A = TRUE.beta / (TRUE.alpha + TRUE.beta)  # exponent of N_opt(C): 0.4516
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def law_points(n: int = 60, noise: float = 0.005, seed: int = 0) -> list[Point]:
+    """Runs scattered log-uniformly over N in [1e6, 1e9], D in [1e8, 1e11], with multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    N, D = 10 ** rng.uniform(6, 9, n), 10 ** rng.uniform(8, 11, n)
+    loss = TRUE.loss(N, D) * np.exp(rng.normal(0.0, noise, n))
+    return [Point(N=n_, D=d, C=6 * n_ * d, loss=l, run_id=f"r{i}", source="synthetic")
+            for i, (n_, d, l) in enumerate(zip(N, D, loss))]
+
+
+def isoflop_points(budgets=(1e17, 1e18, 1e19, 1e20), sizes: int = 9, noise: float = 0.002, seed: int = 0) -> list[Point]:
+    """IsoFLOP sweeps as one would plan them without knowing the law: sizes spread +-1 decade around
+    the 20-tokens-per-parameter guess N = sqrt(C / 120), whose exponent (0.5) is not the true one."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for C in budgets:
+        for N in math.sqrt(C / 120) * np.logspace(-1, 1, sizes):
+            D = C / (6 * N)
+            # Real runs overshoot the budget by up to one optimizer step: C is not exactly equal.
+            points.append(Point(N=N, D=D, C=C * (1 + rng.uniform(0, 0.02)), run_id=f"{C:g}-{N:.3g}",
+                                loss=float(TRUE.loss(N, D)) * math.exp(rng.normal(0, noise)), source="synthetic"))
+    return points
+
+
+def law_curves(sizes=np.logspace(6, 9, 13)) -> list[Curve]:
+    """Loss-vs-FLOPs curves from the law, tokens growing along each run, 6 N FLOPs per token."""
+    D = np.logspace(7, 13, 60)
+    return [Curve(run_id=f"n{N:.3g}", N=N, flops_per_token=6 * N, C=6 * N * D, loss=TRUE.loss(N, D), source="synthetic")
+            for N in sizes]
+
+
+# ---------------------------------------------------------------- Approach 3
+
+@pytest.fixture(scope="module")
+def approach3() -> FitResult:
+    return fit_approach3(law_points(), n_bootstrap=20, seed=0)
+
+
+def test_approach3_recovers_the_law_and_its_intervals_contain_it(approach3):
+    p = approach3.params
+    assert abs(p["alpha"].value - TRUE.alpha) < 0.02
+    assert abs(p["beta"].value - TRUE.beta) < 0.02
+    assert abs(p["E"].value - TRUE.E) < 0.05
+    assert abs(p["a"].value - TRUE_A) < 0.02
+    assert approach3.n_bootstrap == 20
+    for name in ("E", "A", "B", "alpha", "beta"):
+        e = p[name]
+        assert e.low < e.value < e.high, name
+        assert e.low <= getattr(TRUE, name) <= e.high, (name, e)
+    assert p["alpha"].high - p["alpha"].low < 0.1  # an interval, not "anything goes"
+    # The derived allocation is the closed form of the fitted parameters.
+    G = (p["alpha"].value * p["A"].value / (p["beta"].value * p["B"].value)) ** (1 / (p["alpha"].value + p["beta"].value))
+    assert p["G"].value == pytest.approx(G, rel=1e-12)
+    assert p["a"].value + p["b"].value == pytest.approx(1.0)
+
+
+def test_approach3_needs_five_points():
+    with pytest.raises(ValueError, match=r"at least 5 points.*got 4"):
+        fit_approach3(law_points(4), n_bootstrap=0)
+
+
+# ---------------------------------------------------------------- Approach 2
+
+def test_approach2_recovers_the_optimal_size_exponent():
+    result = fit_approach2(isoflop_points(), n_bootstrap=20, seed=0)
+    a, b = result.value("a"), result.value("b")
+    assert abs(a - TRUE_A) < 0.03, a
+    assert abs(b - (1 - TRUE_A)) < 0.03, b
+    budgets = result.details["budgets"]
+    assert len(budgets) == 4 and all(m["n_points"] == 9 and m["inside"] for m in budgets)
+    for m in budgets:  # each parabola's vertex is near the true optimum of its budget
+        assert m["N_opt"] == pytest.approx(float(TRUE.optimal(m["C"])[0]), rel=0.25)
+        assert m["D_opt"] == pytest.approx(m["C"] / (6 * m["N_opt"]))
+    assert result.params["a"].low <= TRUE_A <= result.params["a"].high
+
+
+def test_approach2_groups_by_launch_budget_when_known():
+    points = [Point(p.N, p.D, p.C * (1.5 if i % 2 else 1.0), p.loss, p.run_id, p.source, budget=round(p.C, -15))
+              for i, p in enumerate(isoflop_points(budgets=(1e17, 1e18, 1e19)))]
+    assert len(fit_approach2(points, n_bootstrap=0).details["budgets"]) == 3
+
+
+@pytest.mark.parametrize("budgets, sizes, phrase", [
+    ((1e18,), 9, r"at least 2 FLOP budgets.*got 1 such budget"),
+    ((1e17, 1e18), 2, r"at least 3 model sizes each; got 0"),
+])
+def test_approach2_too_few_points(budgets, sizes, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        fit_approach2(isoflop_points(budgets, sizes), n_bootstrap=0)
+
+
+# ---------------------------------------------------------------- Approach 1 and Kaplan
+
+def test_approach1_envelope_gives_the_law_exponents():
+    result = fit_approach1(law_curves(), n_bootstrap=10)
+    assert abs(result.value("a") - TRUE_A) < 0.03
+    assert abs(result.value("b") - (1 - TRUE_A)) < 0.03
+    # Only interior sizes are kept: where the smallest or largest model wins, the optimum may lie beyond.
+    assert min(result.details["sizes_on_envelope"]) > 1e6 and max(result.details["sizes_on_envelope"]) < 1e9
+
+
+def test_approach1_needs_two_sizes():
+    with pytest.raises(ValueError, match=r"at least 2 model sizes; got 1 curves of 1 size"):
+        fit_approach1(law_curves(sizes=[1e7]), n_bootstrap=0)
+
+
+def test_kaplan_fit_recovers_a_pure_power_law_and_needs_points():
+    C = np.logspace(15, 21, 12)
+    points = [Point(N=1.0, D=c / 6, C=c, loss=(2.3e8 / c) ** 0.05, run_id=str(i), source="s") for i, c in enumerate(C)]
+    result = fit_kaplan(points, n_bootstrap=5)
+    assert result.value("alpha_C") == pytest.approx(0.05, rel=1e-6)
+    assert result.value("C_c") == pytest.approx(2.3e8, rel=1e-4)
+    with pytest.raises(ValueError, match=r"at least 3 points.*got 2"):
+        fit_kaplan(points[:2], n_bootstrap=0)
+
+
+# ---------------------------------------------------------------- planning
+
+def test_plan_with_published_chinchilla_matches_the_closed_form():
+    C = 5.76e23
+    E, A, B, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
+    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    N = G * (C / 6) ** (beta / (alpha + beta))
+    D = (C / 6) ** (alpha / (alpha + beta)) / G
+    result = plan(flops=C)
+    assert result["N"] == pytest.approx(N, rel=1e-9) and 3e10 < result["N"] < 4e10
+    assert result["D"] == pytest.approx(D, rel=1e-9)
+    assert result["loss"] == pytest.approx(E + A / N**alpha + B / D**beta, rel=1e-9)
+    assert result["C"] == pytest.approx(6 * result["N"] * result["D"], rel=1e-12)
+
+
+@pytest.mark.parametrize("C", [1e15, 5.76e23])
+def test_plan_round_trips_between_flops_tokens_and_params(C):
+    by_flops = plan(flops=C)
+    by_tokens = plan(tokens=by_flops["D"])
+    by_params = plan(params=by_flops["N"])
+    for other in (by_tokens, by_params):
+        for key in ("C", "N", "D", "loss"):
+            assert other[key] == pytest.approx(by_flops[key], rel=1e-9), key
+        assert other["C"] == pytest.approx(6 * other["N"] * other["D"], rel=1e-12)
+
+
+def test_plan_from_a_fit_uses_its_law(approach3):
+    result = plan(flops=1e20, fit=approach3)
+    law = approach3.law()
+    N, D = law.optimal(1e20)
+    assert result["N"] == pytest.approx(float(N)) and result["D"] == pytest.approx(float(D))
+    assert result["loss"] == pytest.approx(float(law.loss(N, D)))
+    assert "Approach 3" in result["law"]
+    with pytest.raises(ValueError, match="exactly one of flops, tokens, params"):
+        plan(flops=1e20, tokens=1e9)
+
+
+@pytest.mark.parametrize("target", np.logspace(5, 9, 9))
+def test_shape_for_params_hits_the_target(target):
+    shape = shape_for_params(target)
+    size = model_size(ModelConfig(**shape, vocab_size=2048))
+    assert abs(size.non_embedding / target - 1) < 0.25, (shape, size.non_embedding)
+    assert shape["d_model"] % 64 == 0 and shape["d_model"] == 64 * shape["n_heads"]
+    if target >= 1e7:  # big enough for the aspect-ratio rule not to be bent by rounding
+        assert 32 <= shape["d_model"] / shape["n_layers"] <= 128
+
+
+def test_shape_for_total_params_counts_the_embedding():
+    shape = shape_for_params(1e7, kind="total", vocab_size=32000)
+    size = model_size(ModelConfig(**shape, vocab_size=32000))
+    assert abs(size.params / 1e7 - 1) < 0.25
+    assert size.non_embedding < 0.8e7
+
+
+def test_config_overrides_compose_into_a_valid_run(tmp_path):
+    overrides = config_overrides(3e6, 6e7)
+    assert overrides[-2:] == ["budget=tokens", "budget.tokens=60000000"]
+    cfg = compose_train(overrides, tmp_path)
+    validate(cfg)
+    shape = shape_for_params(3e6)
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads) == (shape["n_layers"], shape["d_model"], shape["n_heads"])
+    assert cfg.budget.tokens == 6e7 and cfg.budget.steps is None
+
+
+# ---------------------------------------------------------------- loading
+
+def write_run(run_dir: Path, N: float, D: float, loss: float, status: str = "completed",
+              val: list[tuple[int, float]] | None = None, tokens_per_step: int = 1000) -> None:
+    run_dir.mkdir(parents=True)
+    fpt = 6.0 * N
+    summary = {"run_id": run_dir.name, "status": status, "N": N, "N_non_embedding": N / 2, "flops_per_token": fpt,
+               "tokens_per_step": tokens_per_step, "D": D, "C": D * fpt, "val/loss": loss,
+               "best_val/loss": loss - 0.01, "choices": {"model": "tiny"}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    records = [{"step": s, "train/loss": l + 0.1, "trainer/tokens": s * tokens_per_step,
+                "trainer/flops": s * tokens_per_step * fpt} for s, l in val or []]
+    records += [{"step": s, "val/loss": l, "val/ppl": math.exp(l)} for s, l in val or []]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9')  # torn line
+
+
+def test_load_points_reads_a_sweep_and_skips_unfinished_runs(tmp_path):
+    sweep = tmp_path / "multirun" / "2025-01-01_00-00-00"
+    write_run(sweep / "0", N=1e6, D=2e7, loss=4.0, val=[(10, 5.0), (20, 4.0)])
+    write_run(sweep / "sub" / "1", N=2e6, D=3e7, loss=3.5, val=[(30, 3.5)])  # nested one level deeper
+    write_run(sweep / "2", N=4e6, D=3e7, loss=9.0, status="failed")
+    write_run(sweep / "3", N=4e6, D=3e7, loss=9.0, status="running")
+
+    runs = load_runs([str(sweep)])
+    assert sorted((p.N, p.D, p.loss) for p in runs.points) == [(1e6, 2e7, 4.0), (2e6, 3e7, 3.5)]
+    assert sorted(Path(k).name for k in runs.skipped) == ["2", "3"]
+    assert "failed" in runs.skipped[str(sweep / "2")]
+    point = next(p for p in runs.points if p.N == 1e6)
+    assert point.C == 2e7 * 6e6 and point.run_id == "0" and point.source == str(sweep)
+
+    assert sorted(p.N for p in load_points([str(sweep)], n_kind="non_embedding")) == [5e5, 1e6]
+    assert sorted(p.loss for p in load_points([str(sweep)], loss_key="best_val/loss")) == [3.49, 3.99]
+
+    curve = next(c for c in load_curves([str(sweep)]) if c.N == 1e6)
+    # FLOPs at a val record = step x tokens_per_step x flops_per_token
+    assert curve.C.tolist() == [10 * 1000 * 6e6, 20 * 1000 * 6e6]
+    assert curve.loss.tolist() == [5.0, 4.0] and curve.D.tolist() == [1e4, 2e4]
+
+
+def test_load_points_reads_csv_with_and_without_C(tmp_path):
+    (tmp_path / "a.csv").write_text("N,D,loss\n1e6,2e7,3.5\n2e6,4e7,3.1\n")
+    (tmp_path / "b.csv").write_text("run_id,N,D,C,loss,budget\nx,1e6,2e7,1.5e14,3.4,1e14\n")
+    a = load_points([str(tmp_path / "a.csv")])
+    assert [(p.N, p.D, p.C, p.loss) for p in a] == [(1e6, 2e7, 6 * 1e6 * 2e7, 3.5), (2e6, 4e7, 6 * 2e6 * 4e7, 3.1)]
+    (b,) = load_points([str(tmp_path / "b.csv")])
+    assert (b.C, b.budget, b.run_id) == (1.5e14, 1e14, "x")
+
+
+def test_csv_missing_a_column_names_it(tmp_path):
+    (tmp_path / "bad.csv").write_text("N,D,val_loss\n1e6,2e7,3.5\n")
+    with pytest.raises(ValueError, match=r"missing column 'loss'"):
+        load_points([str(tmp_path / "bad.csv")])
+    (tmp_path / "nan.csv").write_text("N,D,loss\n1e6,abc,3.5\n")
+    with pytest.raises(ValueError, match=r"nan.csv:2: column 'D': not a number"):
+        load_points([str(tmp_path / "nan.csv")])
+
+
+def test_wandb_source_spec_and_error_without_credentials():
+    assert parse_wandb_spec("wandb:me/proj") == ("me", "proj", None)
+    assert parse_wandb_spec("wandb:me/proj/isoflop") == ("me", "proj", "isoflop")
+    with pytest.raises(ValueError, match="expected wandb:<entity>/<project>"):
+        parse_wandb_spec("wandb:proj")
+    pytest.importorskip("wandb")
+    with pytest.raises(RuntimeError, match="wandb login"):  # conftest removes every credential
+        load_points(["wandb:me/proj"])
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        scaling_main(argv)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def write_csv(path: Path, points: list[Point]) -> None:
+    path.write_text("N,D,loss\n" + "".join(f"{p.N!r},{p.D!r},{p.loss!r}\n" for p in points))
+
+
+def test_cli_fit_on_a_csv_writes_fit_json_and_plots(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "points.csv", isoflop_points(budgets=(1e17, 1e18, 1e19), sizes=7))
+    code, out, err = run_main(["fit", "points.csv", "--bootstrap", "3"], capsys)
+    assert code == 0, err
+    assert "Approach 1: skipped" in out and "Approach 3:" in out and "alpha" in out
+    fit = json.loads((tmp_path / "scaling" / "fit.json").read_text())  # default --out for a file source
+    assert fit["n_points"] == 21 and sorted(fit["succeeded"]) == ["2", "3", "kaplan"]
+    assert "loss curves" in fit["skipped"]["1"]
+    assert set(fit["approaches"]["3"]["params"]["alpha"]) == {"value", "low", "high"}
+    names = sorted(Path(p).name for p in fit["plots"])
+    assert names == ["frontier.png", "isoflops.png", "loss_vs_compute.png", "residuals.png"]
+    for name in names:
+        data = (tmp_path / "scaling" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+    code, out, err = run_main(["plan", "--flops", "1e19", "--fit", "scaling/fit.json"], capsys)
+    assert code == 0, err
+    assert "Approach 3" in out and "expected loss" in out and "budget=tokens" in out
+
+
+def test_cli_fit_on_a_sweep_with_curves_runs_approach1(tmp_path, capsys):
+    sweep = tmp_path / "multirun" / "stamp"
+    steps = np.unique(np.logspace(1, 7, 60).astype(int))
+    for i, curve in enumerate(law_curves()):
+        val = [(int(s), float(TRUE.loss(curve.N, s * 1e6))) for s in steps]
+        write_run(sweep / str(i), N=curve.N, D=steps[-1] * 1e6, loss=val[-1][1], val=val, tokens_per_step=1_000_000)
+    write_run(sweep / "99", N=1e7, D=1e9, loss=3.0, status="failed")
+    code, out, err = run_main(["fit", str(sweep), "--approaches", "1,kaplan", "--bootstrap", "0"], capsys)
+    assert code == 0, err
+    assert "skipped 1 run(s)" in out
+    fit = json.loads((sweep / "scaling" / "fit.json").read_text())  # default --out for a directory
+    assert fit["n_curves"] == 13 and sorted(fit["succeeded"]) == ["1", "kaplan"]
+    assert abs(fit["approaches"]["1"]["params"]["a"]["value"] - TRUE_A) < 0.03
+
+
+def test_cli_fit_with_too_few_points_fails_saying_why(tmp_path, capsys):
+    write_csv(tmp_path / "few.csv", law_points(3))
+    code, out, err = run_main(["fit", str(tmp_path / "few.csv"), "--out", str(tmp_path / "o"), "--bootstrap", "0"], capsys)
+    assert code == 1
+    assert "Approach 3: skipped: Approach 3 needs at least 5 points" in out and "no approach could run" in err
+    fit = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert fit["succeeded"] == [] and set(fit["skipped"]) == {"1", "2", "3", "kaplan"}
+
+
+def test_cli_fit_reports_a_bad_csv_by_column(tmp_path, capsys):
+    (tmp_path / "bad.csv").write_text("N,loss\n1e6,3.5\n")
+    code, _, err = run_main(["fit", str(tmp_path / "bad.csv")], capsys)
+    assert code == 2 and "missing column 'D'" in err
+
+
+def test_cli_plan_prints_chinchilla_allocation_and_overrides(capsys):
+    code, out, err = run_main(["plan", "--flops", "1e18"], capsys)
+    assert code == 0, err
+    expected = plan(flops=1e18)
+    assert f"N = {expected['N']:.4g}" in out and "Chinchilla" in out
+    overrides = out.strip().splitlines()[-1].split()
+    assert overrides == config_overrides(expected["N"], expected["D"], "total", 2048)
+    code, _, err = run_main(["plan", "--flops", "1e18", "--tokens", "1e9"], capsys)
+    assert code == 2 and "not allowed with argument" in err
+
+
+def test_cli_help_explains_sources_and_approaches(capsys):
+    code, out, _ = run_main(["fit", "--help"], capsys)
+    assert code == 0 and "wandb:ENTITY/PROJECT" in out and "IsoFLOP" in out and "--n-kind" in out
+    code, out, _ = run_main(["plan", "--help"], capsys)
+    assert code == 0 and "--flops" in out and "Chinchilla" in out
