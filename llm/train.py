@@ -16,8 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llm.config import ConfigError, typed, validate
+from llm.config.validate import total_ranks
 from llm.config.schema import BudgetSchema, DataSchema, LoggerSchema, TrainerSchema
 from llm.model import ModelConfig
+from llm.parallel.launch import is_rank_zero, launched_externally, spawn_local_ranks
 from llm.scaling.flops import ModelSize, model_size
 from llm.tracking.checkpoint_io import AtomicCheckpointIO
 from llm.tracking.checkpoints import PeriodicCheckpoint, checkpoint_step, last_checkpoint
@@ -95,24 +97,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, saved = resume_config(cfg)
         choices = saved["choices"]
         resume_from = last_checkpoint(run_dir)
-    validate(cfg)  # every config problem, before any work
+    world = total_ranks(cfg)
+    validate(cfg, world_size=world)  # every config problem, before any work
 
     model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
     data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
     trainer_cfg: TrainerSchema = typed(cfg.trainer, TrainerSchema)
     logger_cfg: LoggerSchema = typed(cfg.logger, LoggerSchema)
     budget: BudgetSchema = typed(cfg.budget, BudgetSchema)
+    parallelism = instantiate(cfg.parallelism)
     if logger_cfg.kind == "wandb":
         from llm.tracking.wandb import resolve_mode
 
         resolve_mode(logger_cfg.mode)  # fails now, not after the data work, on missing credentials
     rid = run_id(run_dir, Path(cfg.paths.runs_dir))
+    rank_zero = is_rank_zero()
+    say = print if rank_zero else (lambda *a, **k: None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume_from:
-        write_json(run_dir / RUN_FILE, {"run_id": rid, "choices": choices, "overrides": _command_line_overrides(),
-                                        "config": resolved_config(cfg, resolve=False)})
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
-    print(f"run {rid}: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
+    if rank_zero:
+        if not resume_from:
+            write_json(run_dir / RUN_FILE, {"run_id": rid, "choices": choices, "overrides": _command_line_overrides(),
+                                            "config": resolved_config(cfg, resolve=False)})
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved_config(cfg)))
+    say(f"run {rid}: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(trainer_cfg.matmul_precision)
@@ -124,45 +131,59 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cache_dir = Path(cfg.paths.cache_dir)
     corpus = instantiate(cfg.data.corpus)
     tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache_dir)
-    tokenizer.save(run_dir / "tokenizer.json")
-    model_cfg = with_vocab(model_cfg, tokenizer.vocab_size)
-    size = model_size(model_cfg, data.seq_len)
-
-    world = 1
-    global_batch = data.global_batch_size or data.micro_batch_size * world
-    accumulate = global_batch // (data.micro_batch_size * world)
-    tokens_per_step = global_batch * data.seq_len
-    steps, budget_line = budget_steps(budget, size, tokens_per_step)
     train_tokens = build_token_cache(corpus, tokenizer, "train", cache_dir)
     val_tokens = build_token_cache(corpus, tokenizer, "val", cache_dir)
+    if world > 1 and not launched_externally():
+        # This process has prepared the data; fresh processes run the ranks (they hit the caches).
+        say(f"starting {world} ranks ({type(parallelism).__name__})")
+        try:
+            spawn_local_ranks(world, _command_line_overrides(), run_dir)
+        except RuntimeError as e:
+            summary_file = run_dir / "summary.json"
+            summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"run_id": rid}
+            if summary.get("status") != "failed":
+                summary.update(status="failed", error=str(e))
+                write_json(summary_file, summary)
+            raise
+        return json.loads((run_dir / "summary.json").read_text())
+
+    if rank_zero:
+        tokenizer.save(run_dir / "tokenizer.json")
+    model_cfg = with_vocab(model_cfg, tokenizer.vocab_size)
+    size = model_size(model_cfg, data.seq_len)
+    data_parallel = parallelism.data_parallel_size(world)
+    global_batch = data.global_batch_size or data.micro_batch_size * data_parallel
+    accumulate = global_batch // (data.micro_batch_size * data_parallel)
+    tokens_per_step = global_batch * data.seq_len
+    steps, budget_line = budget_steps(budget, size, tokens_per_step)
     datamodule = LMDataModule(train_tokens.tokens, val_tokens.tokens, data.seq_len, data.micro_batch_size,
                               seed=cfg.seed, val_batches=data.val_batches)
-    entropy_floor = getattr(corpus, "entropy_rate", None)
     facts = {
         "run_id": rid, "run_dir": str(run_dir), "stage": "pretrain", "choices": choices,
         "N": size.params, "N_non_embedding": size.non_embedding, "flops_per_token": size.flops_per_token,
-        "vocab_size": model_cfg.vocab_size, "tokens_per_step": tokens_per_step, "steps": steps,
+        "vocab_size": model_cfg.vocab_size, "world_size": world, "tokens_per_step": tokens_per_step, "steps": steps,
         "budget": budget_line, "data_fingerprint": corpus.fingerprint(), "train_tokens": train_tokens.n_tokens,
         "val_tokens": val_tokens.n_tokens, "bytes_per_token": bytes_per_token(tokenizer, corpus.documents("val")),
-        "entropy_floor": entropy_floor, **{f"git_{k}": v for k, v in git_state(Path(cfg.paths.root_dir)).items()},
+        "entropy_floor": getattr(corpus, "entropy_rate", None),
+        **{f"git_{k}": v for k, v in git_state(Path(cfg.paths.root_dir)).items()},
     }
-    print(f"model: {size.params:,} parameters ({size.non_embedding:,} non-embedding), "
-          f"{size.flops_per_token:.3g} FLOPs/token; budget: {budget_line}")
+    say(f"model: {size.params:,} parameters ({size.non_embedding:,} non-embedding), "
+        f"{size.flops_per_token:.3g} FLOPs/token; budget: {budget_line}")
 
     module = instantiate(cfg.posttrain)(
         model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
-        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
+        schedule=instantiate(cfg.schedule), parallelism=parallelism,
         total_steps=steps, tokens_per_step=tokens_per_step, flops_per_token=size.flops_per_token,
         gradient_clip=trainer_cfg.gradient_clip_val,
     )
-    resume_step = checkpoint_step(resume_from) if resume_from else None
-    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step if resume_from else -1)]
+    resume_step = checkpoint_step(resume_from) if resume_from else -1
+    loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step if rank_zero else None)]
     if logger_cfg.kind == "wandb":
         from llm.tracking.wandb import wandb_logger
 
         name = " ".join([rid, *[choices[g] for g in ("model", "attention", "position") if g in choices]])
         wandb = wandb_logger(logger_cfg, rid, run_dir, module.stage, name,
-                             [f"{g}:{c}" for g, c in choices.items()], logger_cfg.group)
+                             [f"{g}:{c}" for g, c in choices.items()], logger_cfg.group, announce=rank_zero)
         wandb.log_hyperparams({**resolved_config(cfg), **{f"choice/{g}": c for g, c in choices.items()},
                                "derived": {k: v for k, v in facts.items() if k not in ("choices",)}})
         loggers.append(wandb)
@@ -172,12 +193,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
 
     throughput = ThroughputMonitor(tokens_per_step, size.flops_per_token, window=trainer_cfg.log_every)
-    callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every), throughput]
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every)
+    callbacks = [checkpoints, throughput]
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar())
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
-        strategy=module.parallelism.strategy(), precision=trainer_cfg.precision, max_steps=steps,
+        strategy=parallelism.strategy(), precision=trainer_cfg.precision, max_steps=steps,
         val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
         log_every_n_steps=trainer_cfg.log_every, accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
         enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,
@@ -185,12 +207,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=run_dir, use_distributed_sampler=False,
     )
     summary = {**facts, "status": "running"}
-    write_json(run_dir / "summary.json", summary)
+    if rank_zero:
+        write_json(run_dir / "summary.json", summary)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         if trainer.global_step % min(trainer_cfg.val_every, steps):
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        callbacks[0].save(trainer)
+        checkpoints.save(trainer)
         summary["status"] = "completed"
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -198,15 +221,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         summary.update(final_metrics(run_dir / "metrics.jsonl"), tokens_seen=trainer.global_step * tokens_per_step,
                        steps_done=trainer.global_step, tokens_per_s=throughput.mean_tokens_per_s,
+                       peak_memory_mib=peak_memory_mib(trainer.strategy.root_device),
                        wall_seconds=round(time.time() - started, 1))
         summary["C"] = summary["tokens_seen"] * size.flops_per_token
         summary["D"] = summary["tokens_seen"]
-        write_json(run_dir / "summary.json", summary)
+        if rank_zero:
+            write_json(run_dir / "summary.json", summary)
         _finish_wandb(summary["status"] != "completed")
     if "val/loss" in summary:
-        print(f"done: val/loss {summary['val/loss']:.4f} (ppl {summary['val/ppl']:.1f}) after {summary['D']:,} tokens, "
-              f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_seconds']:.0f} s -> {run_dir / 'summary.json'}")
+        say(f"done: val/loss {summary['val/loss']:.4f} (ppl {summary['val/ppl']:.1f}) after {summary['D']:,} tokens, "
+            f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_seconds']:.0f} s -> {run_dir / 'summary.json'}")
     return summary
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this rank: allocated CUDA memory, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def final_metrics(path: Path) -> dict[str, Any]:

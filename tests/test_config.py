@@ -25,6 +25,8 @@ REQUIRED = {
     ("data", "text"): ["data.corpus.paths=/nonexistent/*.txt"],
     ("data", "hf"): ["data.corpus.name=some/dataset"],
     ("data", "synthetic"): ["tokenizer=byte"],
+    ("parallelism", "fsdp_tp"): ["trainer.devices=2"],  # tensor parallel over 2 ranks
+    ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
 }
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
@@ -70,7 +72,10 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
         schedule = instantiate(cfg.schedule)
         assert 0 < schedule(0, 100) <= 1 and 0 <= schedule(99, 100) <= 1
     elif group == "parallelism":
-        assert instantiate(cfg.parallelism).parallelize(Transformer(ModelConfig(vocab_size=64, n_layers=1))) is not None
+        option_object = instantiate(cfg.parallelism)
+        assert option_object.strategy() is not None
+        if option in ("single", "ddp"):  # the sharding options need a process group (tests/test_parallel.py)
+            assert option_object.parallelize(Transformer(ModelConfig(vocab_size=64, n_layers=1))) is not None
     elif group == "posttrain":
         assert callable(instantiate(cfg.posttrain))
 
@@ -171,6 +176,14 @@ BAD = [
     (["tokenizer=pretrained"], ["tokenizer.path: required but not set", "tokenizer.path=..."]),
     (["data=text"], ["data.corpus.paths: required but not set"]),
     (["+data.corpus.max_files=3"], ["data.corpus.max_files", "unknown key", "max_bytes"]),
+    (["parallelism=ddp", "trainer.devices=3", "data.global_batch_size=32"], ["data.global_batch_size=32", "16 x 3 = 48"]),
+    (["parallelism=fsdp_tp", "trainer.devices=2", "model.n_heads=3", "model.d_model=96"],
+     ["parallelism.tensor_parallel=2: must divide model.n_heads=3"]),
+    (["parallelism=fsdp_tp", "trainer.devices=4", "attention=mqa"],
+     ["parallelism.tensor_parallel=2: must divide model.attention.n_kv_heads=1"]),
+    (["parallelism=fsdp_tp", "trainer.devices=3"], ["parallelism.tensor_parallel=2: must divide the 3 ranks", "1, 3"]),
+    (["parallelism=hsdp", "trainer.devices=2", "parallelism.replicate=4"], ["parallelism.replicate=4", "2 data-parallel"]),
+    (["trainer.devices=2"], ["parallelism=single: runs one process", "ddp"]),
     (["schedule.warmups=3"], None),  # a typo of an existing key: Hydra refuses it while composing
     (["model.n_heads=four"], None),  # a wrong type: refused while composing (typed schema)
 ]

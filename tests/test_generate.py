@@ -19,6 +19,8 @@ from llm.generate import (
 )
 from llm.generate.speculative import accept_or_resample
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
+from llm.model.attention import attention_bias
+from llm.model.position import alibi_slopes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,6 +154,22 @@ def test_left_padded_logits_equal_unpadded(kind):
     torch.testing.assert_close(after[:, 0], torch.stack([want_short[0, 3], want_long[0, 7]]), atol=1e-5, rtol=0)
 
 
+def test_padding_bias_hides_padded_keys_but_no_row_is_empty():
+    """Real queries never see padding; a padded query still sees something (an all -inf softmax
+    row is NaN on some SDPA backends, and NaN values leak through zero attention weights)."""
+    mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    # Padding at positions of its own (generate puts it at 0, with the first real token): a
+    # padded query then has no real key at or before its position, only other padding.
+    pos = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    bias = attention_bias(pos, pos, 2, alibi_slopes(4), torch.float32, mask, mask)  # (2, 4, 5, 5)
+    visible = torch.isfinite(bias)
+    assert visible.any(-1).all()  # every query row sees at least one key
+    assert not visible[0][:, 2:, :2].any()  # real queries of row 0 never see its padding
+    causal_window = torch.tensor([[i - 2 < j <= i for j in range(5)] for i in range(5)])
+    assert torch.equal(visible[1, 0], causal_window)  # the unpadded row is plain causal + window 2
+    assert torch.equal(visible[0, 0, 2:, 2:], causal_window[:3, :3])
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
@@ -163,6 +181,15 @@ N_DRAWS = 4000
 def draws(logits: torch.Tensor, seed: int = 0, **kw) -> torch.Tensor:
     """N_DRAWS seeded samples from the same logits, in one batched call."""
     return sample(logits.expand(N_DRAWS, -1), generator=seeded(seed), **kw)
+
+
+def test_temperature():
+    torch.testing.assert_close(probabilities(LOGITS, temperature=0.5), (LOGITS / 0.5).softmax(-1))
+    assert torch.equal(probabilities(LOGITS, temperature=0.0), torch.eye(8)[1])  # greedy: one-hot argmax
+    hot, cold = draws(LOGITS, temperature=2.0), draws(LOGITS, temperature=0.25)
+    assert (cold == 1).float().mean() > 0.8 > (hot == 1).float().mean()  # (1 - 0.8 = 3x the noise)
+    with pytest.raises(ValueError):
+        sample(LOGITS[None], temperature=-1.0)
 
 
 def test_top_k_filter_keeps_exactly_the_k_largest():
@@ -211,7 +238,7 @@ def test_padded_vocab_ids_never_sampled():
 def test_generate_never_emits_padded_vocab_ids():
     model = build(make_cfg())
     with torch.no_grad():  # make the padded rows of the tied embedding win every argmax
-        model.embed.weight[VOCAB:] = model.embed.weight[:VOCAB].mean(0) * 0 + 5.0
+        model.embed.weight[VOCAB:] = 5.0
     prompts = random_prompts([4, 4], seed=6)
     out = generate(model, prompts, 20, temperature=1.0, generator=seeded(0))
     assert max(max(row) for row in out) < VOCAB
@@ -328,6 +355,21 @@ def test_beam_search_scores_at_least_greedy():
         assert beam >= greedy - 1e-5
         better += beam > greedy + 1e-4
     assert better > 0  # sanity: beam search does find better sequences
+
+
+def test_exhaustive_beam_search_finds_the_most_likely_sequence():
+    """A beam as wide as vocab^(n-1) keeps every prefix, so it must return the argmax over all
+    vocab^n sequences (brute force, full forwards). Catches stale cache rows after reordering."""
+    vocab, n = 8, 3
+    model = build(make_cfg("rope", 2, vocab_size=vocab, pad_vocab_to=8))
+    prompt = [1, 5, 2]
+    every = torch.cartesian_prod(*[torch.arange(vocab)] * n)  # (vocab^n, n)
+    with torch.no_grad():
+        logits = model(torch.cat([torch.tensor(prompt).expand(len(every), -1), every], dim=1))
+    log_probs = logits[:, len(prompt) - 1 : -1].log_softmax(-1).gather(-1, every[..., None]).sum((1, 2))
+    best = every[log_probs.argmax()].tolist()
+    assert beam_search(model, prompt, vocab ** (n - 1), n) == best
+    assert generate(model, [prompt], n)[0] != best  # sanity: greedy misses it
 
 
 def test_beam_search_eos():

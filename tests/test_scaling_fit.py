@@ -15,7 +15,7 @@ from llm.config import validate
 from llm.model import ModelConfig
 from llm.scaling.fit import FitResult, fit_approach1, fit_approach2, fit_approach3, fit_kaplan
 from llm.scaling.flops import model_size
-from llm.scaling.laws import CHINCHILLA, ParametricLaw
+from llm.scaling.laws import ParametricLaw
 from llm.scaling.plan import config_overrides, plan, shape_for_params
 from llm.scaling.points import Curve, Point, load_curves, load_points, load_runs, parse_wandb_spec
 from tests.conftest import compose_train
@@ -25,13 +25,14 @@ TRUE_A = TRUE.beta / (TRUE.alpha + TRUE.beta)  # exponent of N_opt(C): 0.4516
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def law_points(n: int = 60, noise: float = 0.005, seed: int = 0) -> list[Point]:
-    """Runs scattered log-uniformly over N in [1e6, 1e9], D in [1e8, 1e11], with multiplicative noise."""
+def law_points(noise: float = 0.005, seed: int = 0) -> list[Point]:
+    """An 8 x 8 grid of runs over N in [1e6, 1e9] and D in [1e8, 1e11] (64 points), loss with
+    multiplicative noise of `noise` (log-normal)."""
     rng = np.random.default_rng(seed)
-    N, D = 10 ** rng.uniform(6, 9, n), 10 ** rng.uniform(8, 11, n)
-    loss = TRUE.loss(N, D) * np.exp(rng.normal(0.0, noise, n))
-    return [Point(N=n_, D=d, C=6 * n_ * d, loss=l, run_id=f"r{i}", source="synthetic")
-            for i, (n_, d, l) in enumerate(zip(N, D, loss))]
+    N, D = (x.ravel() for x in np.meshgrid(np.logspace(6, 9, 8), np.logspace(8, 11, 8)))
+    loss = TRUE.loss(N, D) * np.exp(rng.normal(0.0, noise, N.size))
+    return [Point(N=float(n), D=float(d), C=6 * n * d, loss=float(l), run_id=f"r{i}", source="synthetic")
+            for i, (n, d, l) in enumerate(zip(N, D, loss))]
 
 
 def isoflop_points(budgets=(1e17, 1e18, 1e19, 1e20), sizes: int = 9, noise: float = 0.002, seed: int = 0) -> list[Point]:
@@ -82,7 +83,7 @@ def test_approach3_recovers_the_law_and_its_intervals_contain_it(approach3):
 
 def test_approach3_needs_five_points():
     with pytest.raises(ValueError, match=r"at least 5 points.*got 4"):
-        fit_approach3(law_points(4), n_bootstrap=0)
+        fit_approach3(law_points()[:4], n_bootstrap=0)
 
 
 # ---------------------------------------------------------------- Approach 2
@@ -101,7 +102,8 @@ def test_approach2_recovers_the_optimal_size_exponent():
 
 
 def test_approach2_groups_by_launch_budget_when_known():
-    points = [Point(p.N, p.D, p.C * (1.5 if i % 2 else 1.0), p.loss, p.run_id, p.source, budget=round(p.C, -15))
+    # C up to 50 % over the budget would split or merge groups by C; the launch budget keeps them apart.
+    points = [Point(p.N, p.D, p.C * (1.5 if i % 2 else 1.0), p.loss, p.run_id, p.source, budget=float(f"{p.C:.0e}"))
               for i, p in enumerate(isoflop_points(budgets=(1e17, 1e18, 1e19)))]
     assert len(fit_approach2(points, n_bootstrap=0).details["budgets"]) == 3
 
@@ -281,7 +283,7 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def write_csv(path: Path, points: list[Point]) -> None:
-    path.write_text("N,D,loss\n" + "".join(f"{p.N!r},{p.D!r},{p.loss!r}\n" for p in points))
+    path.write_text("N,D,loss\n" + "".join(f"{float(p.N)!r},{float(p.D)!r},{float(p.loss)!r}\n" for p in points))
 
 
 def test_cli_fit_on_a_csv_writes_fit_json_and_plots(tmp_path, capsys, monkeypatch):
@@ -321,7 +323,7 @@ def test_cli_fit_on_a_sweep_with_curves_runs_approach1(tmp_path, capsys):
 
 
 def test_cli_fit_with_too_few_points_fails_saying_why(tmp_path, capsys):
-    write_csv(tmp_path / "few.csv", law_points(3))
+    write_csv(tmp_path / "few.csv", law_points()[:2])  # below every approach's minimum
     code, out, err = run_main(["fit", str(tmp_path / "few.csv"), "--out", str(tmp_path / "o"), "--bootstrap", "0"], capsys)
     assert code == 1
     assert "Approach 3: skipped: Approach 3 needs at least 5 points" in out and "no approach could run" in err

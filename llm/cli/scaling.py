@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     given = plan.add_mutually_exclusive_group(required=True)
     given.add_argument("--flops", type=_number, metavar="C", help="training compute in FLOPs, e.g. 1e18")
     given.add_argument("--tokens", type=_number, metavar="D", help="training tokens, e.g. 2e9")
-    given.add_argument("--params", type=_number, metavar="N", help="model parameters, e.g. 1e8")
+    given.add_argument("--params", type=_number, metavar="N",
+                       help="model parameters, e.g. 1e8: total, or non-embedding when the fit used --n-kind non_embedding")
     plan.add_argument("--fit", metavar="FIT_JSON", help="fit.json written by `llm-scaling fit` (default: published Chinchilla law)")
     plan.add_argument("--vocab-size", type=int, default=2048, metavar="V",
                       help="vocabulary for counting embeddings when N is total parameters, and for the FLOPs/token "

@@ -239,8 +239,28 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             "floor is per token only with tokenizer=byte; allowed: byte"
         )
 
+    # Layout: world = devices x nodes = data-parallel ranks x tensor-parallel ranks.
+    world = world_size or total_ranks(cfg)
+    tp = int(cfg.parallelism.get("tensor_parallel", 1) or 1)
+    replicate = cfg.parallelism.get("replicate")
+    if world > 1 and "Single" in str(cfg.parallelism.get("_target_")):
+        problems.append(f"parallelism=single: runs one process, but trainer.devices x trainer.num_nodes = {world}; "
+                        "allowed: parallelism=ddp, fsdp, fsdp_tp or hsdp, or trainer.devices=1")
+    if tp < 1 or world % tp:
+        problems.append(f"parallelism.tensor_parallel={tp}: must divide the {world} ranks (trainer.devices x "
+                        f"trainer.num_nodes); allowed: {_allowed(_divisors(world))}")
+        tp = 1
+    elif tp > 1:
+        for key, heads in (("model.n_heads", model.n_heads), ("model.attention.n_kv_heads", model.kv_heads)):
+            if heads % tp:
+                problems.append(f"parallelism.tensor_parallel={tp}: must divide {key}={heads} (each rank takes whole "
+                                f"heads); allowed: {_allowed([d for d in _divisors(heads) if world % d == 0])}")
+    ranks = world // tp
+    if replicate is not None and (replicate < 1 or ranks % replicate):
+        problems.append(f"parallelism.replicate={replicate}: must divide the {ranks} data-parallel ranks; "
+                        f"allowed: {_allowed(_divisors(ranks))}")
+
     # Batch arithmetic: global batch = micro batch x data-parallel ranks x accumulation.
-    ranks = world_size or data_parallel_size(cfg)
     if data.seq_len < 1:
         problems.append(f"data.seq_len={data.seq_len}: must be >= 1")
     if data.micro_batch_size < 1:
@@ -270,9 +290,8 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(problems)
 
 
-def data_parallel_size(cfg: DictConfig) -> int:
-    """Data-parallel ranks implied by the trainer settings (devices x nodes / tensor parallel)."""
+def total_ranks(cfg: DictConfig) -> int:
+    """Processes in the run: devices per node x nodes."""
     devices = cfg.trainer.devices
     per_node = devices if isinstance(devices, int) and devices > 0 else 1
-    tp = int(cfg.parallelism.get("tensor_parallel", 1) or 1)
-    return max(1, per_node * int(cfg.trainer.num_nodes) // tp)
+    return per_node * int(cfg.trainer.num_nodes)

@@ -318,22 +318,27 @@ def _approach3_objective(logN: np.ndarray, logD: np.ndarray, logL: np.ndarray) -
     return objective
 
 
-def _approach3_solve(logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, float]:
+def _approach3_solve(logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
+                     starts: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """The best L-BFGS result over the starts: (theta, objective, index of its start)."""
     objective = _approach3_objective(logN, logD, logL)
-    best, best_value = starts[0], math.inf
-    for start in starts:
+    best, best_value, best_start = None, math.inf, -1
+    for i, start in enumerate(starts):
         theta, value = _minimize(objective, start)
-        if math.isfinite(value) and value < best_value:
-            best, best_value = theta, value
-    return best, best_value
+        if math.isfinite(value) and np.all(np.isfinite(theta)) and value < best_value:
+            best, best_value, best_start = theta, value, i
+    if best is None:
+        raise ValueError("Approach 3: L-BFGS diverged from every start")
+    return best, best_value, best_start
 
 
 def _approach3_values(theta: np.ndarray) -> dict[str, float]:
     a, b, e, alpha, beta = (float(x) for x in theta)
-    law = ParametricLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
-    with np.errstate(all="ignore"):  # a degenerate resample (alpha + beta <= 0) gives nan, dropped later
-        derived = {"a": law.a, "b": law.b, "G": law.G}
-    return {**law.as_dict(), **{k: float(v) for k, v in derived.items()}}
+    with np.errstate(over="ignore"):  # a runaway resample gives inf, which the intervals drop
+        E, A, B = (float(np.exp(x)) for x in (e, a, b))
+    law = ParametricLaw(E=E, A=A, B=B, alpha=alpha, beta=beta)
+    # G, a, b are NaN for a degenerate resample (no interior optimum); intervals drop NaNs.
+    return {**law.as_dict(), "a": law.a, "b": law.b, "G": law.G}
 
 
 def fit_approach3(points: Sequence[Point], n_bootstrap: int = 100, n_starts: int = 16, seed: int = 0) -> FitResult:
@@ -355,7 +360,7 @@ def fit_approach3(points: Sequence[Point], n_bootstrap: int = 100, n_starts: int
     grid = np.array(list(itertools.product(*START_GRID.values())), dtype=np.float64)
     scores = _huber_np(_log_residuals_np(grid, logN, logD, logL))
     starts = grid[np.argsort(scores, kind="stable")[:n_starts]]
-    theta, objective = _approach3_solve(logN, logD, logL, starts)
+    theta, objective, best_start = _approach3_solve(logN, logD, logL, starts)
 
     def refit(rng: np.random.Generator) -> dict[str, float]:
         i = rng.integers(0, len(points), len(points))
@@ -364,7 +369,7 @@ def fit_approach3(points: Sequence[Point], n_bootstrap: int = 100, n_starts: int
     samples = _bootstrap(refit, n_bootstrap, seed)
     residuals = _log_residuals_np(theta, logN, logD, logL)
     details = {"huber_objective": objective, "rms_log_residual": float(np.sqrt(np.mean(residuals**2))),
-               "n_starts": int(len(starts)), "start": starts[0].tolist()}
+               "n_starts": int(len(starts)), "best_start": dict(zip(START_GRID, starts[best_start].tolist()))}
     return FitResult("3", "L(N, D) = E + A / N^alpha + B / D^beta", _with_intervals(_approach3_values(theta), samples),
                      n_points=len(points), n_bootstrap=len(samples), details=details)
 

@@ -73,18 +73,24 @@ class ParametricLaw:
 
     @property
     def G(self) -> float:
-        """G = (alpha A / (beta B))^(1 / (alpha + beta)): the scale of the optimal N at C = 6."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        """G = (alpha A / (beta B))^(1 / (alpha + beta)): the scale of the optimal N at C = 6.
+        NaN for a law without an interior optimum (alpha + beta <= 0, or terms of opposite sign)."""
+        total, numerator, denominator = self.alpha + self.beta, self.alpha * self.A, self.beta * self.B
+        if total <= 0 or denominator == 0 or not numerator / denominator > 0:
+            return math.nan
+        return (numerator / denominator) ** (1.0 / total)
 
     @property
     def a(self) -> float:
         """Exponent of N_opt(C): beta / (alpha + beta)."""
-        return self.beta / (self.alpha + self.beta)
+        total = self.alpha + self.beta
+        return self.beta / total if total else math.nan
 
     @property
     def b(self) -> float:
         """Exponent of D_opt(C): alpha / (alpha + beta)."""
-        return self.alpha / (self.alpha + self.beta)
+        total = self.alpha + self.beta
+        return self.alpha / total if total else math.nan
 
     def frontier(self) -> Frontier:
         """Minimising L(N, C / 6N) over N gives N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b."""
@@ -123,4 +129,6 @@ def power_law_fit(x, y) -> tuple[float, float]:
     if len(lx) < 2 or np.ptp(lx) == 0:
         raise ValueError(f"a power law needs at least 2 distinct x values; got {len(set(lx.tolist()))}")
     p, logk = np.polyfit(lx, ly, 1)
+    if not abs(logk) < 700:  # exp would overflow: x spans too little for a meaningful slope
+        raise ValueError(f"power law fit degenerate (slope {p:.3g}): x spans only {lx.min():.4g}..{lx.max():.4g} in ln x")
     return math.exp(logk), float(p)

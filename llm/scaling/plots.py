@@ -93,24 +93,29 @@ def plot_isoflops(result: FitResult, out_dir: Path) -> Path:
     return _save(fig, out_dir / "isoflops.png")
 
 
-def plot_frontier(results: Mapping[str, FitResult], curves: Sequence[Curve], out_dir: Path) -> Path:
-    """N_opt(C) and D_opt(C): each approach's law as a line, the points it was fitted to as markers."""
+def plot_frontier(results: Mapping[str, FitResult], points: Sequence[Point], curves: Sequence[Curve],
+                  out_dir: Path) -> Path:
+    """N_opt(C) and D_opt(C): each approach's law as a line over the FLOPs of the data, and the
+    optima it was fitted to as markers (Approach 1: envelope; Approach 2: parabola minima)."""
     fig = Figure(figsize=(11, 4.5))
     ax_n, ax_d = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    Cs: list[float] = []
-    styles = {"1": ("C0", "."), "2": ("C1", "o"), "3": ("C2", None)}
+    Cs: list[float] = [p.C for p in points]
+    colors = {"1": "C0", "2": "C1", "3": "C2"}
     if "1" in results and curves:
         env = envelope(curves)
-        ax_n.plot(env.C, env.N, styles["1"][1], color=styles["1"][0], ms=3, alpha=0.5)
-        ax_d.plot(env.C, env.D, styles["1"][1], color=styles["1"][0], ms=3, alpha=0.5)
+        used = np.ones(len(env.C), dtype=bool)
+        if results["1"].details.get("trim_boundary"):  # as fit_approach1: boundary sizes are not fitted
+            sizes = [c.N for c in curves]
+            used = (env.N > min(sizes)) & (env.N < max(sizes))
+        for ax, y in ((ax_n, env.N), (ax_d, env.D)):
+            ax.plot(env.C[used], y[used], ".", color=colors["1"], ms=3, alpha=0.5)
+            ax.plot(env.C[~used], y[~used], ".", color="0.7", ms=3, label="envelope at the smallest/largest size (not fitted)")
         Cs += [float(env.C.min()), float(env.C.max())]
     if "2" in results:
         minima = [b for b in results["2"].details["budgets"] if b["N_opt"] is not None]
-        ax_n.plot([b["C"] for b in minima], [b["N_opt"] for b in minima], "o", color=styles["2"][0])
-        ax_d.plot([b["C"] for b in minima], [b["D_opt"] for b in minima], "o", color=styles["2"][0])
+        ax_n.plot([b["C"] for b in minima], [b["N_opt"] for b in minima], "o", color=colors["2"])
+        ax_d.plot([b["C"] for b in minima], [b["D_opt"] for b in minima], "o", color=colors["2"])
         Cs += [b["C"] for b in minima]
-    if not Cs:
-        Cs = [1e15, 1e22]
     grid = np.logspace(np.log10(min(Cs)) - 0.5, np.log10(max(Cs)) + 0.5, 100)
     for key in ("1", "2", "3"):
         if key not in results:
@@ -124,8 +129,8 @@ def plot_frontier(results: Mapping[str, FitResult], curves: Sequence[Curve], out
             r = results[key]
             N, D = r.value("k_N") * grid ** r.value("a"), r.value("k_D") * grid ** r.value("b")
             a, b = r.value("a"), r.value("b")
-        ax_n.plot(grid, N, "-", color=styles[key][0], label=f"Approach {key}: a={a:.3f}")
-        ax_d.plot(grid, D, "-", color=styles[key][0], label=f"Approach {key}: b={b:.3f}")
+        ax_n.plot(grid, N, "-", color=colors[key], label=f"Approach {key}: a={a:.3f}")
+        ax_d.plot(grid, D, "-", color=colors[key], label=f"Approach {key}: b={b:.3f}")
     ax_n.set(xscale="log", yscale="log", xlabel="FLOPs C", ylabel="optimal parameters N_opt", title="N_opt(C)")
     ax_d.set(xscale="log", yscale="log", xlabel="FLOPs C", ylabel="optimal tokens D_opt", title="D_opt(C)")
     ax_n.legend(fontsize=8)
@@ -160,7 +165,7 @@ def write_plots(points: Sequence[Point], curves: Sequence[Curve], results: Mappi
     if "2" in results:
         paths.append(plot_isoflops(results["2"], out))
     if any(k in results for k in ("1", "2", "3")):
-        paths.append(plot_frontier(results, curves, out))
+        paths.append(plot_frontier(results, points, curves, out))
     if "3" in results:
         paths.append(plot_residuals(points, results["3"], out))
     return paths

@@ -35,7 +35,7 @@ def resolve_mode(mode: str) -> str:
 
 
 def wandb_logger(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str, tags: list[str],
-                 group: Optional[str]) -> Any:
+                 group: Optional[str], announce: bool = True) -> Any:
     from pytorch_lightning.loggers import WandbLogger
 
     mode = resolve_mode(cfg.mode)
@@ -45,6 +45,6 @@ def wandb_logger(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str,
         tags=[*tags, *cfg.tags], notes=cfg.notes, mode=mode, save_dir=str(run_dir), resume="allow",
         log_model=bool(cfg.log_checkpoints),
     )
-    if mode == "offline":
+    if mode == "offline" and announce:
         print(f"W&B is offline; to upload this run later: wandb sync {run_dir / 'wandb'}")
     return logger

@@ -1,0 +1,67 @@
+"""Starting the ranks of a multi-process run.
+
+Under torchrun or SLURM the ranks already exist and Lightning reads their environment. When a
+user asks for several local devices from a plain `llm-train`, the job's own process prepares the
+data once, then starts one fresh process per rank with the job's overrides and run directory, and
+waits for them. Fresh processes give every multirun job its own process group, and Hydra writes no
+output folders for the extra ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def launched_externally() -> bool:
+    """True inside a rank started by torchrun, SLURM (srun) or by `spawn_local_ranks`."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def global_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_rank_zero() -> bool:
+    return global_rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds: float = 0.2) -> None:
+    """Run `llm-train <overrides>` as n local ranks in `run_dir`; raise if any rank fails (the
+    others are then stopped, so a crashed rank never leaves the rest waiting in a collective)."""
+    port = _free_port()
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
+               "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n)}
+        command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
+                   "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
+        procs.append(subprocess.Popen(command, env=env))
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"rank {failed[0]} exited with code {procs[failed[0]].returncode}")
+            time.sleep(poll_seconds)
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            raise RuntimeError(f"ranks exited with codes {codes}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
