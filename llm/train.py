@@ -199,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(StepProgressBar())
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
-        strategy=parallelism.strategy(), precision=trainer_cfg.precision, max_steps=steps,
+        strategy=parallelism.strategy(world), precision=trainer_cfg.precision, max_steps=steps,
         val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
         log_every_n_steps=trainer_cfg.log_every, accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
         enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,

@@ -44,8 +44,7 @@ def compose_train(overrides: list[str], root: Path | None = None, config_name: s
 def run_cli(args: list[str], cwd: Path, command: str = "train", timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run a console script of this package in a subprocess, as a user would."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **kwargs.pop("env", {})}
-    code = f"from llm.cli.{command} import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", f"llm.cli.{command}", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 
 

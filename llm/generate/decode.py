@@ -84,6 +84,9 @@ def generate(
     if max_new_tokens <= 0:
         return out
     padded = not bool(mask.all())
+    if padded and not use_cache and model.cfg.attention.kernel != "sdpa":  # the cached path always uses SDPA
+        raise ValueError("use_cache=False with prompts of different lengths needs model.attention.kernel=sdpa: "
+                         "the flash and flex kernels take no per-row padding mask")
     # Per-row positions only when padded, so equal-length prompts keep the shared fast path.
     positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
     next_pos = mask.sum(1, keepdim=True)  # (B, 1): each row's position for its next token

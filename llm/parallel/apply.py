@@ -42,7 +42,7 @@ class Single:
         self.compile = compile
         self.tensor_parallel = 1
 
-    def strategy(self) -> Any:
+    def strategy(self, world_size: int = 1) -> Any:
         return "auto"
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -67,7 +67,7 @@ class DDP(Single):
         super().__init__(**kwargs)
         self.find_unused_parameters = find_unused_parameters
 
-    def strategy(self) -> Any:
+    def strategy(self, world_size: int = 1) -> Any:
         from pytorch_lightning.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=self.find_unused_parameters)
@@ -89,10 +89,11 @@ class FSDP(Single):
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.cpu_offload = cpu_offload
 
-    def strategy(self) -> Any:
+    def strategy(self, world_size: int = 1) -> Any:
         from pytorch_lightning.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=self.tensor_parallel,
+        return ModelParallelStrategy(data_parallel_size=self.data_parallel_size(world_size),
+                                     tensor_parallel_size=self.tensor_parallel,
                                      save_distributed_checkpoint=True)
 
     def parallelize(self, model: nn.Module, device_mesh: Optional[Any] = None) -> nn.Module:

@@ -31,3 +31,24 @@ def build_optimizer(factory: Callable, model: nn.Module) -> torch.optim.Optimize
         keywords["fused"] = device in ("cuda", "cpu")
     func = getattr(factory, "func", factory)
     return func(param_groups(model, weight_decay), **keywords)
+
+
+def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip gradients to a total L2 norm; returns the norm before clipping.
+
+    With tensor parallelism the gradients are DTensors on different meshes (TP-sharded matrices
+    on the 2-D mesh, replicated norms and embeddings on the data-parallel mesh), which torch's
+    clip_grad_norm_ cannot stack; each norm is then reduced to a plain tensor first."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = max_norm / (float(total) + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm.model import ModelConfig, Transformer
-from llm.stages.optim import build_optimizer
+from llm.stages.optim import build_optimizer, clip_grad_norm_
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -73,12 +73,12 @@ class PretrainModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=False)
+            self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Clipped here rather than by the Trainer, which refuses fused optimizers under mixed precision.
         if self.gradient_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip)
+            norm = clip_grad_norm_(list(self.model.parameters()), self.gradient_clip)
             self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict:
