@@ -1,0 +1,202 @@
+"""Parallelism on CPU with real torch.distributed (gloo, 2 processes): tensor parallelism equals
+the unsharded model, FSDP2 shards every parameter, HSDP meshes train, and whole runs under DDP,
+FSDP and HSDP reproduce the single-process loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
+from llm.parallel import FSDP
+from llm.parallel.tensor_parallel import apply_tensor_parallel
+from llm.stages.pretrain import next_token_loss
+from llm.tracking.checkpoints import load_plain_model
+from llm.tracking.metrics import read_metrics
+from tests.conftest import TINY_RUN, run_cli
+
+WORLD = 2
+
+
+def _run_ranks(fn, *args) -> None:
+    """Run fn(rank, *args) in 2 gloo processes; re-raise the first rank's failure here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        errors = Path(tmp) / "errors"
+        errors.mkdir()
+        try:
+            mp.spawn(_rank_main, args=(fn, f"file://{tmp}/store", str(errors), args), nprocs=WORLD, join=True)
+        except mp.ProcessExitedException as e:  # a rank died; its traceback, if it wrote one, says why
+            if not any(errors.iterdir()):
+                raise e
+        failures = sorted(errors.iterdir())
+        if failures:
+            pytest.fail(failures[0].read_text())
+
+
+def _rank_main(rank, fn, init, errors, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        Path(errors, f"rank{rank}").write_text(traceback.format_exc())
+        os._exit(1)  # no teardown: the other rank may be blocked in a collective
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, where gloo's threads can abort the process
+
+
+def tiny(n_kv_heads=None, position="rope", **kw) -> ModelConfig:
+    return ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=32, init_std=0.2,
+                       attention=AttentionConfig(n_kv_heads=n_kv_heads), position=PositionConfig(kind=position), **kw)
+
+
+def _tp_equals_unsharded(rank, cases):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    for n_kv, position, tie, mlp in cases:
+        torch.manual_seed(0)
+        cfg = tiny(n_kv, position, tie_embeddings=tie, mlp=mlp)
+        reference, sharded = Transformer(cfg), Transformer(cfg)
+        sharded.load_state_dict(reference.state_dict())
+        apply_tensor_parallel(sharded, mesh["tensor_parallel"])
+        assert sharded.blocks[0].attn.q.weight.to_local().shape[0] == cfg.n_heads * cfg.head_size // WORLD
+        tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+        losses = []
+        for model in (reference, sharded):
+            logits = model(tokens[:, :-1])
+            logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+            losses.append((logits, next_token_loss(logits, tokens[:, 1:])))
+            losses[-1][1].backward()
+        case = f"n_kv_heads={n_kv} {position} tie={tie} {mlp}"
+        torch.testing.assert_close(losses[1][0], losses[0][0], atol=1e-5, rtol=1e-4, msg=case)
+        for (name, p), q in zip(reference.named_parameters(), sharded.parameters()):
+            grad = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+            torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{case}: {name}")
+
+
+def test_tensor_parallel_forward_and_backward_equal_the_unsharded_model():
+    # MQA (1 K/V head) cannot be split over 2 ranks; validation refuses it (tests/test_config.py).
+    cases = [(None, "rope", True, "swiglu"), (2, "rope", False, "swiglu"), (None, "alibi", True, "gelu"),
+             (2, "alibi", False, "swiglu"), (2, "learned", True, "relu")]
+    _run_ranks(_tp_equals_unsharded, cases)
+
+
+def _fsdp_shards(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    torch.manual_seed(0)
+    cfg = tiny(tie_embeddings=False)
+    full = {n: p.detach().clone() for n, p in Transformer(cfg).named_parameters()}
+    torch.manual_seed(0)
+    model = FSDP().parallelize(Transformer(cfg), mesh)
+    for name, p in model.named_parameters():
+        local = p.to_local()
+        rows = full[name].shape[0]
+        expected_rows = min(-(-rows // WORLD), max(0, rows - rank * -(-rows // WORLD)))
+        assert local.shape[0] == expected_rows, (name, local.shape, rows)
+        assert local.numel() <= -(-full[name].numel() // WORLD) + full[name][0].numel()
+        torch.testing.assert_close(p.full_tensor(), full[name])  # a shard of the same initialisation
+
+
+def test_fsdp_gives_each_rank_about_half_of_every_parameter():
+    _run_ranks(_fsdp_shards)
+
+
+def _hsdp_trains(rank, replicate):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    option = FSDP(replicate=replicate)
+    torch.manual_seed(0)  # replicas start equal, as seed_everything makes them in a run
+    model = option.parallelize(Transformer(tiny()), mesh)
+    shard_mesh = option.shard_mesh(mesh)
+    assert shard_mesh.mesh_dim_names == ("replicate", "shard") and shard_mesh["replicate"].size() == replicate
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(rank))
+    losses = []
+    for _ in range(8):
+        loss = next_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8, losses
+    replicas = [torch.zeros(1) for _ in range(WORLD)]
+    dist.all_gather(replicas, next(model.parameters()).full_tensor().sum().reshape(1))
+    assert torch.allclose(replicas[0], replicas[1])  # every rank sees the same model
+
+
+@pytest.mark.parametrize("replicate", [1, 2], ids=["1x2 mesh", "2x1 mesh"])
+def test_hsdp_meshes_train(replicate):
+    _run_ranks(_hsdp_trains, replicate)
+
+
+# Whole runs: the same global batch (16 = 8 per rank x 2 ranks = 8 x 2 accumulation steps) and seed.
+CURVE = [*TINY_RUN, "data.global_batch_size=16", "schedule=constant", "trainer.val_every=5", "trainer.log_every=5",
+         "trainer.checkpoint_every=10"]
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val/loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    for steps in (10, 20):
+        result = run_cli([*CURVE, f"budget.steps={steps}", f"hydra.run.dir={root}/single{steps}"], cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("option", ["ddp", "fsdp", "hsdp"])
+def test_two_process_run_reproduces_the_single_process_curve(option, single_runs, tmp_path):
+    run = tmp_path / option
+    result = run_cli([*CURVE, f"parallelism={option}", "trainer.devices=2", "budget.steps=20",
+                      f"hydra.run.dir={run}"], cwd=single_runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, curve = val_curve(single_runs / "single20"), val_curve(run)
+    assert [s for s, _ in curve] == [5, 10, 15, 20]
+    # Gradients are averaged over ranks (not summed): the curves agree to float round-off.
+    assert [v for _, v in curve] == pytest.approx([v for _, v in reference], abs=2e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert not list(run.glob(".hydra*")) or (run / ".hydra").is_dir()  # only the job's own .hydra folder
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) in (["checkpoints"], [".hydra", "checkpoints"])
+
+
+def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(single_runs, tmp_path):
+    run = tmp_path / "fsdp"
+    first = run_cli([*CURVE, "parallelism=fsdp", "trainer.devices=2", "budget.steps=10", f"hydra.run.dir={run}"],
+                    cwd=single_runs)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shards = run / "checkpoints" / "last.ckpt"
+    assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2
+
+    # Consolidated into one file, it loads into a plain model equal to the single-process one.
+    done = run_cli([str(shards), "-o", str(tmp_path / "full.ckpt")], cwd=tmp_path, command="checkpoint")
+    assert done.returncode == 0, done.stderr
+    sharded_model = load_plain_model(tmp_path / "full.ckpt")
+    single_model = load_plain_model(single_runs / "single10" / "checkpoints" / "last.ckpt")
+    tokens = torch.randint(0, 512, (2, 32))
+    torch.testing.assert_close(sharded_model(tokens), single_model(tokens), atol=2e-4, rtol=1e-4)
+
+    # Resumed on one process (resharded on load), it continues the single-process curve.
+    resumed = run_cli([f"resume={run}", "trainer.devices=1", "budget.steps=20"], cwd=single_runs)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")], abs=2e-4)
