@@ -110,6 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from llm.tracking.wandb import resolve_mode
 
         resolve_mode(logger_cfg.mode)  # fails now, not after the data work, on missing credentials
+    if cfg.get("dry_run"):
+        return dry_run(cfg, model_cfg, data, trainer_cfg, parallelism, world)
     rid = run_id(run_dir, Path(cfg.paths.runs_dir))
     rank_zero = is_rank_zero()
     say = print if rank_zero else (lambda *a, **k: None)
@@ -232,6 +234,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(f"done: val/loss {summary['val/loss']:.4f} (ppl {summary['val/ppl']:.1f}) after {summary['D']:,} tokens, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_seconds']:.0f} s -> {run_dir / 'summary.json'}")
     return summary
+
+
+def dry_run(cfg: DictConfig, model_cfg: ModelConfig, data: DataSchema, trainer_cfg: TrainerSchema, parallelism: Any,
+            world: int) -> dict[str, Any]:
+    """Print the layout and its per-rank memory without touching data or devices."""
+    from llm.config.validate import BYTE_VOCAB
+    from llm.parallel.memory import memory_plan
+
+    if model_cfg.vocab_size is None:
+        kind = cfg.tokenizer.kind
+        if kind == "pretrained":
+            from llm.tokenizer import Tokenizer
+
+            vocab = Tokenizer.load(cfg.tokenizer.path).vocab_size
+        else:
+            vocab = BYTE_VOCAB if kind == "byte" else int(cfg.tokenizer.vocab_size)
+        model_cfg = with_vocab(model_cfg, vocab)
+    size = model_size(model_cfg, data.seq_len)
+    half = "bf16" in trainer_cfg.precision or getattr(parallelism, "param_dtype", "float32") != "float32"
+    plan = memory_plan(model_cfg, world, parallelism.tensor_parallel, getattr(parallelism, "replicate", None),
+                       parallelism.sharded_checkpoints, data.micro_batch_size, data.seq_len, 2 if half else 4,
+                       parallelism.activation_checkpointing)
+    print(f"dry run: {type(parallelism).__name__} on {world} rank(s); model {size.params:,} parameters")
+    for line in plan.lines():
+        print(line)
+    return {"dry_run": True, "mesh": plan.mesh, "params_bytes": plan.params, "grads_bytes": plan.grads,
+            "optimizer_bytes": plan.optimizer, "activation_bytes": plan.activations}
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.parallel import FSDP
+from llm.parallel.memory import memory_plan
 from llm.parallel.tensor_parallel import apply_tensor_parallel
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.checkpoints import load_plain_model
@@ -73,6 +74,9 @@ def _tp_equals_unsharded(rank, cases):
         reference, sharded = Transformer(cfg), Transformer(cfg)
         sharded.load_state_dict(reference.state_dict())
         apply_tensor_parallel(sharded, mesh["tensor_parallel"])
+        plan = memory_plan(cfg, WORLD, tensor_parallel=WORLD, sharded=True, rank=rank)
+        assert plan.params == sum(p.to_local().numel() * 4 if isinstance(p, DTensor) else p.numel() * 4
+                                  for p in {id(p): p for p in sharded.parameters()}.values()), "TP plan bytes"
         assert sharded.blocks[0].attn.q.weight.to_local().shape[0] == cfg.n_heads * cfg.head_size // WORLD
         tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
         losses = []
@@ -111,6 +115,16 @@ def _fsdp_shards(rank):
         assert local.shape[0] == expected_rows, (name, local.shape, rows)
         assert local.numel() <= -(-full[name].numel() // WORLD) + full[name][0].numel()
         torch.testing.assert_close(p.full_tensor(), full[name])  # a shard of the same initialisation
+    # The dry-run plan's figures equal the bytes this rank really holds.
+    plan = memory_plan(cfg, WORLD, sharded=True, rank=rank)
+    held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    assert plan.params == held
+    optimizer = torch.optim.AdamW(model.parameters())
+    next_token_loss(model(torch.randint(0, 64, (2, 9))[:, :-1]), torch.randint(0, 64, (2, 8))).backward()
+    optimizer.step()
+    assert plan.grads == sum(p.grad.to_local().numel() * 4 for p in model.parameters())
+    moments = sum(v.to_local().numel() * 4 for st in optimizer.state.values() for k, v in st.items() if k != "step")
+    assert plan.optimizer == moments
 
 
 def test_fsdp_gives_each_rank_about_half_of_every_parameter():
@@ -200,3 +214,25 @@ def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(single_ru
     resumed = run_cli([f"resume={run}", "trainer.devices=1", "budget.steps=20"], cwd=single_runs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")], abs=2e-4)
+
+
+def test_dry_run_plan_equals_counted_bytes_of_a_single_process_model():
+    cfg = tiny(tie_embeddings=True, bias=True, norm="layernorm")
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    next_token_loss(model(torch.randint(0, 64, (2, 8))), torch.randint(0, 64, (2, 8))).backward()
+    optimizer.step()
+    plan = memory_plan(cfg, world=1)
+    assert plan.params == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.optimizer == sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                                 for k, v in st.items() if k != "step")
+    assert plan.activations > 0
+
+
+def test_dry_run_prints_the_layout_and_reads_no_data(tmp_path):
+    result = run_cli(["model=1b", "parallelism=fsdp_tp", "trainer.devices=8", "dry_run=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shard (data parallel) 4 x tensor parallel 2" in result.stdout
+    assert "optimizer state" in result.stdout and not (tmp_path / ".cache").exists()
+    bad = run_cli(["model=1b", "parallelism=fsdp_tp", "trainer.devices=3", "dry_run=true"], cwd=tmp_path)
+    assert bad.returncode == 2 and "must divide the 3 ranks" in bad.stderr

@@ -1,0 +1,103 @@
+"""The memory plan of a layout, before any data is read: the device mesh, per-rank parameter,
+gradient and optimizer-state bytes (exact, from the parameter shapes and how each option shards
+them) and an activation estimate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llm.model import ModelConfig, Transformer
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Mirrors llm.parallel.tensor_parallel.block_plan (a test checks the two agree on real shards).
+COLWISE = {"attn.q", "attn.k", "attn.v", "mlp.up", "mlp.gate"}
+ROWWISE = {"attn.o", "mlp.down"}
+
+
+@dataclass
+class MemoryPlan:
+    mesh: dict[str, int]
+    params: int  # bytes on the busiest rank
+    grads: int
+    optimizer: int
+    activations: int  # an estimate
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def lines(self) -> list[str]:
+        gib = 2**30
+        mesh = " x ".join(f"{name} {size}" for name, size in self.mesh.items())
+        return [f"mesh: {mesh}",
+                f"per rank: parameters {self.params / gib:.3f} GiB, gradients {self.grads / gib:.3f} GiB, "
+                f"optimizer state {self.optimizer / gib:.3f} GiB, activations ~{self.activations / gib:.3f} GiB "
+                f"(total ~{self.total / gib:.3f} GiB)"]
+
+
+def local_numel(name: str, shape: torch.Size, tp: int, shard: int, tied: bool, rank: int = 0) -> int:
+    """Elements of one parameter held by shard-group rank `rank`: tensor-parallel split first (column-wise on dim 0,
+    row-wise on dim 1), then FSDP2's dim-0 chunking over the shard group."""
+    shape = list(shape)
+    module = name.rsplit(".", 1)[0].split(".", 2)[-1]  # blocks.3.attn.q.weight -> attn.q
+    if tp > 1 and name.startswith("blocks."):
+        if module in COLWISE:
+            shape[0] //= tp
+        elif module in ROWWISE and name.endswith("weight"):
+            shape[1] //= tp
+    elif tp > 1 and name == "lm_head.weight" and not tied:
+        shape[0] //= tp
+    rows = shape[0]
+    chunk = math.ceil(rows / shard)
+    local_rows = max(0, min(chunk, rows - rank * chunk))
+    return local_rows * math.prod(shape[1:])
+
+
+def memory_plan(model_cfg: ModelConfig, world: int, tensor_parallel: int = 1, replicate: Optional[int] = None,
+                sharded: bool = False, micro_batch: int = 1, seq_len: int = 128, activation_bytes: int = 4,
+                checkpointing: str = "none", rank: int = 0) -> MemoryPlan:
+    """Bytes per rank for AdamW training (fp32 parameters, gradients and two moments)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    dp = world // tensor_parallel
+    shard = (dp // (replicate or 1)) if sharded else 1
+    shard_rank = (rank // tensor_parallel) % shard  # tensor parallel is the innermost mesh dimension
+    seen, elements = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        elements += local_numel(name, p.shape, tensor_parallel if sharded else 1, shard, model_cfg.tie_embeddings,
+                                shard_rank)
+    params = 4 * elements
+    mesh = {"data parallel": dp} if not sharded else (
+        {"replicate": replicate, "shard": shard} if replicate else {"shard (data parallel)": dp})
+    if sharded and tensor_parallel > 1:
+        mesh["tensor parallel"] = tensor_parallel
+    return MemoryPlan(mesh=mesh, params=params, grads=params, optimizer=2 * params,
+                      activations=activation_estimate(model_cfg, micro_batch, seq_len, activation_bytes,
+                                                      tensor_parallel, checkpointing))
+
+
+def activation_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int, tp: int,
+                        checkpointing: str) -> int:
+    """Stored activations for backward, after Korthikanti et al. (2022): per layer about
+    s b h (34 + 5 a s / h) bytes in 16-bit (without the 5 a s / h score term for fused kernels), scaled to the dtype and divided by TP (no sequence
+    parallelism). With full activation checkpointing only each block's input is kept (plus one
+    block recomputed at a time); the logits (b s V, fp32 for the loss) come on top."""
+    s, b, h, a, L = seq_len, micro_batch, cfg.d_model, cfg.n_heads, cfg.n_layers
+    # The a*s^2 score matrices are stored only when a dense additive mask forces the math kernel.
+    dense_scores = cfg.attention.kernel == "sdpa" and (cfg.position.kind == "alibi" or cfg.attention.window)
+    per_layer = s * b * h * (10 + 24 / tp + (5 * a * s / (h * tp) if dense_scores else 0)) * dtype_bytes / 2
+    if checkpointing == "full":
+        layers = L * s * b * h * dtype_bytes + per_layer
+    elif checkpointing == "every_n":
+        layers = L / 2 * per_layer + L / 2 * s * b * h * dtype_bytes
+    else:
+        layers = L * per_layer
+    logits = b * s * cfg.padded_vocab_size * 4 * 2  # logits and their gradient
+    return int(layers + logits)
