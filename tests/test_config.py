@@ -184,6 +184,8 @@ BAD = [
     (["parallelism=fsdp_tp", "trainer.devices=3"], ["parallelism.tensor_parallel=2: must divide the 3 ranks", "1, 3"]),
     (["parallelism=hsdp", "trainer.devices=2", "parallelism.replicate=4"], ["parallelism.replicate=4", "2 data-parallel"]),
     (["trainer.devices=2"], ["parallelism=single: runs one process", "ddp"]),
+    (["parallelism=fsdp", "parallelism.param_dtype=bfloat16", "trainer.accelerator=cpu"],
+     ["parallelism.param_dtype='bfloat16'", "needs CUDA"]),
     (["schedule.warmups=3"], None),  # a typo of an existing key: Hydra refuses it while composing
     (["model.n_heads=four"], None),  # a wrong type: refused while composing (typed schema)
 ]

@@ -236,3 +236,47 @@ def test_dry_run_prints_the_layout_and_reads_no_data(tmp_path):
     assert "optimizer state" in result.stdout and not (tmp_path / ".cache").exists()
     bad = run_cli(["model=1b", "parallelism=fsdp_tp", "trainer.devices=3", "dry_run=true"], cwd=tmp_path)
     assert bad.returncode == 2 and "must divide the 3 ranks" in bad.stderr
+
+
+def test_launcher_configs_compose(tmp_path):
+    from tests.conftest import compose_train
+
+    slurm = compose_train(["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.partition=gpu"], tmp_path)
+    assert "SlurmLauncher" in slurm.hydra.launcher._target_
+    assert slurm.hydra.launcher.nodes == 2 and slurm.hydra.launcher.tasks_per_node == 8
+    local = compose_train(["hydra/launcher=local"], tmp_path)
+    assert "JoblibLauncher" in local.hydra.launcher._target_ and local.hydra.launcher.n_jobs == 2
+
+
+def test_local_parallel_launcher_runs_jobs_in_their_own_directories(tmp_path):
+    result = run_cli(["-m", "hydra/launcher=local", *TINY_RUN, "budget.steps=3", "trainer.val_every=3",
+                      "attention=mha,mqa"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted((tmp_path / "runs" / "multirun").glob("*/*/summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["choices"]["attention"] for p in summaries} == {"mha", "mqa"}
+
+
+def test_torchrun_ranks_share_one_run_directory(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "llm.cli.train", *TINY_RUN, "parallelism=ddp", "trainer.devices=2", "budget.steps=4",
+               "trainer.val_every=4"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL (none on this machine)")
+def test_fsdp_bf16_with_fp32_reduction_over_nccl(tmp_path):
+    result = run_cli([*TINY_RUN, "trainer=gpu", "parallelism=fsdp", "parallelism.param_dtype=bfloat16",
+                      "trainer.devices=2", "budget.steps=10", "trainer.val_every=10"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert summary["status"] == "completed" and summary["val/loss"] < 6.3

@@ -126,3 +126,13 @@ def test_bf16_mixed_trains_on_gpu(tmp_path):
 
     cfg = compose_train([*TINY_RUN, "trainer=gpu", "budget.steps=20", "trainer.val_every=10"], tmp_path)
     assert train(cfg)["status"] == "completed"
+
+
+def test_llm_bench_parallel_compares_options_with_single(tmp_path):
+    result = run_cli([*TINY_RUN, "bench.parallel=[ddp]", "bench.steps=4", "bench.warmup=1",
+                      f"paths.runs_dir={tmp_path}/runs"], cwd=tmp_path, command="bench", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = (tmp_path / "runs" / "bench").glob("*/bench_parallel.json")
+    rows = json.loads(out.read_text())
+    assert [r["option"] for r in rows] == ["single", "ddp"] and rows[1]["ranks"] == 2
+    assert rows[0]["vs_single"] == 1.0 and rows[1]["tokens_per_s"] > 0

@@ -3,6 +3,7 @@ PyTorch loop over the same model and batches in the same process.
 
   llm-bench                       # the default CPU model
   llm-bench model=small bench.steps=10
+  llm-bench bench.parallel=[ddp,fsdp]   # 2-process DDP and FSDP runs against single
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def _app(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out_dir = Path(cfg.paths.run_dir)
+    if bench.parallel:
+        from llm.bench.parallel import benchmark_parallel
+
+        overrides = [o for o in _task_overrides() if not o.startswith(("bench.", "parallelism", "trainer.devices"))]
+        rows = benchmark_parallel(list(bench.parallel), overrides, bench.warmup + bench.steps, out_dir)
+        (out_dir / "bench_parallel.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"\n{'parallelism':12}{'ranks':>6}{'tokens/s':>12}{'vs single':>11}{'peak MiB/rank':>15}")
+        for r in rows:
+            print(f"{r['option']:12}{r['ranks']:>6}{r['tokens_per_s']:>12,.0f}{r['vs_single']:>11.2f}"
+                  f"{r['peak_memory_mib_per_rank']:>15,.0f}")
+        print(f"written: {out_dir / 'bench_parallel.json'}")
+        return
     result = benchmark(run_cfg, steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats, log_dir=str(out_dir))
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nmodel: {result['params']:,} parameters, {result['flops_per_token']:.3g} FLOPs/token, "
@@ -45,6 +58,12 @@ def _app(cfg: DictConfig) -> None:
           f"{result['median_ratio']:.3f} of medians   (peak RSS {result['peak_rss_mib']:,.0f} MiB, "
           f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
     print(f"written: {out_dir / 'bench.json'}")
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def main() -> None:

@@ -12,10 +12,22 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 
+def launch_stamp(stamp: str) -> str:
+    """The name of a fresh run directory. Every rank must agree on it, so under torchrun
+    (--standalone or --rdzv-id) and SLURM it comes from the launcher's job id, not the clock."""
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if elastic != "none":
+        return f"torchrun-{elastic}"
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f"-{array}" if array else "")
+    return stamp
+
+
 def run_dir(resume: Optional[str], runs_dir: str, stamp: str) -> str:
     """A fresh `<runs_dir>/<stamp>`, or the directory of the run being resumed (a path or a run id)."""
     if not resume:
-        return str(Path(runs_dir) / stamp)
+        return str(Path(runs_dir) / launch_stamp(stamp))
     path = Path(resume).expanduser()
     if not path.is_dir() and (Path(runs_dir) / resume).is_dir():
         path = Path(runs_dir) / resume

@@ -219,6 +219,12 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     tok_kind = cfg.tokenizer.get("kind")
     _choice(problems, "tokenizer.kind", tok_kind, TOKENIZER_KINDS)
 
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())
+    for key in ("param_dtype", "reduce_dtype"):
+        value = cfg.parallelism.get(key)
+        if value not in (None, "float32") and on_cpu:
+            problems.append(f"parallelism.{key}={value!r}: FSDP mixed precision needs CUDA (gloo's 16-bit "
+                            "collectives deadlock on CPUs); allowed here: float32")
     needs_cuda = model.attention.kernel in ("flash", "flex")
     if needs_cuda and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())):
         problems.append(

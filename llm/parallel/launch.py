@@ -33,6 +33,17 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
+def _die_with_parent() -> None:
+    """Linux: a rank is killed when the process that started it dies, so none is left behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,12 +55,14 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
     others are then stopped, so a crashed rank never leaves the rest waiting in a collective)."""
     port = _free_port()
     procs = []
+    # Share the cores between the ranks instead of oversubscribing them (as torchrun does).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     for rank in range(n):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
                "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n)}
         command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
                    "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
-        procs.append(subprocess.Popen(command, env=env))
+        procs.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     try:
         while any(p.poll() is None for p in procs):
             failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
