@@ -34,9 +34,26 @@ def run_dir(resume: Optional[str], runs_dir: str, stamp: str) -> str:
     return str(path.resolve())
 
 
+def ladder_shape(size: float, key: str) -> int:
+    """One field of the model shape for `size` non-embedding parameters (llm.scaling.plan's rule)."""
+    from llm.scaling.plan import shape_for_params
+
+    return shape_for_params(float(size))[key]
+
+
+def ladder_lr(size: float, base: float = 3e-3, reference: float = 1e6) -> float:
+    """Learning rate for a model of `size` non-embedding parameters: base x (size / reference)^(-1/3),
+    capped at 1e-2 -- the inverse-cube-root decay of OLMo's ladder, anchored at our CPU default
+    (3e-3 trains the ~1M-parameter `tiny`)."""
+    return min(1e-2, base * (float(size) / reference) ** (-1 / 3))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llm_run_dir"):
         OmegaConf.register_new_resolver("llm_run_dir", run_dir)
+    if not OmegaConf.has_resolver("llm_shape"):
+        OmegaConf.register_new_resolver("llm_shape", ladder_shape)
+        OmegaConf.register_new_resolver("llm_ladder_lr", ladder_lr)
     if not OmegaConf.has_resolver("llm_cwd"):
         # The launch directory; unlike ${hydra:runtime.cwd} it also resolves in the multirun launcher.
         OmegaConf.register_new_resolver("llm_cwd", lambda: os.getcwd())

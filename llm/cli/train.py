@@ -21,16 +21,26 @@ def _app(cfg: DictConfig) -> float | None:
     from llm.config import ConfigError
     from llm.train import train
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     try:
         summary = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # recorded as a failed job; the sweep goes on and exits non-zero at the end
         sys.exit(2)
     return summary.get("val/loss")
 
 
 def main() -> None:
-    _app()
+    from llm.tracking.sweep import report_sweep
+
+    try:
+        _app()
+    finally:
+        report_sweep()  # after a multirun: index.json and a line per failed job
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ SCHEMAS: dict[str, type] = {
 # `_target_` nodes, checked against the target's signature.
 TARGET_NODES = ("tokenizer", "data.corpus", "optim", "schedule", "parallelism", "posttrain")
 
-TOP_LEVEL_KEYS = (*SCHEMAS, *(k for k in TARGET_NODES if "." not in k), "seed", "resume", "experiment_name", "dry_run")
+TOP_LEVEL_KEYS = (*SCHEMAS, "sweep", *(k for k in TARGET_NODES if "." not in k), "seed", "resume", "experiment_name", "dry_run")
 
 
 def register() -> None:

@@ -55,6 +55,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 n_layers), as GPT-2
+    size: Optional[float] = None  # model=ladder: the target non-embedding parameters the shape was chosen for
 
     # Derived fields, resolved once so every consumer sees the same numbers.
     @property

@@ -151,7 +151,7 @@ def _launch_budget(summary: dict, run_dir: Optional[Path]) -> Optional[float]:
     """The FLOP budget the run was started with: a numeric `budget` in summary.json, else
     `budget.flops` of the config in run.json. Runs of one IsoFLOP budget then group exactly,
     although their C differ by up to one optimizer step's worth of tokens."""
-    budget = _number(summary.get("budget"))
+    budget = _number(summary.get("budget_flops", summary.get("budget")))
     if budget is not None:
         return budget
     run_file = run_dir / "run.json" if run_dir else None

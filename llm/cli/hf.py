@@ -1,0 +1,82 @@
+"""`llm-hf`: move models between this framework and Hugging Face transformers folders.
+
+  llm-hf export runs/<id> out/hf                 # a run's last checkpoint + its tokenizer
+  llm-hf export model.ckpt out/hf --family gpt2  # a checkpoint file (tokenizer.json beside it, if any)
+  llm-hf import out/hf imported/model.ckpt       # writes model.ckpt and imported/tokenizer.json
+
+Exported folders load offline with `AutoModelForCausalLM.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)`. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) and
+gpt2 (learned positions, LayerNorm, GELU/ReLU MLP, MHA); anything else is refused with the
+feature named. Imported checkpoints load with `llm.tracking.checkpoints.load_plain_model`.
+Sharded (FSDP/TP) checkpoints must be gathered with `llm-consolidate` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+
+def export(args: argparse.Namespace) -> None:
+    from llm.interop import export_checkpoint
+
+    out = export_checkpoint(args.source, args.out_dir, args.family)
+    print(f"exported -> {out}")
+
+
+def import_(args: argparse.Namespace) -> None:
+    from llm.interop import import_hf
+    from llm.tracking.checkpoint_io import atomic_torch_save
+
+    model, tokenizer = import_hf(args.folder)
+    # The keys load_plain_model reads: a Lightning-like state dict (prefix `model.`) and our config.
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "llm": {"model_config": asdict(model.cfg)},
+    }
+    args.out_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(checkpoint, args.out_file)
+    print(f"imported -> {args.out_file}")
+    if tokenizer is not None:
+        tokenizer.save(args.out_file.parent / "tokenizer.json")
+        print(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
+
+    p = commands.add_parser("export", help="write a run or checkpoint as a transformers folder",
+                            description="Write a run directory's last checkpoint (or a checkpoint file) as a "
+                                        "transformers folder: config.json, model.safetensors and tokenizer files.")
+    p.add_argument("source", type=Path, help="a run directory (uses checkpoints/last.ckpt and tokenizer.json) "
+                                             "or a checkpoint file")
+    p.add_argument("out_dir", type=Path, help="the folder to write (created if missing)")
+    p.add_argument("--family", choices=("llama", "gpt2"),
+                   help="transformers family (default: llama for RoPE models, gpt2 for learned positions)")
+    p.set_defaults(run=export)
+
+    p = commands.add_parser("import", help="read a transformers folder into a checkpoint file",
+                            description="Read a local Llama- or GPT-2-family transformers folder into a "
+                                        "checkpoint file that load_plain_model reads; its tokenizer (with our "
+                                        "special tokens) is written as tokenizer.json beside it.")
+    p.add_argument("folder", type=Path, help="a transformers model folder (config.json + weights)")
+    p.add_argument("out_file", type=Path, help="the checkpoint file to write, e.g. imported/model.ckpt")
+    p.set_defaults(run=import_)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # a user's input: one line, no traceback
+        parser.exit(2, f"llm-hf {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

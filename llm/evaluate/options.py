@@ -1,0 +1,171 @@
+"""The keys of `llm-generate` and `llm-eval`, typed, and every check that can be made before a
+model or tokenizer is loaded. Problems are collected and raised together as one ConfigError, each
+naming the key, its value and what is allowed (the CLIs exit with code 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llm.config import ConfigError
+
+STRATEGIES = ("greedy", "sample", "beam", "speculative")
+QUANTIZE = ("none", "int8")
+STREAMING_STRATEGIES = ("greedy", "sample")  # the ones whose decoder hands out tokens one by one
+EVAL_LOGGERS = ("none", "wandb")  # eval.json and metrics.jsonl are always written
+
+
+@dataclass
+class GenerateSettings:
+    """The keys of conf/generate.yaml (see there for what each does)."""
+
+    checkpoint: Optional[str] = None
+    tokenizer: Optional[str] = None
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    output_file: Optional[str] = None
+    add_bos: bool = False
+    max_new_tokens: int = 64
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    beam_width: int = 4
+    draft_checkpoint: Optional[str] = None
+    speculative_k: int = 4
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    quantize: str = "none"
+    stream: bool = False
+    device: str = "auto"
+    batch_size: int = 8
+
+
+@dataclass
+class EvalSettings:
+    """The keys of conf/eval.yaml (besides the `data`, `logger` and `paths` groups)."""
+
+    checkpoint: Optional[str] = None
+    tokenizer: Optional[str] = None
+    perplexity: bool = True
+    seq_len: Optional[int] = None
+    batch_size: Optional[int] = None
+    max_batches: Optional[int] = None
+    tasks_file: Optional[str] = None
+    task_max_new_tokens: int = 32
+    task_stop: list[str] = field(default_factory=list)
+    add_bos: bool = False
+    quantize: str = "none"
+    device: str = "auto"
+    out_dir: Optional[str] = None
+    log_metrics: bool = True
+
+
+def typed_settings(cfg: DictConfig, schema: type) -> Any:
+    """The schema's keys of `cfg` as a dataclass instance; ConfigError on values of the wrong type."""
+    names = [f.name for f in dataclasses.fields(schema)]
+    node = OmegaConf.masked_copy(cfg, [n for n in names if n in cfg])
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        value = OmegaConf.select(cfg, key, default=None) if key != "config" else None
+        raise ConfigError([f"{key}={value!r}: {str(e).splitlines()[0]}"]) from None
+
+
+def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r}: not allowed. Choose one of: {', '.join(allowed)}")
+
+
+def _at_least(problems: list[str], key: str, value: Optional[float], low: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        problems.append(f"{key}={value!r}: must be >= {low:g}" + (" (or null)" if optional else ""))
+
+
+def check_device(problems: list[str], device: str, quantize: str) -> None:
+    """Devices this machine has; int8 models need the CPU (PyTorch's dynamic int8 kernels)."""
+    try:
+        parsed = None if device == "auto" else torch.device(device)
+    except (RuntimeError, ValueError):
+        problems.append(f"device={device!r}: not a device. Choose one of: auto, cpu, cuda, cuda:<index>")
+        return
+    if parsed is None:
+        return
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        problems.append(f"device={device!r}: no CUDA device here; allowed: auto, cpu")
+    elif parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        problems.append(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if quantize == "int8" and parsed.type != "cpu":
+        problems.append(f"device={device!r}: quantize=int8 runs on the CPU only (PyTorch's dynamic int8 kernels); "
+                        "allowed with int8: auto, cpu")
+
+
+def _check_stops(problems: list[str], key: str, stops: list[str]) -> None:
+    for i, stop in enumerate(stops):
+        if stop == "":
+            problems.append(f"{key}[{i}]='': a stop string must be non-empty")
+
+
+def _check_file(problems: list[str], key: str, value: Optional[str]) -> None:
+    if value is not None and not Path(value).expanduser().is_file():
+        problems.append(f"{key}={value!r}: no such file")
+
+
+def check_generate(s: GenerateSettings) -> list[str]:
+    """Every problem of the generate settings that needs no model (checkpoints are resolved separately)."""
+    problems: list[str] = []
+    _choice(problems, "strategy", s.strategy, STRATEGIES)
+    _choice(problems, "quantize", s.quantize, QUANTIZE)
+    if (s.prompt is None) == (s.prompts_file is None):
+        both = "both are set" if s.prompt is not None else "neither is set"
+        problems.append(f"prompt={s.prompt!r}, prompts_file={s.prompts_file!r}: give exactly one of them ({both}); "
+                        "prompt='text' completes one prompt, prompts_file=<file.jsonl> one per line")
+    _check_file(problems, "prompts_file", s.prompts_file)
+    _at_least(problems, "max_new_tokens", s.max_new_tokens, 1)
+    _at_least(problems, "temperature", s.temperature, 0)
+    if s.strategy == "sample" and s.temperature == 0:
+        problems.append("temperature=0: strategy=sample needs temperature > 0 (temperature 0 is strategy=greedy)")
+    _at_least(problems, "top_k", s.top_k, 1, optional=True)
+    if s.top_p is not None and not 0 < s.top_p <= 1:
+        problems.append(f"top_p={s.top_p!r}: must be in (0, 1] (or null)")
+    _at_least(problems, "beam_width", s.beam_width, 1)
+    _at_least(problems, "speculative_k", s.speculative_k, 1)
+    _at_least(problems, "batch_size", s.batch_size, 1)
+    _check_stops(problems, "stop", s.stop)
+    if s.strategy == "speculative" and s.draft_checkpoint is None:
+        problems.append("draft_checkpoint: required with strategy=speculative; give draft_checkpoint=<run directory | "
+                        "run id | checkpoint file> (a smaller model with the same tokenizer)")
+    if s.stream and s.prompts_file is not None:
+        problems.append("stream=true: streams a single prompt's tokens; with prompts_file, allowed: false")
+    if s.stream and s.strategy not in STREAMING_STRATEGIES:
+        problems.append(f"stream=true: strategy={s.strategy} does not emit tokens one at a time (beam search revises "
+                        f"its hypotheses, speculative decoding emits accepted runs); allowed with {s.strategy}: false")
+    check_device(problems, s.device, s.quantize)
+    return problems
+
+
+def check_eval(s: EvalSettings, logger_kind: str) -> list[str]:
+    """Every problem of the eval settings that needs no model (checkpoint and data are checked separately)."""
+    problems: list[str] = []
+    _choice(problems, "quantize", s.quantize, QUANTIZE)
+    _choice(problems, "logger", logger_kind, EVAL_LOGGERS)
+    if not s.perplexity and s.tasks_file is None:
+        problems.append("perplexity=false, tasks_file=None: nothing to evaluate; set perplexity=true or give "
+                        "tasks_file=<file.jsonl> with prompt and answer fields")
+    _check_file(problems, "tasks_file", s.tasks_file)
+    _at_least(problems, "seq_len", s.seq_len, 1, optional=True)
+    _at_least(problems, "batch_size", s.batch_size, 1, optional=True)
+    _at_least(problems, "max_batches", s.max_batches, 1, optional=True)
+    _at_least(problems, "task_max_new_tokens", s.task_max_new_tokens, 1)
+    _check_stops(problems, "task_stop", s.task_stop)
+    check_device(problems, s.device, s.quantize)
+    return problems

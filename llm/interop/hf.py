@@ -1,0 +1,188 @@
+"""Hugging Face `transformers` interoperability: export our models as Llama- or GPT-2-family
+folders that `from_pretrained` loads, and import such folders back.
+
+    from llm.interop import export_hf, import_hf
+    export_hf(model, "out/hf", tokenizer)                 # family picked from the architecture
+    model, tokenizer = import_hf("out/hf")
+
+A folder holds config.json, model.safetensors and (with a tokenizer) tokenizer.json,
+tokenizer_config.json and special_tokens_map.json. Everything here reads and writes those files
+directly: neither direction imports transformers (only `safetensors`), and nothing is fetched
+from the Hub. The tensor layouts of each family live in `llm.interop.llama` / `llm.interop.gpt2`.
+
+The exported vocab_size is our PADDED vocab (the embedding's rows); the tokenizer may have fewer
+tokens. On import, our vocab_size is the tokenizer's size where one comes along (padding chosen
+so the embedding keeps the checkpoint's exact row count), else the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from llm.interop import gpt2, llama
+from llm.interop.common import POSITION_NAMES, Tensors
+from llm.interop.hf_tokenizer import read_tokenizer, write_tokenizer_files
+from llm.model import ModelConfig, Transformer
+from llm.tokenizer import Tokenizer
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}
+DEFAULT_FAMILY = {"rope": "llama", "learned": "gpt2"}  # by position scheme: the one that decides
+
+
+def choose_family(cfg: ModelConfig, family: Optional[str] = None) -> ModuleType:
+    """The family module `cfg` exports to; ValueError naming every feature it cannot represent."""
+    if family is None:
+        family = DEFAULT_FAMILY.get(cfg.position.kind)
+        if family is None:
+            raise ValueError(f"no transformers family represents {POSITION_NAMES[cfg.position.kind]}: "
+                             "Llama needs RoPE, GPT-2 learned positions")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    problems = FAMILIES[family].problems(cfg)
+    if problems:
+        raise ValueError(f"cannot export to the {family} family: " + "; ".join(problems))
+    return FAMILIES[family]
+
+
+def hf_config(model: Transformer, tokenizer: Optional[Tokenizer] = None, family: Optional[str] = None) -> dict:
+    """The config.json contents for `model` (also used to build transformers models in memory)."""
+    config = choose_family(model.cfg, family).to_config(model.cfg)
+    for role in ("bos", "eos", "pad"):  # null without a tokenizer: HF generate then never stops early
+        config[f"{role}_token_id"] = getattr(tokenizer, f"{role}_id", None)
+    config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    return config
+
+
+def hf_state_dict(model: Transformer, family: Optional[str] = None) -> Tensors:
+    """The model's tensors in the family's names and layouts (CPU, contiguous)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return choose_family(model.cfg, family).to_state(state, model.cfg)
+
+
+def export_hf(
+    model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None, family: Optional[str] = None
+) -> Path:
+    """Write `model` (and `tokenizer`) as a transformers folder; returns the folder.
+
+    `family` is "llama" or "gpt2"; None picks by position scheme (RoPE -> llama, learned ->
+    gpt2). ValueError, naming the feature, for anything the family cannot represent exactly.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    config = hf_config(model, tokenizer, family)  # validates first: nothing is written for a bad model
+    if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.padded_vocab_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # The "format" metadata is what transformers checks to accept a safetensors file as PyTorch's.
+    save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, out, cfg.max_seq_len)
+    return out
+
+
+def read_hf_tensors(folder: Path) -> Tensors:
+    """All tensors of a folder: model.safetensors or pytorch_model.bin, whole or sharded
+    (an *.index.json naming the shards). Pickles are read with weights_only=True."""
+
+    def load(file: Path) -> Tensors:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return load(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load(folder / shard).items()}
+    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin (whole or sharded)")
+
+
+def _vocab_fields(model_rows: int, tokenizer_size: Optional[int]) -> dict[str, int]:
+    """vocab_size and pad_vocab_to such that the padded vocab is exactly `model_rows` (or, when the
+    tokenizer has more tokens than that, its size padded to 64: the embedding grows)."""
+    if tokenizer_size is None:
+        tokenizer_size = model_rows
+    if tokenizer_size > model_rows:
+        return {"vocab_size": tokenizer_size, "pad_vocab_to": 64}
+    for multiple in (64, model_rows):  # our usual padding if it fits, else exactly the model's rows
+        if multiple * math.ceil(tokenizer_size / multiple) == model_rows:
+            return {"vocab_size": tokenizer_size, "pad_vocab_to": multiple}
+    raise AssertionError("unreachable: model_rows always fits")
+
+
+def _grow_vocab(state: Tensors, rows: int) -> Tensors:
+    """New embedding (and head) rows set to the mean of the old ones: a neutral start for tokens
+    the tokenizer gained on import. The old rows, and so every old logit, are unchanged."""
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state and state[name].shape[0] < rows:
+            old = state[name]
+            extra = old.float().mean(0, keepdim=True).to(old.dtype).expand(rows - old.shape[0], -1)
+            state[name] = torch.cat([old, extra])
+    return state
+
+
+def import_hf(path: str | Path) -> tuple[Transformer, Optional[Tokenizer]]:
+    """Our Transformer (fp32) and Tokenizer (None without tokenizer.json) for a local Llama- or
+    GPT-2-family folder. ValueError naming the config key for anything we cannot represent
+    (rope_scaling, another model_type, GPT-2's tanh GELU, ...). See `llm.interop.hf_tokenizer`
+    for how the HF special tokens become ours."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a transformers model folder")
+    hf = json.loads((folder / "config.json").read_text())
+    families = {module.MODEL_TYPE: module for module in FAMILIES.values()}
+    family = families.get(hf.get("model_type"))
+    if family is None:
+        raise ValueError(f"unsupported config.json model_type={hf.get('model_type')!r}: "
+                         f"expected one of {', '.join(families)}")
+    cfg = family.from_config(hf)
+    tokenizer = read_tokenizer(folder, hf) if (folder / "tokenizer.json").is_file() else None
+    state = family.from_state(read_hf_tensors(folder), cfg)
+    cfg = replace(cfg, **_vocab_fields(cfg.vocab_size, tokenizer.vocab_size if tokenizer else None))
+    state = _grow_vocab(state, cfg.padded_vocab_size)
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:  # a mapping bug, not a user error: say exactly what
+        raise ValueError(f"{folder}: converted state does not fit the model (missing {missing}, unexpected {unexpected})")
+    return model, tokenizer
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, family: Optional[str] = None) -> Path:
+    """Export a training checkpoint: a run directory (its checkpoints/last.ckpt and tokenizer.json)
+    or a checkpoint file (with the tokenizer.json beside it or in its run directory, if any)."""
+    from llm.tracking.checkpoints import META, last_checkpoint, load_plain_model
+
+    source = Path(checkpoint)
+    if source.is_dir() and (source / "checkpoints").is_dir():
+        file = last_checkpoint(source)
+        if file is None:
+            raise FileNotFoundError(f"{source} is a run directory without a checkpoint (checkpoints/last.ckpt)")
+    elif source.exists():
+        file = source
+    else:
+        raise FileNotFoundError(f"no such run directory or checkpoint file: {source}")
+    if file.is_dir() and not (file / META).is_file():
+        raise FileNotFoundError(f"{file} is neither a run directory nor a checkpoint")
+    if file.is_dir():
+        raise ValueError(f"{file} is a sharded (FSDP/TP) checkpoint directory: run `llm-consolidate {file}` "
+                         "first and export the file it writes")
+    model = load_plain_model(file)
+    tokenizer_files = [p / "tokenizer.json" for p in (file.parent, file.parent.parent)]
+    tokenizer_file = next((p for p in tokenizer_files if p.is_file()), None)
+    tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file else None
+    return export_hf(model, out_dir, tokenizer, family)

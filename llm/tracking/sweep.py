@@ -1,0 +1,62 @@
+"""The index of a multirun sweep: one record per job (overrides, status, run directory, error,
+final loss) in `<sweep dir>/index.jsonl`, and at the end `index.json` and a summary line. A failed
+job is recorded and the sweep goes on; Hydra then exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from typing import Optional
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+_current_sweep: Optional[Path] = None  # set when a multirun starts in this process
+
+
+class SweepIndex(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _current_sweep
+        _current_sweep = Path(config.hydra.sweep.dir)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra_cfg = job_return.hydra_cfg.hydra if job_return.hydra_cfg else None
+        if hydra_cfg is None or hydra_cfg.mode is None or str(hydra_cfg.mode) != "RunMode.MULTIRUN":
+            return
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        record = {"job": hydra_cfg.job.num, "overrides": list(job_return.overrides or []), "run_dir": str(run_dir),
+                  "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
+        if job_return.status == JobStatus.FAILED:
+            record["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+        summary = run_dir / "summary.json"
+        if summary.exists():
+            data = json.loads(summary.read_text())
+            record.update({k: data.get(k) for k in ("run_id", "val/loss", "N", "D", "C")})
+        line = json.dumps(record, default=str) + "\n"
+        # One short O_APPEND write per job: safe with parallel launchers writing the same index.
+        fd = os.open(run_dir.parent / "index.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def report_sweep() -> None:
+    """After a multirun (whether or not a job failed): write index.json and print the outcome."""
+    sweep_dir = _current_sweep
+    index = sweep_dir / "index.jsonl" if sweep_dir else None
+    if index is None or not index.exists():
+        return
+    records = sorted((json.loads(l) for l in index.read_text().splitlines() if l.strip()), key=lambda r: r["job"])
+    tmp = sweep_dir / ".index.json.tmp"
+    tmp.write_text(json.dumps(records, indent=2, default=str) + "\n")
+    os.replace(tmp, sweep_dir / "index.json")
+    failed = [r for r in records if r["status"] != "completed"]
+    print(f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}")
