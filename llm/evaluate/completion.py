@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, TextIO
 
 import torch
 from torch import nn
@@ -62,8 +62,8 @@ class TextStream:
     trailing partial UTF-8 character, and the last characters that could begin a stop string.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], write: Callable[[str], object] = sys.stdout.write):
-        self.decode, self.stops, self.write = decode, stops, write
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], out: Optional[TextIO] = None):
+        self.decode, self.stops, self.out = decode, stops, out
         self.tokens: list[int] = []
         self.shown = 0
         self.hold = max((len(s) for s in stops), default=1) - 1
@@ -83,14 +83,17 @@ class TextStream:
 
     def _show(self, text: str, upto: int) -> None:
         if upto > self.shown:
-            self.write(text[self.shown : upto])
-            sys.stdout.flush()
+            self._write(text[self.shown : upto])
             self.shown = upto
 
     def close(self, final: str) -> None:
         """Write the rest of the final completion, and end the line."""
-        self.write(final[self.shown :] + "\n")
-        sys.stdout.flush()
+        self._write(final[self.shown :] + "\n")
+
+    def _write(self, text: str) -> None:
+        out = self.out or sys.stdout  # looked up per call: tests and pipes may swap sys.stdout
+        out.write(text)
+        out.flush()
 
 
 class Completer:
@@ -154,9 +157,10 @@ class Completer:
     def _finish(self, prompt: str, tokens: list[int]) -> Completion:
         """Cut at the first stop string; n_tokens counts the tokens up to the one that completed it."""
         decode = self.tokenizer.decode
-        text, end = cut_at_stop(decode(tokens), self.settings.stop)
+        full = decode(tokens)
+        text, end = cut_at_stop(full, self.settings.stop)
         if end is not None:
             start = len(text)
-            target = decode(tokens)[start:end]
+            target = full[start:end]
             tokens = next(tokens[:k] for k in range(1, len(tokens) + 1) if decode(tokens[:k])[start:end] == target)
         return Completion(prompt, text, len(tokens))
