@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from llm.generate import SpeculativeStats, beam_search, generate, speculative_generate
+from llm.generate.decode import ABSOLUTE_POSITIONS
 
 
 @dataclass
@@ -116,13 +117,24 @@ class Completer:
         ids = self.tokenizer.encode(prompt)
         return [self.tokenizer.bos_id, *ids] if self.settings.add_bos else ids
 
+    def prompt_problems(self, prompts: list[str], key: str) -> list[str]:
+        """Prompts the model cannot complete, each named with `key` (the config key they came from)."""
+        problems = []
+        cfg, new = self.model.cfg, self.settings.max_new_tokens
+        for number, prompt in enumerate(prompts, start=1):
+            where = f"{key} (line {number})" if len(prompts) > 1 else key
+            ids = self.encode(prompt)
+            if not ids:
+                problems.append(f"{where}={prompt!r}: encodes to no tokens; give some text, or add_bos=true to start "
+                                "from the beginning-of-sequence token")
+            elif cfg.position.kind in ABSOLUTE_POSITIONS and len(ids) + new > cfg.max_seq_len:
+                problems.append(f"{where}: {len(ids)} prompt tokens + max_new_tokens={new} exceed the model's "
+                                f"max_seq_len={cfg.max_seq_len} ({cfg.position.kind} positions end there)")
+        return problems[:5]
+
     def complete(self, prompts: list[str], stream: Optional[TextStream] = None) -> list[Completion]:
         """One completion per prompt, in order. `stream` (one prompt, greedy or sample) sees each token."""
         encoded = [self.encode(p) for p in prompts]
-        empty = [p for p, ids in zip(prompts, encoded) if not ids]
-        if empty:
-            raise ValueError(f"prompt {empty[0]!r} encodes to no tokens; give some text, or add_bos=true to start "
-                             "from the beginning-of-sequence token")
         s = self.settings
         if s.strategy in ("greedy", "sample"):
             new: list[list[int]] = []

@@ -5,6 +5,7 @@ naming the key, its value and what is allowed (the CLIs exit with code 2)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,13 @@ STRATEGIES = ("greedy", "sample", "beam", "speculative")
 QUANTIZE = ("none", "int8")
 STREAMING_STRATEGIES = ("greedy", "sample")  # the ones whose decoder hands out tokens one by one
 EVAL_LOGGERS = ("none", "wandb")  # eval.json and metrics.jsonl are always written
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ as newline, tab and backslash: Hydra's override grammar passes them through
+    literally, and a newline is the stop string most wanted (stop='["\\n"]')."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 @dataclass
@@ -46,6 +54,9 @@ class GenerateSettings:
     device: str = "auto"
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        self.stop = [unescape(s) for s in self.stop]
+
 
 @dataclass
 class EvalSettings:
@@ -65,6 +76,9 @@ class EvalSettings:
     device: str = "auto"
     out_dir: Optional[str] = None
     log_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        self.task_stop = [unescape(s) for s in self.task_stop]
 
 
 def typed_settings(cfg: DictConfig, schema: type) -> Any:
