@@ -178,10 +178,12 @@ def single_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("option", ["ddp", "fsdp", "hsdp"])
-def test_two_process_run_reproduces_the_single_process_curve(option, single_runs, tmp_path):
+@pytest.mark.parametrize("option,extra", [("ddp", []), ("fsdp", []), ("hsdp", []),
+                                          ("fsdp", ["parallelism.activation_checkpointing=full"])],
+                         ids=["ddp", "fsdp", "hsdp", "fsdp+activation-checkpointing"])
+def test_two_process_run_reproduces_the_single_process_curve(option, extra, single_runs, tmp_path):
     run = tmp_path / option
-    result = run_cli([*CURVE, f"parallelism={option}", "trainer.devices=2", "budget.steps=20",
+    result = run_cli([*CURVE, f"parallelism={option}", "trainer.devices=2", "budget.steps=20", *extra,
                       f"hydra.run.dir={run}"], cwd=single_runs)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, curve = val_curve(single_runs / "single20"), val_curve(run)
@@ -280,3 +282,14 @@ def test_fsdp_bf16_with_fp32_reduction_over_nccl(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
     assert summary["status"] == "completed" and summary["val/loss"] < 6.3
+
+
+@pytest.mark.slow
+def test_per_block_compile_composes_with_fsdp_and_checkpointing(single_runs, tmp_path):
+    # Slow: torch.compile builds C++ kernels for every block on a CPU (minutes on 2 cores).
+    run = tmp_path / "compiled"
+    result = run_cli([*CURVE, "parallelism=fsdp", "trainer.devices=2", "budget.steps=20", "parallelism.compile=true",
+                      "parallelism.activation_checkpointing=every_n", f"hydra.run.dir={run}"], cwd=single_runs,
+                     timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")], abs=1e-3)
