@@ -22,7 +22,7 @@ from llm.model import ModelConfig
 from llm.parallel.launch import is_rank_zero, launched_externally, spawn_local_ranks
 from llm.scaling.flops import ModelSize, model_size
 from llm.tracking.checkpoint_io import AtomicCheckpointIO
-from llm.tracking.checkpoints import PeriodicCheckpoint, checkpoint_step, last_checkpoint
+from llm.tracking.checkpoints import PeriodicCheckpoint, branch_checkpoint, checkpoint_step, last_checkpoint
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from llm.tracking.progress import StepProgressBar
 from llm.tracking.run import git_state, group_choices, resolved_config, run_id, write_json
@@ -195,20 +195,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
 
+    schedule = module.schedule
+    branches = schedule.branch_points(steps) if hasattr(schedule, "branch_points") else []
     throughput = ThroughputMonitor(tokens_per_step, size.flops_per_token, window=trainer_cfg.log_every)
-    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every)
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every,
+                                     tuple(start for start, _ in branches))
     callbacks = [checkpoints, throughput]
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar())
-    trainer = pl.Trainer(
-        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
-        strategy=parallelism.strategy(world), precision=trainer_cfg.precision, max_steps=steps,
-        val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
-        log_every_n_steps=trainer_cfg.log_every, accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
-        enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], deterministic=trainer_cfg.deterministic,
-        default_root_dir=run_dir, use_distributed_sampler=False,
-    )
+    trainer = make_trainer(trainer_cfg, parallelism, world, steps, accumulate, loggers, callbacks, run_dir)
     summary = {**facts, "status": "running"}
     if rank_zero:
         write_json(run_dir / "summary.json", summary)
@@ -218,6 +213,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         checkpoints.save(trainer)
         summary["status"] = "completed"
+        for start, end in branches:  # WSD: the shorter runs that share this run's stable phase
+            summary.setdefault("branches", []).append(run_branch(
+                cfg, facts, start, end, steps, model_cfg, size, parallelism, world, accumulate, tokens_per_step,
+                trainer_cfg, datamodule, run_dir, rank_zero))
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -235,6 +234,49 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         say(f"done: val/loss {summary['val/loss']:.4f} (ppl {summary['val/ppl']:.1f}) after {summary['D']:,} tokens, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_seconds']:.0f} s -> {run_dir / 'summary.json'}")
     return summary
+
+
+def make_trainer(trainer_cfg: TrainerSchema, parallelism: Any, world: int, steps: int, accumulate: int,
+                 loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, num_nodes=trainer_cfg.num_nodes,
+        strategy=parallelism.strategy(world), precision=trainer_cfg.precision, max_steps=steps,
+        val_check_interval=min(trainer_cfg.val_every, steps) * accumulate, check_val_every_n_epoch=None,
+        log_every_n_steps=trainer_cfg.log_every, accumulate_grad_batches=accumulate, logger=loggers, callbacks=callbacks,
+        enable_progress_bar=trainer_cfg.progress_bar, enable_model_summary=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], deterministic=trainer_cfg.deterministic,
+        default_root_dir=run_dir, use_distributed_sampler=False,
+    )
+
+
+def run_branch(cfg: DictConfig, facts: dict, start: int, end: int, total: int, model_cfg: ModelConfig,
+               size: ModelSize, parallelism: Any, world: int, accumulate: int, tokens_per_step: int,
+               trainer_cfg: TrainerSchema, datamodule: Any, run_dir: Path, rank_zero: bool) -> dict[str, Any]:
+    """Continue from the stable-phase checkpoint at `start` with a decay ending at `end`: one more
+    (N, D) point, written as its own run under <run_dir>/branches/ (sweeps and fits find it)."""
+    branch_dir = run_dir / "branches" / f"{end:08d}"
+    module = instantiate(cfg.posttrain)(
+        model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule).for_branch(total), parallelism=instantiate(cfg.parallelism),
+        total_steps=end, tokens_per_step=tokens_per_step, flops_per_token=size.flops_per_token,
+        gradient_clip=trainer_cfg.gradient_clip_val,
+    )
+    checkpoints = PeriodicCheckpoint(branch_dir / "checkpoints", end)
+    loggers = [JsonlLogger(branch_dir / "metrics.jsonl", resume_step=start if rank_zero else None)]
+    trainer = make_trainer(trainer_cfg, parallelism, world, end, accumulate, loggers, [checkpoints], branch_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(run_dir / "checkpoints" / branch_checkpoint(start)))
+    if trainer.global_step % min(trainer_cfg.val_every, end):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    checkpoints.save(trainer)
+    summary = {**facts, **final_metrics(branch_dir / "metrics.jsonl"), "run_id": f"{facts['run_id']}-decay{end}",
+               "run_dir": str(branch_dir), "branch_of": facts["run_id"], "branch_start": start, "steps": end,
+               "steps_done": trainer.global_step, "status": "completed", "budget": f"WSD branch of {total} steps",
+               "budget_flops": None, "D": end * tokens_per_step, "tokens_seen": end * tokens_per_step,
+               "C": end * tokens_per_step * size.flops_per_token}
+    if rank_zero:
+        write_json(branch_dir / "summary.json", summary)
+        print(f"branch: decayed at step {end} (left the stable phase at {start}): val/loss {summary.get('val/loss', 0):.4f}")
+    return {k: summary.get(k) for k in ("run_id", "steps", "D", "C", "val/loss")}
 
 
 def dry_run(cfg: DictConfig, model_cfg: ModelConfig, data: DataSchema, trainer_cfg: TrainerSchema, parallelism: Any,

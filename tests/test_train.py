@@ -195,3 +195,24 @@ def test_isoflop_sweep_runs_through_hydra_multirun_and_fits(tmp_path):
     assert fit.returncode in (0, 1), fit.stderr[-3000:]
     assert "6 runs/points" in fit.stdout + fit.stderr
     assert (tmp_path / "fit" / "fit.json").exists() and (tmp_path / "fit" / "loss_vs_compute.png").stat().st_size > 1000
+
+
+def test_wsd_branches_give_several_points_from_one_run(tmp_path):
+    from llm.scaling.points import load_points
+
+    result = run_cli([*TINY_RUN, "schedule=wsd", "schedule.branches=[0.5]", "schedule.warmup=2", "budget.steps=20",
+                      "trainer.val_every=10", "trainer.log_every=2", "hydra.run.dir=runs/wsd"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "wsd"
+    branch = run / "branches" / "00000010"
+    summary = json.loads((branch / "summary.json").read_text())
+    assert summary["branch_of"] == "wsd" and summary["branch_start"] == 8 and summary["D"] == 10 * 8 * 64
+    assert (run / "checkpoints" / "stable-00000008.ckpt").exists()  # before the branch's decay ...
+    assert torch.load(branch / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10  # ... and after
+    main_lr = dict(records(run, "trainer/lr"))
+    branch_lr = dict(records(branch, "trainer/lr"))
+    assert main_lr[10] == pytest.approx(3e-3)  # the main run is still in its stable phase at step 10 ...
+    assert branch_lr[10] == pytest.approx(0.5 * 3e-3)  # ... where the branch is half-way down its decay
+    assert records(branch, "val/loss")[-1][0] == 10
+    points = load_points([str(run)])
+    assert sorted(p.D for p in points) == [10 * 512, 20 * 512]

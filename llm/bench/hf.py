@@ -38,10 +38,11 @@ def _threads(n: Optional[int]) -> Iterator[None]:
 
 
 def _dtype_kwarg() -> str:
-    """transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`."""
+    """from_pretrained's `torch_dtype` is `dtype` since transformers 4.56 (the old name warns)."""
     import transformers
 
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -157,7 +158,8 @@ def train_step_vs_transformers(
     hf = _llama_twin(ours)
     ours.to(device), hf.to(device)
     g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device) for _ in range(steps)]
+    batches = [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
+               for _ in range(steps)]
 
     def make_step(model: nn.Module, forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], float]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -185,7 +187,7 @@ def train_step_vs_transformers(
         best = {name: float("inf") for name in runners}
         for r in range(repeats):
             for name in list(runners)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
-                seconds, _ = _timed(lambda: [runners[name](b) for b in batches], device)
+                seconds, _ = _timed(lambda step=runners[name]: [step(b) for b in batches], device)
                 best[name] = min(best[name], seconds)
         used_threads = torch.get_num_threads()
     tokens = steps * batch * seq_len

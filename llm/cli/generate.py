@@ -5,15 +5,14 @@ r"""llm-generate: complete prompts with a trained checkpoint.
   llm-generate checkpoint=<run id> prompts_file=prompts.jsonl output_file=completions.jsonl batch_size=16
   llm-generate checkpoint=<run id> prompt='"class "' strategy=beam beam_width=4 stop='["\n\n"]'
   llm-generate checkpoint=<big run> draft_checkpoint=<small run> strategy=speculative prompt='"def "'
-  llm-generate checkpoint=path/to/model.ckpt tokenizer=path/to/tokenizer.json prompt=x quantize=int8
+  llm-generate checkpoint=path/to/model.ckpt tokenizer.path=path/to/tokenizer.json prompt=x quantize=int8
 
 `checkpoint` is a run directory, a run id under the runs directory, or a checkpoint file. With
 `prompt`, the completion is printed (streamed with stream=true); with `prompts_file` (JSONL, a
 "prompt" field per line) the completions go to `output_file` as JSONL with prompt, completion and
 n_tokens. Hydra parses the values: quote text with spaces or punctuation inside the shell's
-quotes (prompt='"x = f(1)"'); in stop strings 
- and 	 are a newline and a tab. Everything is
-checked before a model is loaded; a bad setting exits with code 2, naming the key.
+quotes (prompt='"x = f(1)"'); in prompt and stop strings \n and \t are newline and tab.
+Everything is checked before a model is loaded; a bad setting exits with code 2, naming the key.
 """
 
 from __future__ import annotations

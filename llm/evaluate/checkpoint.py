@@ -91,7 +91,7 @@ def _consolidated(key: str, value: str, sharded: Path, run_dir: Optional[Path]) 
     return CheckpointRef(consolidated, run_dir)
 
 
-def tokenizer_file(ref: CheckpointRef, tokenizer: Optional[str], key: str = "tokenizer") -> Path:
+def tokenizer_file(ref: CheckpointRef, tokenizer: Optional[str], key: str = "tokenizer.path") -> Path:
     """The tokenizer.json to use: `tokenizer` if given, else the run's own; ConfigError otherwise."""
     if tokenizer:
         path = Path(tokenizer).expanduser()

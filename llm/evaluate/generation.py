@@ -21,20 +21,11 @@ from llm.config import ConfigError
 from llm.evaluate.checkpoint import CheckpointRef, load_model, load_tokenizer, resolve_checkpoint, resolve_device, tokenizer_file
 from llm.evaluate.completion import Completer, Completion, DecodeSettings, TextStream
 from llm.evaluate.jsonl import read_records, write_records
-from llm.evaluate.options import GenerateSettings, check_generate, typed_settings
+from llm.evaluate.options import GenerateSettings, check_generate, collect, typed_settings
 
 
 def info(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def _collect(problems: list[str], fn, *args):
-    """fn(*args), or None with its ConfigError's problems added to `problems`."""
-    try:
-        return fn(*args)
-    except ConfigError as e:
-        problems += e.problems
-        return None
 
 
 def run_generate(cfg: DictConfig) -> list[Completion]:
@@ -42,14 +33,14 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     s: GenerateSettings = typed_settings(cfg, GenerateSettings)
     problems = check_generate(s)
     runs_dir = cfg.paths.runs_dir
-    ref: Optional[CheckpointRef] = _collect(problems, resolve_checkpoint, s.checkpoint, runs_dir, "checkpoint")
+    ref: Optional[CheckpointRef] = collect(problems, resolve_checkpoint, s.checkpoint, runs_dir, "checkpoint")
     draft_ref = None
     if s.strategy == "speculative" and s.draft_checkpoint is not None:
-        draft_ref = _collect(problems, resolve_checkpoint, s.draft_checkpoint, runs_dir, "draft_checkpoint")
-    tok_path = _collect(problems, tokenizer_file, ref, s.tokenizer) if ref else None
+        draft_ref = collect(problems, resolve_checkpoint, s.draft_checkpoint, runs_dir, "draft_checkpoint")
+    tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     prompts = [s.prompt] if s.prompt is not None else None
     if s.prompts_file is not None and Path(s.prompts_file).expanduser().is_file():
-        records = _collect(problems, read_records, s.prompts_file, ("prompt",), "prompts_file")
+        records = collect(problems, read_records, s.prompts_file, ("prompt",), "prompts_file")
         prompts = [r["prompt"] for r in records] if records else None
     if problems:
         raise ConfigError(problems)

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm.config import ConfigError
 
+T = TypeVar("T")
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
 QUANTIZE = ("none", "int8")
 STREAMING_STRATEGIES = ("greedy", "sample")  # the ones whose decoder hands out tokens one by one
@@ -24,9 +25,17 @@ _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
 def unescape(text: str) -> str:
-    """\\n, \\t and \\\\ as newline, tab and backslash: Hydra's override grammar passes them through
-    literally, and a newline is the stop string most wanted (stop='["\\n"]')."""
+    """\\n, \\t and \\\\ as newline, tab and backslash (in `prompt` and stop strings): Hydra's override
+    grammar passes them through literally, and a shell argument is an awkward place for a newline."""
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+@dataclass
+class TokenizerKey:
+    """`tokenizer.path=...`: a dotted key, as `tokenizer` alone would select an option of llm-train's
+    tokenizer group (the apps share its config directory), and as llm-train's pretrained option spells it."""
+
+    path: Optional[str] = None
 
 
 @dataclass
@@ -34,7 +43,7 @@ class GenerateSettings:
     """The keys of conf/generate.yaml (see there for what each does)."""
 
     checkpoint: Optional[str] = None
-    tokenizer: Optional[str] = None
+    tokenizer: TokenizerKey = field(default_factory=TokenizerKey)
     prompt: Optional[str] = None
     prompts_file: Optional[str] = None
     output_file: Optional[str] = None
@@ -56,6 +65,7 @@ class GenerateSettings:
 
     def __post_init__(self) -> None:
         self.stop = [unescape(s) for s in self.stop]
+        self.prompt = unescape(self.prompt) if self.prompt is not None else None
 
 
 @dataclass
@@ -63,7 +73,7 @@ class EvalSettings:
     """The keys of conf/eval.yaml (besides the `data`, `logger` and `paths` groups)."""
 
     checkpoint: Optional[str] = None
-    tokenizer: Optional[str] = None
+    tokenizer: TokenizerKey = field(default_factory=TokenizerKey)
     perplexity: bool = True
     seq_len: Optional[int] = None
     batch_size: Optional[int] = None
@@ -79,6 +89,16 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.task_stop = [unescape(s) for s in self.task_stop]
+
+
+def collect(problems: list[str], fn: Callable[..., T], *args: Any) -> Optional[T]:
+    """fn(*args); if it raises ConfigError, None, with its problems added to `problems` (so that
+    every problem is reported at once)."""
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        problems += e.problems
+        return None
 
 
 def typed_settings(cfg: DictConfig, schema: type) -> Any:

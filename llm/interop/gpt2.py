@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from llm.model import AttentionConfig, ModelConfig, PositionConfig
 from llm.interop.common import (
     MLP_NAMES,
     NORM_NAMES,
@@ -27,6 +26,7 @@ from llm.interop.common import (
     shared_problems,
     simplified,
 )
+from llm.model import AttentionConfig, ModelConfig, PositionConfig
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"

@@ -118,10 +118,9 @@ def _vocab_fields(model_rows: int, tokenizer_size: Optional[int]) -> dict[str, i
         tokenizer_size = model_rows
     if tokenizer_size > model_rows:
         return {"vocab_size": tokenizer_size, "pad_vocab_to": 64}
-    for multiple in (64, model_rows):  # our usual padding if it fits, else exactly the model's rows
-        if multiple * math.ceil(tokenizer_size / multiple) == model_rows:
-            return {"vocab_size": tokenizer_size, "pad_vocab_to": multiple}
-    raise AssertionError("unreachable: model_rows always fits")
+    # Our usual padding when it gives the checkpoint's rows, else padding to exactly that many.
+    fits = 64 * math.ceil(tokenizer_size / 64) == model_rows
+    return {"vocab_size": tokenizer_size, "pad_vocab_to": 64 if fits else model_rows}
 
 
 def _grow_vocab(state: Tensors, rows: int) -> Tensors:
@@ -158,7 +157,8 @@ def import_hf(path: str | Path) -> tuple[Transformer, Optional[Tokenizer]]:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:  # a mapping bug, not a user error: say exactly what
-        raise ValueError(f"{folder}: converted state does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{folder}: converted state does not fit the model "
+                         f"(missing {missing}, unexpected {unexpected})")
     return model, tokenizer
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm.model import AttentionConfig, ModelConfig, PositionConfig
 from llm.interop.common import (
     MLP_NAMES,
     NORM_NAMES,
@@ -22,6 +21,7 @@ from llm.interop.common import (
     shared_problems,
     simplified,
 )
+from llm.model import AttentionConfig, ModelConfig, PositionConfig
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
@@ -33,7 +33,11 @@ _BLOCK = {
     **{f"attn.{p}.{t}": f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")},
     **{f"mlp.{p}.{t}": f"mlp.{p}_proj.{t}" for p in ("gate", "up", "down") for t in ("weight", "bias")},
 }
-_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 # Buffers that old checkpoints saved; recomputed from the config, so never needed.
 _IGNORED = ("rotary_emb.inv_freq",)
 
@@ -121,7 +125,9 @@ def from_config(hf: dict[str, Any]) -> ModelConfig:
         max_seq_len=hf.get("max_position_embeddings", 2048),
         vocab_size=required(hf, "vocab_size"),
         pad_vocab_to=1,
-        attention=AttentionConfig(n_kv_heads=hf.get("num_key_value_heads") or n_heads, bias=bool(hf.get("attention_bias"))),
+        attention=AttentionConfig(
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, bias=bool(hf.get("attention_bias"))
+        ),
         position=PositionConfig(kind="rope", rope_base=_rope_theta(hf)),
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),

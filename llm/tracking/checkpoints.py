@@ -22,20 +22,22 @@ META = "meta.pt"  # the non-tensor part of a distributed checkpoint (Lightning's
 
 
 class PeriodicCheckpoint(Callback):
-    def __init__(self, dirpath: str | Path, every_n_steps: int):
+    def __init__(self, dirpath: str | Path, every_n_steps: int, branch_starts: tuple[int, ...] = ()):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.branch_starts = set(branch_starts)  # WSD branches leave the stable phase here
         self.saved_step = -1
 
-    def save(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step == self.saved_step:
+    def save(self, trainer: pl.Trainer, name: str = LAST) -> None:
+        if trainer.global_step == self.saved_step and name == LAST:
             return
-        self.saved_step = trainer.global_step
-        final = self.dirpath / LAST
+        if name == LAST:
+            self.saved_step = trainer.global_step
+        final = self.dirpath / name
         if not getattr(trainer.lightning_module.parallelism, "sharded_checkpoints", False):
             trainer.save_checkpoint(final)
             return
-        tmp, old = self.dirpath / f".{LAST}.tmp", self.dirpath / f".{LAST}.old"
+        tmp, old = self.dirpath / f".{name}.tmp", self.dirpath / f".{name}.old"
         if trainer.is_global_zero and tmp.exists():
             shutil.rmtree(tmp)
         trainer.strategy.barrier("checkpoint-start")
@@ -50,6 +52,12 @@ class PeriodicCheckpoint(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
             self.save(trainer)
+        if trainer.global_step in self.branch_starts:
+            self.save(trainer, branch_checkpoint(trainer.global_step))
+
+
+def branch_checkpoint(step: int) -> str:
+    return f"stable-{step:08d}.ckpt"
 
 
 def last_checkpoint(run_dir: str | Path) -> Optional[Path]:

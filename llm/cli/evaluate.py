@@ -1,0 +1,53 @@
+r"""llm-eval: perplexity and task accuracy of a trained checkpoint.
+
+  llm-eval checkpoint=runs/<run id>                          # perplexity on the run's own val split
+  llm-eval checkpoint=<run id> max_batches=8 quantize=int8   # also an int8 copy: both numbers, the change
+  llm-eval checkpoint=<run id> tasks_file=tasks.jsonl perplexity=false
+  llm-eval checkpoint=<run id> data=text data.corpus.paths='/data/books/*.txt' seq_len=256
+  llm-eval checkpoint=path/to/model.ckpt tokenizer.path=path/to/tokenizer.json data=stdlib logger=wandb
+
+Perplexity: mean next-token NLL (nats/token) over the held-out (val) split of the run's data
+config (its run.json) or of data=<option> (any option of llm-train's data group), cut into the
+same blocks as training's validation; with the run's seq_len, micro batch size and
+max_batches=<its data.val_batches>, the loss is the run's final val/loss. Bits per byte use the
+split's tokens per UTF-8 byte. Tasks: a JSONL file with "prompt" and "answer" per line; greedy
+completion, exact match after stripping whitespace. Results: a table, <out_dir>/eval.json, and
+eval/* lines (eval/loss, eval/ppl, eval/bits_per_byte, eval/accuracy; eval/int8/* for the int8
+copy) appended to the run's metrics.jsonl at the checkpoint's step; logger=wandb adds a W&B run.
+Everything is checked before a model is loaded; a bad setting exits with code 2, naming the key.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+from llm.cli.common import setup
+from llm.cli.generate import register_help
+from llm.cli.train import CONF_DIR
+
+setup()
+register_help()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _app(cfg: DictConfig) -> None:
+    from llm.config import ConfigError
+    from llm.evaluate.evaluation import run_eval
+
+    try:
+        run_eval(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

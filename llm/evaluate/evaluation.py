@@ -1,0 +1,167 @@
+"""The path `llm-eval` takes: check every setting -> load the checkpoint and its tokenizer ->
+perplexity on the held-out split and/or task accuracy, for the model and (quantize=int8) its
+int8 copy -> table, eval.json, the run's metrics.jsonl, W&B."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llm.config import ConfigError
+from llm.config.validate import check_target, missing_keys
+from llm.evaluate.checkpoint import CheckpointRef, load_model, load_tokenizer, resolve_checkpoint, resolve_device, tokenizer_file
+from llm.evaluate.completion import Completer, DecodeSettings
+from llm.evaluate.options import EvalSettings, check_eval, collect, typed_settings
+from llm.evaluate.perplexity import held_out, perplexity
+from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, write_eval_json
+from llm.evaluate.tasks import read_tasks, task_accuracy
+from llm.train import RUN_FILE
+
+DEFAULT_BATCH = 8  # batch size when neither batch_size nor a run's data.micro_batch_size says
+
+
+def saved_run_config(ref: CheckpointRef, cfg: DictConfig) -> Optional[DictConfig]:
+    """The run's own config (run.json, unresolved), with this command's paths for interpolations."""
+    if ref.run_dir is None or not (ref.run_dir / RUN_FILE).is_file():
+        return None
+    saved = OmegaConf.create(json.loads((ref.run_dir / RUN_FILE).read_text())["config"])
+    saved.paths = cfg.paths
+    return saved
+
+
+def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
+    """The corpus to evaluate on, resolved: data=<option> when chosen, else the run's own."""
+    if cfg.get("data") is not None:
+        node = cfg.data.get("corpus")
+    elif saved is not None and OmegaConf.select(saved, "data.corpus") is not None:
+        node = saved.data.corpus
+    else:
+        raise ConfigError(["data: the checkpoint has no run.json to take its data config from; choose one of "
+                           "llm-train's data options: data=stdlib | data=text data.corpus.paths=... | data=hf ... | "
+                           "data=synthetic"])
+    if node is None:
+        raise ConfigError(["data.corpus: missing (the data option defines no corpus)"])
+    problems = [f"data.corpus.{k}: required but not set (`???`); give it: data.corpus.{k}=..." for k in missing_keys(node)]
+    problems += check_target(node, "data.corpus")
+    if problems:
+        raise ConfigError(problems)
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+
+
+def _run_setting(saved: Optional[DictConfig], key: str) -> Optional[int]:
+    value = OmegaConf.select(saved, key, default=None) if saved is not None else None
+    return int(value) if value is not None else None
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the checkpoint as the config says; returns the report also written to eval.json."""
+    s: EvalSettings = typed_settings(cfg, EvalSettings)
+    problems = check_eval(s, cfg.logger.kind)
+    ref: Optional[CheckpointRef] = collect(problems, resolve_checkpoint, s.checkpoint, cfg.paths.runs_dir, "checkpoint")
+    tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
+    saved = saved_run_config(ref, cfg) if ref else None
+    corpus_node = collect(problems, data_corpus, cfg, saved) if ref and s.perplexity else None
+    tasks = None
+    if s.tasks_file is not None and Path(s.tasks_file).expanduser().is_file():
+        tasks = collect(problems, read_tasks, s.tasks_file)
+    wandb_mode = None
+    if cfg.logger.kind == "wandb":
+        from llm.tracking.wandb import resolve_mode
+
+        wandb_mode = collect(problems, resolve_mode, cfg.logger.mode)
+    if problems:
+        raise ConfigError(problems)
+    seq_len = s.seq_len or _run_setting(saved, "data.seq_len")
+    batch_size = s.batch_size or _run_setting(saved, "data.micro_batch_size") or DEFAULT_BATCH
+
+    started = time.time()
+    device = resolve_device(s.device)
+    tokenizer = load_tokenizer(tok_path)
+    model = load_model(ref, device)
+    seq_len = seq_len or model.cfg.max_seq_len
+    if model.cfg.position.kind in ("learned", "sinusoidal") and seq_len > model.cfg.max_seq_len:
+        raise ConfigError([f"seq_len={seq_len}: longer than the model's max_seq_len={model.cfg.max_seq_len} "
+                           f"({model.cfg.position.kind} positions end there); allowed: <= {model.cfg.max_seq_len}"])
+    step = ref.step
+    models = {"fp32": model}
+    if s.quantize == "int8":
+        from llm.generate.quantize import quantize_int8
+
+        models["int8"] = quantize_int8(copy.deepcopy(model).cpu())  # the kernels are CPU-only; fp32 stays put
+
+    data_facts: dict[str, Any] = {}
+    batches, heldout = [], None
+    if s.perplexity:
+        heldout = held_out(instantiate(corpus_node), tokenizer, cfg.paths.cache_dir)
+        batches = heldout.batches(seq_len, batch_size, s.max_batches)
+        data_facts = {"corpus": heldout.corpus, "split": "val", "config": OmegaConf.to_container(corpus_node),
+                      "seq_len": seq_len, "batch_size": batch_size, "batches": len(batches),
+                      "split_tokens": heldout.n_tokens, "split_bytes": heldout.n_bytes,
+                      "tokens_per_byte": heldout.tokens_per_byte}
+    if tasks is not None:
+        prompts = [t.prompt for t in tasks]
+        problems = Completer(model, tokenizer, DecodeSettings(max_new_tokens=s.task_max_new_tokens, add_bos=s.add_bos)
+                             ).prompt_problems(prompts, "tasks_file")
+        if problems:
+            raise ConfigError(problems)
+
+    from llm.generate.quantize import model_bytes
+
+    results: dict[str, dict[str, float]] = {}
+    for name, variant in models.items():
+        values: dict[str, float] = {"model_bytes": float(model_bytes(variant))}
+        if s.perplexity:
+            values.update(perplexity(variant, batches, heldout.tokens_per_byte).metrics())
+        if tasks is not None:
+            settings = DecodeSettings(strategy="greedy", max_new_tokens=s.task_max_new_tokens, stop=list(s.task_stop),
+                                      add_bos=s.add_bos, batch_size=batch_size)
+            values.update(task_accuracy(Completer(variant, tokenizer, settings), tasks).metrics())
+        results[name] = values
+
+    metrics = flat_metrics(results)
+    report: dict[str, Any] = {
+        "checkpoint": str(ref.path), "run_dir": str(ref.run_dir) if ref.run_dir else None, "run_id": ref.run_id,
+        "step": step, "device": str(device), "settings": dataclasses.asdict(s), "data": data_facts or None,
+        "tasks": {"file": s.tasks_file, "count": len(tasks)} if tasks is not None else None,
+        "results": results, "metrics": metrics, "seconds": round(time.time() - started, 2),
+    }
+    if "int8" in results:
+        report["int8_vs_fp32"] = _change(results["fp32"], results["int8"])
+
+    where = f"{heldout.corpus}/val, {len(batches)} batches of {batch_size} x {seq_len} tokens" if heldout else "tasks only"
+    print(f"eval of {ref.path} (step {step}) on {where}")
+    print(table(results))
+    if "int8" in results:
+        change = report["int8_vs_fp32"]
+        if "ppl" in results["fp32"]:
+            print(f"int8 vs fp32: perplexity {results['fp32']['ppl']:.4f} -> {results['int8']['ppl']:.4f} "
+                  f"({change['ppl_change']:+.4%}), loss {change['loss_delta']:+.2e} nats/token")
+        print(f"int8 vs fp32: weights {results['fp32']['model_bytes'] / 2**20:.3f} MiB -> "
+              f"{results['int8']['model_bytes'] / 2**20:.3f} MiB ({change['bytes_ratio']:.2f}x)")
+    out_dir = Path(s.out_dir).expanduser() if s.out_dir else (ref.run_dir or ref.path.parent)
+    print(f"written: {write_eval_json(out_dir, report)}")
+    if s.log_metrics and ref.run_dir is not None and metrics:
+        append_metrics(ref.run_dir / "metrics.jsonl", step, metrics)
+        print(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
+    if wandb_mode is not None and wandb_mode != "disabled":
+        log_wandb(cfg.logger, wandb_mode, ref.run_id, out_dir, step, metrics,
+                  {"checkpoint": str(ref.path), "step": step, "settings": report["settings"], "data": data_facts})
+    return report
+
+
+def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:
+    """How the int8 copy differs: loss and perplexity deltas, relative perplexity, weight memory."""
+    out = {"bytes_ratio": fp32["model_bytes"] / int8["model_bytes"]}
+    if "loss" in fp32:
+        out.update(loss_delta=int8["loss"] - fp32["loss"], ppl_delta=int8["ppl"] - fp32["ppl"],
+                   ppl_change=int8["ppl"] / fp32["ppl"] - 1)
+    if "accuracy" in fp32:
+        out["accuracy_delta"] = int8["accuracy"] - fp32["accuracy"]
+    return out

@@ -1,0 +1,79 @@
+"""Where eval results go: a printed table, `eval.json` (atomic), `eval/*` lines in the run's
+metrics.jsonl at the checkpoint's step, and optionally a W&B run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from llm.tracking.run import write_json
+
+METRIC_KEYS = ("loss", "ppl", "bits_per_byte", "accuracy")  # logged as eval/<key>; an int8 copy as eval/int8/<key>
+
+
+def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{'fp32': {...}, 'int8': {...}} -> {'eval/loss': ..., 'eval/int8/loss': ...}."""
+    out = {}
+    for variant, values in results.items():
+        prefix = "eval/" if variant == "fp32" else f"eval/{variant}/"
+        out.update({prefix + k: float(values[k]) for k in METRIC_KEYS if values.get(k) is not None})
+    return out
+
+
+def append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
+    """One `{"step": ..., "eval/loss": ...}` line, as JsonlLogger writes them. A single short
+    append, so a reader of the file (read_metrics) sees the whole line or none of it."""
+    record = {"step": step, **{k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_eval_json(out_dir: Path, report: dict[str, Any]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "eval.json"
+    write_json(path, report)
+    return path
+
+
+def _cell(values: dict[str, float], key: str) -> str:
+    v = values.get(key)
+    if v is None:
+        return "-"
+    if key == "accuracy":
+        return f"{v:.3f} ({int(values['correct'])}/{int(values['count'])})"
+    if key == "model_bytes":
+        return f"{v / 2**20:.3f}"
+    return f"{v:,.1f}" if key == "ppl" else f"{v:.4f}"
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    """One column per model variant, one row per measurement."""
+    rows = [("loss (nats/token)", "loss"), ("perplexity", "ppl"), ("bits per byte", "bits_per_byte"),
+            ("task accuracy", "accuracy"), ("weights (MiB)", "model_bytes")]
+    rows = [(label, key) for label, key in rows if any(key in v for v in results.values())]
+    width = max(18, *(len(_cell(v, "accuracy")) + 2 for v in results.values()))
+    lines = [f"{'':20}" + "".join(f"{name:>{width}}" for name in results)]
+    for label, key in rows:
+        lines.append(f"{label:20}" + "".join(f"{_cell(v, key):>{width}}" for v in results.values()))
+    return "\n".join(lines)
+
+
+def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step: int,
+              metrics: dict[str, float], config: dict[str, Any]) -> None:
+    """A W&B run of job type `eval`, grouped with the run it measures (offline without credentials)."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, dir=str(out_dir), job_type="eval",
+                     group=logger.group or run_id, name=f"eval {run_id or out_dir.name}",
+                     tags=["eval", *logger.tags], notes=logger.notes, config=config)
+    run.log({**metrics, "trainer/global_step": step})
+    run.summary.update({**metrics, "step": step})
+    run.finish()
+    if mode == "offline":
+        print(f"W&B is offline; to upload: wandb sync {Path(run.dir).parent}")

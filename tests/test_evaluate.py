@@ -1,0 +1,169 @@
+"""`llm-eval` and int8 quantization, on the tiny run trained once per session by the real `llm-train`
+(shared with test_generate_cli.py): the console script in a subprocess for the files it leaves,
+the same Hydra app composed in-process for the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from llm.config import ConfigError
+from llm.evaluate.evaluation import run_eval
+from llm.evaluate.generation import run_generate
+from llm.generate.quantize import model_bytes, quantize_int8
+from llm.model import ModelConfig, Transformer
+from llm.tracking.metrics import read_metrics
+from tests.conftest import compose_train, run_cli
+from tests.test_generate_cli import tiny_run
+
+# The tiny run's validation: data.val_batches=8 batches of data.micro_batch_size=8 x data.seq_len=64.
+VAL_BATCHES = 8
+TASK_PROMPTS = ["import os\n", "def parse(text):\n    return", "x", "class Foo:\n    def", "    ", "#"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def evaluate(run: Path, overrides: list[str], out_dir: Path) -> dict:
+    """llm-eval composed in-process; returns the report it also wrote to out_dir/eval.json."""
+    cfg = compose_train([f"checkpoint={run}", f"out_dir={out_dir}", "log_metrics=false", *overrides],
+                        root=run.parent.parent, config_name="eval")
+    report = run_eval(cfg)
+    assert json.loads((out_dir / "eval.json").read_text()) == json.loads(json.dumps(report, default=str))
+    return report
+
+
+def test_cli_perplexity_equals_the_runs_val_loss_and_int8_changes_it_a_little(run, tmp_path):
+    summary = json.loads((run / "summary.json").read_text())
+    lines_before = len(read_metrics(run / "metrics.jsonl"))
+    result = run_cli([f"checkpoint={run}", f"max_batches={VAL_BATCHES}", "quantize=int8", f"out_dir={tmp_path}"],
+                     cwd=run.parent.parent, command="evaluate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    fp32, int8 = report["results"]["fp32"], report["results"]["int8"]
+    # The same 8 batches as the run's validation: the same loss, up to float32 summation order.
+    assert fp32["loss"] == pytest.approx(summary["val/loss"], abs=1e-4)
+    assert fp32["ppl"] == pytest.approx(math.exp(fp32["loss"]), rel=1e-12)
+    assert fp32["tokens"] == VAL_BATCHES * 8 * 64 and report["step"] == 30 == summary["steps_done"]
+    data = report["data"]
+    assert data["corpus"] == "stdlib" and data["config"]["max_bytes"] == 300000  # the run's own data config
+    assert fp32["bits_per_byte"] == pytest.approx(fp32["loss"] / math.log(2) * data["split_tokens"] / data["split_bytes"])
+    # int8: less memory, nearly the same perplexity; both numbers are reported.
+    assert int8["model_bytes"] < 0.6 * fp32["model_bytes"]
+    assert abs(int8["loss"] - fp32["loss"]) < 0.01 and int8["ppl"] != fp32["ppl"]
+    assert report["int8_vs_fp32"]["ppl_change"] == pytest.approx(int8["ppl"] / fp32["ppl"] - 1)
+    assert "int8 vs fp32: perplexity" in result.stdout and "int8 vs fp32: weights" in result.stdout
+    print(f"\nint8 vs fp32 on the tiny run: weights {fp32['model_bytes']:,.0f} -> {int8['model_bytes']:,.0f} bytes, "
+          f"ppl {fp32['ppl']:.5f} -> {int8['ppl']:.5f} ({report['int8_vs_fp32']['ppl_change']:+.4%})")
+    # Appended to the run's metrics.jsonl at the checkpoint's step, as the training metrics are.
+    records = read_metrics(run / "metrics.jsonl")
+    assert len(records) == lines_before + 1
+    assert records[-1]["step"] == 30 and records[-1]["eval/loss"] == fp32["loss"]
+    assert records[-1]["eval/ppl"] == fp32["ppl"] and records[-1]["eval/int8/loss"] == int8["loss"]
+    assert "eval/bits_per_byte" in records[-1]
+
+
+def test_whole_split_and_an_explicit_data_option(run, tmp_path):
+    summary = json.loads((run / "summary.json").read_text())
+    whole = evaluate(run, [], tmp_path / "whole")
+    fp32 = whole["results"]["fp32"]
+    assert whole["data"]["batches"] > VAL_BATCHES  # the whole split, not only the first 8 batches
+    assert abs(fp32["loss"] - summary["val/loss"]) < 0.3 and fp32["ppl"] == pytest.approx(math.exp(fp32["loss"]))
+    # data=<option> composes llm-train's data group instead of the run's own config: the same corpus
+    # settings give the same numbers.
+    chosen = evaluate(run, ["data=stdlib", "data.corpus.max_bytes=300000"], tmp_path / "chosen")
+    assert chosen["results"]["fp32"]["loss"] == fp32["loss"]
+
+
+def test_task_accuracy_is_one_on_the_models_own_answers_and_zero_on_corrupted_ones(run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TASK_PROMPTS))
+    answers = tmp_path / "answers.jsonl"
+    # The model's own greedy answers, from llm-generate with the settings llm-eval uses for tasks.
+    run_generate(compose_train([f"checkpoint={run}", f"prompts_file={prompts}", f"output_file={answers}",
+                                "max_new_tokens=32", "stop=['\\n']"], root=run.parent.parent, config_name="generate"))
+    completions = [json.loads(line) for line in answers.read_text().splitlines()]
+    right, wrong = tmp_path / "right.jsonl", tmp_path / "wrong.jsonl"
+    right.write_text("".join(json.dumps({"prompt": c["prompt"], "answer": f"  {c['completion']}\n"}) + "\n"
+                             for c in completions))  # surrounding whitespace does not count
+    wrong.write_text("".join(json.dumps({"prompt": c["prompt"], "answer": c["completion"].strip() + "!"}) + "\n"
+                             for c in completions))
+    good = evaluate(run, [f"tasks_file={right}", "perplexity=false"], tmp_path / "right")
+    bad = evaluate(run, [f"tasks_file={wrong}", "perplexity=false", "quantize=int8"], tmp_path / "wrong")
+    assert good["results"]["fp32"]["accuracy"] == 1.0 and good["results"]["fp32"]["count"] == len(TASK_PROMPTS)
+    assert bad["results"]["fp32"]["accuracy"] == 0.0 and bad["results"]["int8"]["accuracy"] == 0.0
+    assert good["metrics"] == {"eval/accuracy": 1.0} and good["data"] is None
+    assert "task accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    (["quantize=int4"], "quantize='int4': not allowed. Choose one of: none, int8"),
+    (["logger=csv"], "logger='csv': not allowed. Choose one of: none, wandb"),
+    (["perplexity=false"], "nothing to evaluate"),
+    (["max_batches=0"], "max_batches=0: must be >= 1"),
+    (["tasks_file=missing.jsonl"], "tasks_file='missing.jsonl': no such file"),
+    (["data=text"], "data.corpus.paths: required but not set"),
+])
+def test_bad_settings_are_refused_before_loading(run, tmp_path, overrides, phrase):
+    with pytest.raises(ConfigError) as e:
+        evaluate(run, overrides, tmp_path)
+    assert phrase in str(e.value)
+
+
+def test_a_bare_checkpoint_file_needs_a_tokenizer_and_a_data_option(run, tmp_path):
+    bare = tmp_path / "model.ckpt"
+    bare.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    with pytest.raises(ConfigError) as e:
+        evaluate(Path(bare), [], tmp_path)
+    assert "tokenizer.path: required" in str(e.value) and "data: the checkpoint has no run.json" in str(e.value)
+    report = evaluate(Path(bare), [f"tokenizer.path={run / 'tokenizer.json'}", "data=stdlib",
+                                   "data.corpus.max_bytes=300000", "seq_len=64", "batch_size=8",
+                                   f"max_batches={VAL_BATCHES}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert report["results"]["fp32"]["loss"] == pytest.approx(summary["val/loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_int8_stays_close_to_float_and_shrinks_the_weights(tie):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=512, tie_embeddings=tie)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 512, (4, 48))
+    with torch.no_grad():
+        reference = model(tokens)
+    before = model_bytes(model)
+    quantized = quantize_int8(model)
+    with torch.no_grad():
+        logits = quantized(tokens)
+    after = model_bytes(quantized)
+    # Measured on this random model: correlation 0.9993-0.9996, max |diff| 1-4% of max |logit|,
+    # KL 2-4e-5 nats/token. Random logits are nearly flat, so argmax agreement says little here.
+    correlation = torch.corrcoef(torch.stack([reference.flatten(), logits.flatten()]))[0, 1]
+    assert correlation > 0.998
+    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
+    p, q = reference.log_softmax(-1), logits.log_softmax(-1)
+    assert (p.exp() * (p - q)).sum(-1).mean() < 1e-3
+    assert not any(isinstance(m, nn.Linear) for m in quantized.blocks.modules())
+    assert any(hasattr(m, "_packed_params") for m in quantized.blocks.modules())
+    assert isinstance(quantized.lm_head, nn.Linear) == tie  # a tied head stays the float embedding
+    # Linear weights drop from 4 bytes to 1 (+ per-channel scales); embeddings and norms stay float.
+    linear = sum(p.numel() for name, p in Transformer(cfg).named_parameters() if "blocks" in name and p.dim() == 2)
+    if not tie:
+        linear += cfg.padded_vocab_size * cfg.d_model
+    assert before - after > 0.9 * 3 * linear
+    assert after < 0.45 * before
