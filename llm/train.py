@@ -63,6 +63,11 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     if not saved_file.exists():
         raise ConfigError([f"resume={cfg.resume!r}: {run_dir} is not a run directory (no {RUN_FILE})"])
     saved = json.loads(saved_file.read_text())
+    refused = [f"{key}._target_={target!r}" for key, target in _targets(saved["config"])
+               if not target.startswith(ALLOWED_TARGETS)]
+    if refused:
+        raise ConfigError([f"{r}: a config read from a run directory may only build objects from "
+                           f"{', '.join(ALLOWED_TARGETS)}; refused" for r in refused])
     merged = OmegaConf.create(saved["config"])
     overrides = _command_line_overrides()
     for override in overrides:
@@ -76,6 +81,21 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     merged.resume = cfg.resume
     merged.paths = cfg.paths
     return merged, saved
+
+
+# What a config read back from disk may instantiate: a crafted run.json must not run arbitrary code.
+ALLOWED_TARGETS = ("llm.", "torch.", "pytorch_lightning.", "lightning.")
+
+
+def _targets(node: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(node, dict):
+        found = [(prefix.rstrip("."), str(node["_target_"]))] if "_target_" in node else []
+        for key, value in node.items():
+            found += _targets(value, f"{prefix}{key}.")
+        return found
+    if isinstance(node, list):
+        return [t for i, item in enumerate(node) for t in _targets(item, f"{prefix}{i}.")]
+    return []
 
 
 def _command_line_overrides() -> list[str]:

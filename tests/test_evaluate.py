@@ -39,9 +39,10 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def evaluate(run: Path, overrides: list[str], out_dir: Path) -> dict:
-    """llm-eval composed in-process; returns the report it also wrote to out_dir/eval.json."""
-    cfg = compose_train([f"checkpoint={run}", f"out_dir={out_dir}", "log_metrics=false", *overrides],
+def evaluate(run: Path, overrides: list[str], out_dir: Path, checkpoint: Path | None = None) -> dict:
+    """llm-eval composed in-process, started in the run's root (its caches); returns the report it
+    also wrote to out_dir/eval.json."""
+    cfg = compose_train([f"checkpoint={checkpoint or run}", f"out_dir={out_dir}", "log_metrics=false", *overrides],
                         root=run.parent.parent, config_name="eval")
     report = run_eval(cfg)
     assert json.loads((out_dir / "eval.json").read_text()) == json.loads(json.dumps(report, default=str))
@@ -129,11 +130,11 @@ def test_a_bare_checkpoint_file_needs_a_tokenizer_and_a_data_option(run, tmp_pat
     bare = tmp_path / "model.ckpt"
     bare.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     with pytest.raises(ConfigError) as e:
-        evaluate(Path(bare), [], tmp_path)
+        evaluate(run, [], tmp_path, checkpoint=bare)
     assert "tokenizer.path: required" in str(e.value) and "data: the checkpoint has no run.json" in str(e.value)
-    report = evaluate(Path(bare), [f"tokenizer.path={run / 'tokenizer.json'}", "data=stdlib",
+    report = evaluate(run, [f"tokenizer.path={run / 'tokenizer.json'}", "data=stdlib",
                                    "data.corpus.max_bytes=300000", "seq_len=64", "batch_size=8",
-                                   f"max_batches={VAL_BATCHES}"], tmp_path)
+                                   f"max_batches={VAL_BATCHES}"], tmp_path, checkpoint=bare)
     summary = json.loads((run / "summary.json").read_text())
     assert report["results"]["fp32"]["loss"] == pytest.approx(summary["val/loss"], abs=1e-4)
 

@@ -216,3 +216,17 @@ def test_wsd_branches_give_several_points_from_one_run(tmp_path):
     assert records(branch, "val/loss")[-1][0] == 10
     points = load_points([str(run)])
     assert sorted(p.D for p in points) == [10 * 512, 20 * 512]
+
+
+def test_resume_refuses_a_crafted_target_in_the_run_directory(tmp_path):
+    run = tmp_path / "runs" / "crafted"
+    run.mkdir(parents=True)
+    cfg = compose_train([*TINY_RUN], tmp_path)
+    from llm.tracking.run import resolved_config
+
+    config = resolved_config(cfg, resolve=False)
+    config["optim"]["_target_"] = "os.system"
+    (run / "run.json").write_text(json.dumps({"run_id": "crafted", "choices": {}, "config": config}))
+    result = run_cli(["resume=crafted"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "optim._target_='os.system'" in result.stderr and "refused" in result.stderr

@@ -156,7 +156,8 @@ def train_step_vs_transformers(
     device = torch.device(device)
     ours = Transformer(model_cfg)
     hf = _llama_twin(ours)
-    ours.to(device), hf.to(device)
+    ours.to(device)
+    hf.to(device)
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
                for _ in range(steps)]
