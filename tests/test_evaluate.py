@@ -132,9 +132,8 @@ def test_a_bare_checkpoint_file_needs_a_tokenizer_and_a_data_option(run, tmp_pat
     with pytest.raises(ConfigError) as e:
         evaluate(run, [], tmp_path, checkpoint=bare)
     assert "tokenizer.path: required" in str(e.value) and "data: the checkpoint has no run.json" in str(e.value)
-    report = evaluate(run, [f"tokenizer.path={run / 'tokenizer.json'}", "data=stdlib",
-                                   "data.corpus.max_bytes=300000", "seq_len=64", "batch_size=8",
-                                   f"max_batches={VAL_BATCHES}"], tmp_path, checkpoint=bare)
+    report = evaluate(run, [f"tokenizer.path={run / 'tokenizer.json'}", "data=stdlib", "data.corpus.max_bytes=300000",
+                            "seq_len=64", "batch_size=8", f"max_batches={VAL_BATCHES}"], tmp_path, checkpoint=bare)
     summary = json.loads((run / "summary.json").read_text())
     assert report["results"]["fp32"]["loss"] == pytest.approx(summary["val/loss"], abs=1e-4)
 
@@ -168,3 +167,15 @@ def test_quantize_int8_stays_close_to_float_and_shrinks_the_weights(tie):
         linear += cfg.padded_vocab_size * cfg.d_model
     assert before - after > 0.9 * 3 * linear
     assert after < 0.45 * before
+
+
+def test_a_run_json_may_only_build_allowed_objects(run, tmp_path):
+    fake = tmp_path / "runs" / "crafted"
+    (fake / "checkpoints").mkdir(parents=True)
+    (fake / "checkpoints" / "last.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    (fake / "tokenizer.json").write_text((run / "tokenizer.json").read_text())
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["data"]["corpus"]["_target_"] = "os.system"
+    (fake / "run.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"data.corpus._target_='os.system' \(from run.json\).*refused"):
+        evaluate(run, [], tmp_path, checkpoint=fake)

@@ -22,7 +22,7 @@ from llm.evaluate.options import EvalSettings, check_eval, collect, typed_settin
 from llm.evaluate.perplexity import held_out, perplexity
 from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, write_eval_json
 from llm.evaluate.tasks import read_tasks, task_accuracy
-from llm.train import RUN_FILE
+from llm.train import ALLOWED_TARGETS, RUN_FILE
 
 DEFAULT_BATCH = 8  # batch size when neither batch_size nor a run's data.micro_batch_size says
 
@@ -42,6 +42,11 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
         node = cfg.data.get("corpus")
     elif saved is not None and OmegaConf.select(saved, "data.corpus") is not None:
         node = saved.data.corpus
+        # A run.json is data on disk: like resume=, build only objects of the allowed packages from it.
+        refused = [t for t in _targets(OmegaConf.to_container(node)) if not t.startswith(ALLOWED_TARGETS)]
+        if refused:
+            raise ConfigError([f"data.corpus._target_={t!r} (from {RUN_FILE}): a config read from a run directory may "
+                               f"only build objects from {', '.join(ALLOWED_TARGETS)}; refused" for t in refused])
     else:
         raise ConfigError(["data: the checkpoint has no run.json to take its data config from; choose one of "
                            "llm-train's data options: data=stdlib | data=text data.corpus.paths=... | data=hf ... | "
@@ -53,6 +58,15 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
     if problems:
         raise ConfigError(problems)
     return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+
+
+def _targets(node: Any) -> list[str]:
+    """Every `_target_` in a plain nested config."""
+    if isinstance(node, dict):
+        return ([str(node["_target_"])] if "_target_" in node else []) + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for item in node for t in _targets(item)]
+    return []
 
 
 def _run_setting(saved: Optional[DictConfig], key: str) -> Optional[int]:
