@@ -208,6 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         wandb = wandb_logger(logger_cfg, rid, run_dir, module.stage, name,
                              [f"{g}:{c}" for g, c in choices.items()], logger_cfg.group, announce=rank_zero)
         wandb.log_hyperparams({**resolved_config(cfg), **{f"choice/{g}": c for g, c in choices.items()},
+                               "overrides": _command_line_overrides(),
                                "derived": {k: v for k, v in facts.items() if k not in ("choices",)}})
         loggers.append(wandb)
     elif logger_cfg.kind == "csv":

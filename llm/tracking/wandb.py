@@ -45,6 +45,13 @@ def wandb_logger(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str,
         tags=[*tags, *cfg.tags], notes=cfg.notes, mode=mode, save_dir=str(run_dir), resume="allow",
         log_model=bool(cfg.log_checkpoints),
     )
+    if announce:  # rank 0: tokens and FLOPs as x-axes, the best validation loss as the summary
+        run = logger.experiment
+        for axis in ("trainer/tokens", "trainer/flops"):
+            run.define_metric(axis)
+        for pattern in ("train/*", "val/*", "perf/*"):
+            run.define_metric(pattern, step_metric="trainer/tokens")
+        run.define_metric("val/loss", summary="min")
     if mode == "offline" and announce:
         print(f"W&B is offline; to upload this run later: wandb sync {run_dir / 'wandb'}")
     return logger
