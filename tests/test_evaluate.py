@@ -63,7 +63,8 @@ def test_cli_perplexity_equals_the_runs_val_loss_and_int8_changes_it_a_little(ru
     assert fp32["tokens"] == VAL_BATCHES * 8 * 64 and report["step"] == 30 == summary["steps_done"]
     data = report["data"]
     assert data["corpus"] == "stdlib" and data["config"]["max_bytes"] == 300000  # the run's own data config
-    assert fp32["bits_per_byte"] == pytest.approx(fp32["loss"] / math.log(2) * data["split_tokens"] / data["split_bytes"])
+    tokens_per_byte = data["split_tokens"] / data["split_bytes"]
+    assert fp32["bits_per_byte"] == pytest.approx(fp32["loss"] / math.log(2) * tokens_per_byte)
     # int8: less memory, nearly the same perplexity; both numbers are reported.
     assert int8["model_bytes"] < 0.6 * fp32["model_bytes"]
     assert abs(int8["loss"] - fp32["loss"]) < 0.01 and int8["ppl"] != fp32["ppl"]

@@ -105,6 +105,12 @@ def test_checkpoint_forms_and_their_errors(run, tmp_path, capsys):
     (sharded / "meta.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"sharded FSDP/TP checkpoint.*llm-consolidate"):
         generate(run, [f"checkpoint={sharded.parent.parent}", "prompt=x"], capsys)
+    # Once `llm-consolidate` has written last.consolidated.ckpt beside it, the run is usable again.
+    (sharded.parent / "last.consolidated.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    (sharded.parent.parent / "tokenizer.json").write_text((run / "tokenizer.json").read_text())
+    (consolidated,), _, stderr = generate(run, [f"checkpoint={sharded.parent.parent}", "prompt=x", "max_new_tokens=8"],
+                                          capsys)
+    assert "last.consolidated.ckpt (step 30" in stderr
     bare = tmp_path / "model.ckpt"
     bare.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     with pytest.raises(ConfigError, match="tokenizer.path: required, as .* is not inside a run directory"):
@@ -112,7 +118,7 @@ def test_checkpoint_forms_and_their_errors(run, tmp_path, capsys):
     from_file, _, _ = generate(run, [f"checkpoint={bare}", f"tokenizer.path={run / 'tokenizer.json'}", "prompt=x",
                                      "max_new_tokens=8"], capsys)
     from_run, _, _ = generate(run, ["prompt=x", "max_new_tokens=8"], capsys)
-    assert from_file == from_run
+    assert from_file == from_run == [consolidated]
 
 
 def test_batch_mode_equals_one_by_one(run, tmp_path, capsys):
@@ -142,21 +148,24 @@ def test_stop_string_truncates(run, capsys):
     args = ["prompt=def", "strategy=sample", "seed=3", "max_new_tokens=40"]
     (free,), _, _ = generate(run, args, capsys)
     text = free["completion"]
-    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a stop string the seeded sample surely reaches
-    assert stop.strip() and len(text) > 10, text
-    (stopped,), stdout, _ = generate(run, [*args, f"stop=[{json.dumps(stop)}]"], capsys)
+    # A stop string the seeded sample surely reaches, well before its end (and whole characters).
+    stop = next(text[i : i + 2] for i in range(len(text) // 3, len(text) // 2)
+                if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2])
+    as_override = f"stop=[{json.dumps(stop, ensure_ascii=False)}]"
+    (stopped,), stdout, _ = generate(run, [*args, as_override], capsys)
     assert stopped["completion"] == text[: text.index(stop)] == cut_at_stop(text, [stop])[0]
     assert stop not in stopped["completion"] and stdout == stopped["completion"] + "\n"
     assert stopped["n_tokens"] < free["n_tokens"]
     # Streaming prints the same text as it comes, holding back what could begin the stop string.
-    (streamed,), stdout, _ = generate(run, [*args, f"stop=[{json.dumps(stop)}]", "stream=true"], capsys)
+    (streamed,), stdout, _ = generate(run, [*args, as_override, "stream=true"], capsys)
     assert streamed == stopped and stdout == stopped["completion"] + "\n"
 
 
 def test_newline_escape_in_stop_strings(run, capsys):
-    (record,), _, _ = generate(run, ["prompt=x", "strategy=sample", "seed=0", "max_new_tokens=64", "stop=['\\n']"],
-                               capsys)
-    assert "\n" not in record["completion"]
+    args = ["prompt=x", "strategy=sample", "seed=0", "max_new_tokens=64"]
+    (free,), _, _ = generate(run, args, capsys)
+    (cut,), _, _ = generate(run, [*args, "stop=['\\n']"], capsys)  # Hydra passes the backslash through
+    assert "\n" in free["completion"] and cut["completion"] == free["completion"].split("\n")[0]
 
 
 def test_beam_and_speculative_decoding(run, capsys):

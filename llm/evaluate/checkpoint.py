@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from llm.config import ConfigError
 from llm.tracking.checkpoints import LAST, META, checkpoint_step, last_checkpoint
+
+if TYPE_CHECKING:
+    from llm.tokenizer import Tokenizer
 
 CONSOLIDATED = "last.consolidated.ckpt"  # what `llm-consolidate <run>/checkpoints/last.ckpt` writes by default
 
@@ -44,7 +47,8 @@ def _sharded(path: Path) -> bool:
 def _consolidate_hint(key: str, value: str, sharded: Path) -> str:
     out = sharded.with_name(CONSOLIDATED)
     return (f"{key}={value!r}: {sharded} is a sharded FSDP/TP checkpoint (a directory), which one process cannot load; "
-            f"gather it into one file first: `llm-consolidate {sharded}` (writes {out}, which {key}=<run> then picks up)")
+            f"gather it into one file first: `llm-consolidate {sharded}` (writes {out}, which {key}=<run> "
+            "then picks up)")
 
 
 def _run_of(file: Path) -> Optional[Path]:
@@ -68,7 +72,7 @@ def resolve_checkpoint(value: Optional[str], runs_dir: str | Path, key: str = "c
     path = path.resolve()
     if _sharded(path):
         if path.name == LAST and (path.parent / CONSOLIDATED).is_file():
-            return _consolidated(key, value, path, _run_of(path / META))
+            return _consolidated(key, value, path, _run_of(path))
         raise ConfigError([_consolidate_hint(key, value, path)])
     if path.is_file():
         return CheckpointRef(path, _run_of(path))
@@ -119,7 +123,7 @@ def load_model(ref: CheckpointRef, device: torch.device) -> nn.Module:
     return load_plain_model(ref.path).to(device).eval()
 
 
-def load_tokenizer(path: Path):  # -> llm.tokenizer.Tokenizer (imported lazily with `tokenizers`)
+def load_tokenizer(path: Path) -> Tokenizer:
     from llm.tokenizer import Tokenizer
 
     return Tokenizer.load(path)

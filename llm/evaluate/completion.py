@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Callable, Optional, TextIO
 
 import torch
 from torch import nn
 
 from llm.generate import SpeculativeStats, beam_search, generate, speculative_generate
 from llm.generate.decode import ABSOLUTE_POSITIONS
+
+if TYPE_CHECKING:
+    from llm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -41,7 +44,7 @@ class DecodeSettings:
 class Completion:
     prompt: str
     completion: str  # the decoded new text, cut before the first stop string
-    n_tokens: int  # tokens generated, up to and including a stop string's or EOS
+    n_tokens: int  # tokens generated, up to and including the one that completes a stop string (or EOS)
 
     def record(self) -> dict:
         return {"prompt": self.prompt, "completion": self.completion, "n_tokens": self.n_tokens}
@@ -104,7 +107,8 @@ class Completer:
     and seed draws the same samples. `stats` accumulates speculative decoding's acceptance.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, settings: DecodeSettings, draft: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, settings: DecodeSettings,
+                 draft: Optional[nn.Module] = None):
         if settings.strategy == "speculative" and draft is None:
             raise ValueError("strategy=speculative needs a draft model")
         self.model, self.tokenizer, self.settings, self.draft = model, tokenizer, settings, draft

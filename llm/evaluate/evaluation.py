@@ -8,21 +8,35 @@ import copy
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from llm.config import ConfigError
 from llm.config.validate import check_target, missing_keys
-from llm.evaluate.checkpoint import CheckpointRef, load_model, load_tokenizer, resolve_checkpoint, resolve_device, tokenizer_file
+from llm.evaluate.checkpoint import (
+    CheckpointRef,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+    resolve_device,
+    tokenizer_file,
+)
 from llm.evaluate.completion import Completer, DecodeSettings
 from llm.evaluate.options import EvalSettings, check_eval, collect, typed_settings
-from llm.evaluate.perplexity import held_out, perplexity
+from llm.evaluate.perplexity import HeldOut, held_out, perplexity
 from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, write_eval_json
-from llm.evaluate.tasks import read_tasks, task_accuracy
+from llm.evaluate.tasks import Task, read_tasks, task_accuracy
+from llm.generate.decode import ABSOLUTE_POSITIONS
+from llm.generate.quantize import model_bytes, quantize_int8
 from llm.train import ALLOWED_TARGETS, RUN_FILE
+
+if TYPE_CHECKING:
+    from llm.tokenizer import Tokenizer
 
 DEFAULT_BATCH = 8  # batch size when neither batch_size nor a run's data.micro_batch_size says
 
@@ -53,7 +67,8 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
                            "data=synthetic"])
     if node is None:
         raise ConfigError(["data.corpus: missing (the data option defines no corpus)"])
-    problems = [f"data.corpus.{k}: required but not set (`???`); give it: data.corpus.{k}=..." for k in missing_keys(node)]
+    problems = [f"data.corpus.{k}: required but not set (`???`); give it: data.corpus.{k}=..."
+                for k in missing_keys(node)]
     problems += check_target(node, "data.corpus")
     if problems:
         raise ConfigError(problems)
@@ -74,14 +89,33 @@ def _run_setting(saved: Optional[DictConfig], key: str) -> Optional[int]:
     return int(value) if value is not None else None
 
 
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate the checkpoint as the config says; returns the report also written to eval.json."""
+@dataclass
+class EvalPlan:
+    """Everything llm-eval will do, checked, with nothing loaded yet."""
+
+    settings: EvalSettings
+    checkpoint: CheckpointRef
+    tokenizer: Path
+    corpus: Optional[DictConfig]  # resolved `_target_` node of the corpus; None: no perplexity
+    tasks: Optional[list[Task]]
+    seq_len: Optional[int]  # None: the model's max_seq_len
+    batch_size: int
+    wandb_mode: Optional[str]  # None: no W&B
+
+    @property
+    def out_dir(self) -> Path:
+        s, ref = self.settings, self.checkpoint
+        return Path(s.out_dir).expanduser() if s.out_dir else (ref.run_dir or ref.path.parent)
+
+
+def plan_eval(cfg: DictConfig) -> EvalPlan:
+    """Check every setting (all problems at once, as one ConfigError) before anything is loaded."""
     s: EvalSettings = typed_settings(cfg, EvalSettings)
     problems = check_eval(s, cfg.logger.kind)
     ref: Optional[CheckpointRef] = collect(problems, resolve_checkpoint, s.checkpoint, cfg.paths.runs_dir, "checkpoint")
     tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     saved = saved_run_config(ref, cfg) if ref else None
-    corpus_node = collect(problems, data_corpus, cfg, saved) if ref and s.perplexity else None
+    corpus = collect(problems, data_corpus, cfg, saved) if ref and s.perplexity else None
     tasks = None
     if s.tasks_file is not None and Path(s.tasks_file).expanduser().is_file():
         tasks = collect(problems, read_tasks, s.tasks_file)
@@ -92,82 +126,95 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         wandb_mode = collect(problems, resolve_mode, cfg.logger.mode)
     if problems:
         raise ConfigError(problems)
-    seq_len = s.seq_len or _run_setting(saved, "data.seq_len")
-    batch_size = s.batch_size or _run_setting(saved, "data.micro_batch_size") or DEFAULT_BATCH
+    return EvalPlan(
+        settings=s, checkpoint=ref, tokenizer=tok_path, corpus=corpus, tasks=tasks,
+        seq_len=s.seq_len or _run_setting(saved, "data.seq_len"),
+        batch_size=s.batch_size or _run_setting(saved, "data.micro_batch_size") or DEFAULT_BATCH,
+        wandb_mode=None if wandb_mode == "disabled" else wandb_mode,
+    )
 
+
+def measure(model: nn.Module, tokenizer: Tokenizer, plan: EvalPlan, batches: list[Tensor],
+            heldout: Optional[HeldOut]) -> dict[str, float]:
+    """One model's numbers: weight bytes, perplexity on the batches, task accuracy."""
+    s = plan.settings
+    values: dict[str, float] = {"model_bytes": float(model_bytes(model))}
+    if heldout is not None:
+        values.update(perplexity(model, batches, heldout.tokens_per_byte).metrics())
+    if plan.tasks is not None:
+        settings = DecodeSettings(strategy="greedy", max_new_tokens=s.task_max_new_tokens, stop=list(s.task_stop),
+                                  add_bos=s.add_bos, batch_size=plan.batch_size)
+        values.update(task_accuracy(Completer(model, tokenizer, settings), plan.tasks).metrics())
+    return values
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the checkpoint as the config says; returns the report also written to eval.json."""
+    plan = plan_eval(cfg)
+    s, ref = plan.settings, plan.checkpoint
     started = time.time()
     device = resolve_device(s.device)
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(plan.tokenizer)
     model = load_model(ref, device)
-    seq_len = seq_len or model.cfg.max_seq_len
-    if model.cfg.position.kind in ("learned", "sinusoidal") and seq_len > model.cfg.max_seq_len:
-        raise ConfigError([f"seq_len={seq_len}: longer than the model's max_seq_len={model.cfg.max_seq_len} "
-                           f"({model.cfg.position.kind} positions end there); allowed: <= {model.cfg.max_seq_len}"])
-    step = ref.step
+    seq_len = plan.seq_len or model.cfg.max_seq_len
+    problems = []
+    if model.cfg.position.kind in ABSOLUTE_POSITIONS and seq_len > model.cfg.max_seq_len:
+        problems.append(f"seq_len={seq_len}: longer than the model's max_seq_len={model.cfg.max_seq_len} "
+                        f"({model.cfg.position.kind} positions end there); allowed: <= {model.cfg.max_seq_len}")
+    if plan.tasks is not None:
+        settings = DecodeSettings(max_new_tokens=s.task_max_new_tokens, add_bos=s.add_bos)
+        problems += Completer(model, tokenizer, settings).prompt_problems([t.prompt for t in plan.tasks], "tasks_file")
+    if problems:
+        raise ConfigError(problems)
+
+    heldout, batches, data = None, [], None
+    if plan.corpus is not None:
+        heldout = held_out(instantiate(plan.corpus), tokenizer, cfg.paths.cache_dir)
+        batches = heldout.batches(seq_len, plan.batch_size, s.max_batches)
+        data = {"corpus": heldout.corpus, "split": "val", "config": OmegaConf.to_container(plan.corpus),
+                "seq_len": seq_len, "batch_size": plan.batch_size, "batches": len(batches),
+                "split_tokens": heldout.n_tokens, "split_bytes": heldout.n_bytes,
+                "tokens_per_byte": heldout.tokens_per_byte}
     models = {"fp32": model}
     if s.quantize == "int8":
-        from llm.generate.quantize import quantize_int8
+        models["int8"] = quantize_int8(copy.deepcopy(model).cpu())  # its kernels are CPU-only; fp32 stays put
+    results = {name: measure(variant, tokenizer, plan, batches, heldout) for name, variant in models.items()}
 
-        models["int8"] = quantize_int8(copy.deepcopy(model).cpu())  # the kernels are CPU-only; fp32 stays put
-
-    data_facts: dict[str, Any] = {}
-    batches, heldout = [], None
-    if s.perplexity:
-        heldout = held_out(instantiate(corpus_node), tokenizer, cfg.paths.cache_dir)
-        batches = heldout.batches(seq_len, batch_size, s.max_batches)
-        data_facts = {"corpus": heldout.corpus, "split": "val", "config": OmegaConf.to_container(corpus_node),
-                      "seq_len": seq_len, "batch_size": batch_size, "batches": len(batches),
-                      "split_tokens": heldout.n_tokens, "split_bytes": heldout.n_bytes,
-                      "tokens_per_byte": heldout.tokens_per_byte}
-    if tasks is not None:
-        prompts = [t.prompt for t in tasks]
-        problems = Completer(model, tokenizer, DecodeSettings(max_new_tokens=s.task_max_new_tokens, add_bos=s.add_bos)
-                             ).prompt_problems(prompts, "tasks_file")
-        if problems:
-            raise ConfigError(problems)
-
-    from llm.generate.quantize import model_bytes
-
-    results: dict[str, dict[str, float]] = {}
-    for name, variant in models.items():
-        values: dict[str, float] = {"model_bytes": float(model_bytes(variant))}
-        if s.perplexity:
-            values.update(perplexity(variant, batches, heldout.tokens_per_byte).metrics())
-        if tasks is not None:
-            settings = DecodeSettings(strategy="greedy", max_new_tokens=s.task_max_new_tokens, stop=list(s.task_stop),
-                                      add_bos=s.add_bos, batch_size=batch_size)
-            values.update(task_accuracy(Completer(variant, tokenizer, settings), tasks).metrics())
-        results[name] = values
-
-    metrics = flat_metrics(results)
+    step = ref.step
     report: dict[str, Any] = {
         "checkpoint": str(ref.path), "run_dir": str(ref.run_dir) if ref.run_dir else None, "run_id": ref.run_id,
-        "step": step, "device": str(device), "settings": dataclasses.asdict(s), "data": data_facts or None,
-        "tasks": {"file": s.tasks_file, "count": len(tasks)} if tasks is not None else None,
-        "results": results, "metrics": metrics, "seconds": round(time.time() - started, 2),
+        "step": step, "device": str(device), "settings": dataclasses.asdict(s), "data": data,
+        "tasks": {"file": s.tasks_file, "count": len(plan.tasks)} if plan.tasks is not None else None,
+        "results": results, "metrics": flat_metrics(results), "seconds": round(time.time() - started, 2),
     }
     if "int8" in results:
         report["int8_vs_fp32"] = _change(results["fp32"], results["int8"])
+    publish(report, plan, cfg.logger)
+    return report
 
-    where = f"{heldout.corpus}/val, {len(batches)} batches of {batch_size} x {seq_len} tokens" if heldout else "tasks only"
+
+def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig) -> None:
+    """Print the table, write eval.json, append the metrics to the run's metrics.jsonl, log to W&B."""
+    ref, results, metrics, step = plan.checkpoint, report["results"], report["metrics"], report["step"]
+    data = report["data"]
+    where = (f"{data['corpus']}/val, {data['batches']} batches of {data['batch_size']} x {data['seq_len']} tokens"
+             if data else "tasks only")
     print(f"eval of {ref.path} (step {step}) on {where}")
     print(table(results))
     if "int8" in results:
-        change = report["int8_vs_fp32"]
-        if "ppl" in results["fp32"]:
-            print(f"int8 vs fp32: perplexity {results['fp32']['ppl']:.4f} -> {results['int8']['ppl']:.4f} "
-                  f"({change['ppl_change']:+.4%}), loss {change['loss_delta']:+.2e} nats/token")
-        print(f"int8 vs fp32: weights {results['fp32']['model_bytes'] / 2**20:.3f} MiB -> "
-              f"{results['int8']['model_bytes'] / 2**20:.3f} MiB ({change['bytes_ratio']:.2f}x)")
-    out_dir = Path(s.out_dir).expanduser() if s.out_dir else (ref.run_dir or ref.path.parent)
-    print(f"written: {write_eval_json(out_dir, report)}")
-    if s.log_metrics and ref.run_dir is not None and metrics:
+        change, fp32, int8 = report["int8_vs_fp32"], results["fp32"], results["int8"]
+        if "ppl" in fp32:
+            print(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
+                  f"loss {change['loss_delta']:+.2e} nats/token")
+        print(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
+              f"({change['bytes_ratio']:.2f}x smaller)")
+    print(f"written: {write_eval_json(plan.out_dir, report)}")
+    if plan.settings.log_metrics and ref.run_dir is not None and metrics:
         append_metrics(ref.run_dir / "metrics.jsonl", step, metrics)
         print(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
-    if wandb_mode is not None and wandb_mode != "disabled":
-        log_wandb(cfg.logger, wandb_mode, ref.run_id, out_dir, step, metrics,
-                  {"checkpoint": str(ref.path), "step": step, "settings": report["settings"], "data": data_facts})
-    return report
+    if plan.wandb_mode is not None:
+        log_wandb(logger, plan.wandb_mode, ref.run_id, plan.out_dir, step, metrics,
+                  {"checkpoint": str(ref.path), "step": step, "settings": report["settings"], "data": data})
 
 
 def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:

@@ -13,15 +13,27 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from llm.config import ConfigError
-from llm.evaluate.checkpoint import CheckpointRef, load_model, load_tokenizer, resolve_checkpoint, resolve_device, tokenizer_file
+from llm.evaluate.checkpoint import (
+    CheckpointRef,
+    load_model,
+    load_tokenizer,
+    resolve_checkpoint,
+    resolve_device,
+    tokenizer_file,
+)
 from llm.evaluate.completion import Completer, Completion, DecodeSettings, TextStream
 from llm.evaluate.jsonl import read_records, write_records
 from llm.evaluate.options import GenerateSettings, check_generate, collect, typed_settings
+
+if TYPE_CHECKING:
+    from llm.tokenizer import Tokenizer
 
 
 def info(*args: object) -> None:
@@ -93,14 +105,15 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     return completions
 
 
-def _load(ref: CheckpointRef, device, tokenizer, quantize: str, key: str):
+def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quantize: str, key: str) -> nn.Module:
     """The model of `ref` on `device`, checked against the tokenizer, quantized if asked."""
     from llm.generate.quantize import model_bytes, quantize_int8
 
     model = load_model(ref, device)
     if model.cfg.padded_vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"{key}={str(ref.path)!r}: the model's vocabulary ({model.cfg.padded_vocab_size}) is "
-                           f"smaller than the tokenizer's ({tokenizer.vocab_size}); give the tokenizer it was trained with"])
+                           f"smaller than the tokenizer's ({tokenizer.vocab_size}); give the tokenizer it was "
+                           "trained with"])
     n_params = sum(p.numel() for p in model.parameters())
     line = f"{key}: {ref.path} (step {ref.step}, {n_params:,} parameters, {device})"
     if quantize == "int8":

@@ -26,7 +26,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     needs in float to look tokens up, so an int8 copy would add memory instead of saving it.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("quantize_int8: PyTorch's dynamic int8 kernels run on the CPU only; move the model there first")
+        raise ValueError("quantize_int8: PyTorch's dynamic int8 kernels run on the CPU only; "
+                         "move the model there first")
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     embed = getattr(getattr(model, "embed", None), "weight", None)
