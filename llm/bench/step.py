@@ -4,6 +4,7 @@ in one process so machine noise hits both. Figures are tokens/s, MFU and peak me
 
 from __future__ import annotations
 
+import gc
 import resource
 import statistics
 import time
@@ -105,12 +106,21 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
     batches = random_batches(warmup + steps, data.micro_batch_size, data.seq_len, model_cfg.vocab_size, cfg.seed)
     optim, schedule = instantiate(cfg.optim, _convert_="all"), instantiate(cfg.schedule)
     bare, framework = [], []
-    for r in range(repeats):
-        print(f"round {r + 1}/{repeats}: bare loop ...", flush=True)
+
+    def run_bare() -> None:
         bare.append(bare_loop(model_cfg, optim, schedule, batches, warmup, trainer_cfg.gradient_clip_val, cfg.seed))
-        print(f"round {r + 1}/{repeats}: framework ...", flush=True)
+
+    def run_framework() -> None:
         framework.append(framework_loop(cfg, model_cfg, batches, warmup, trainer_cfg, tokens_per_step,
                                         size.flops_per_token, log_dir))
+
+    for r in range(repeats):
+        # Alternate which goes first (ABBA), so a drift of the machine during the run hits both.
+        order = (run_bare, run_framework) if r % 2 == 0 else (run_framework, run_bare)
+        print(f"round {r + 1}/{repeats}: {' then '.join(f.__name__[4:] for f in order)} ...", flush=True)
+        for loop in order:
+            gc.collect()
+            loop()
     peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu"))
     # Best-of-rounds is the headline (the least disturbed round of each, on a shared machine);
     # medians are reported beside it.

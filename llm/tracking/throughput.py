@@ -76,7 +76,7 @@ class ThroughputMonitor(Callback):
             self.train_seconds += now - self.times[-1]
             self.train_steps += 1
         self.times.append(now)
-        if len(self.times) < 2:
+        if len(self.times) < 2 or trainer.global_step % trainer.log_every_n_steps:
             return
         tokens_per_s = self.tokens_per_step * (len(self.times) - 1) / (self.times[-1] - self.times[0])
         pl_module.log("perf/tokens_per_s", tokens_per_s, prog_bar=True)
