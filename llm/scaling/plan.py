@@ -7,7 +7,7 @@ are tied by C = 6 N D, so giving any one of them fixes the other two.
 
 Model shapes (`shape_for_params`) follow one documented rule, reusable by any parametric preset:
   - width d_model is a multiple of 64 and heads are 64 wide (n_heads = d_model / 64), as in GPT-2,
-    Kaplan et al. and OLMo;
+    Kaplan et al. and OLMo; below 64 wide (targets under ~5e4), width 32 with one 32-wide head;
   - depth follows the aspect ratio d_model / n_layers ~ 64 (Kaplan et al. found the loss flat for
     ratios of about 20 to 200; GPT-2 small has 64, OLMo and Llama 7B 128): the ideal width solves
     12 n_layers d_model^2 = N with n_layers = d_model / 64, the ~12 d^2 per block being 4 d^2 of
@@ -55,8 +55,10 @@ def shape_for_params(n_target: float, kind: str = "non_embedding", vocab_size: O
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if 12 * mid**3 / aspect_ratio + vocab * mid < n_target else (lo, mid)
     ideal = math.sqrt(lo * hi)
-    widths = {max(WIDTH_MULTIPLE, WIDTH_MULTIPLE * math.floor(ideal / WIDTH_MULTIPLE)),
-              max(WIDTH_MULTIPLE, WIDTH_MULTIPLE * math.ceil(ideal / WIDTH_MULTIPLE))}
+    # Below one 64-wide head, widths step by 32 (one 32-wide head): the smallest CPU sweep sizes.
+    multiple = WIDTH_MULTIPLE if ideal >= WIDTH_MULTIPLE else WIDTH_MULTIPLE // 2
+    widths = {max(multiple, multiple * math.floor(ideal / multiple)),
+              max(multiple, multiple * math.ceil(ideal / multiple))}
 
     best, best_error = None, math.inf
     for d in sorted(widths):
