@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
@@ -80,3 +81,14 @@ def quiet_libraries() -> None:
 def setup() -> None:
     register_resolvers()
     quiet_libraries()
+
+
+def exit_on_config_error(run: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run a command; a ConfigError becomes its message on stderr and exit code 2."""
+    from llm.config import ConfigError
+
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -19,13 +19,12 @@ Everything is checked before a model is loaded; a bad setting exits with code 2,
 
 from __future__ import annotations
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from llm.cli.common import setup
+from llm.cli.common import exit_on_config_error, setup
 from llm.cli.generate import register_help
 from llm.cli.train import CONF_DIR
 
@@ -35,14 +34,9 @@ register_help()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _app(cfg: DictConfig) -> None:
-    from llm.config import ConfigError
     from llm.evaluate.evaluation import run_eval
 
-    try:
-        run_eval(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_config_error(run_eval, cfg)
 
 
 def main() -> None:
