@@ -30,6 +30,7 @@ from llm.tracking.throughput import ThroughputMonitor
 
 RUN_FILE = "run.json"  # the unresolved config and group choices, read back by resume=<run>
 
+
 def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int) -> tuple[int, str]:
     """Optimizer steps for the budget, and a line saying how they were derived."""
     if budget.steps is not None:
