@@ -26,7 +26,7 @@ from llm.tracking.checkpoints import PeriodicCheckpoint, branch_checkpoint, chec
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from llm.tracking.progress import StepProgressBar
 from llm.tracking.run import git_state, group_choices, resolved_config, run_id, write_json
-from llm.tracking.throughput import ThroughputMonitor
+from llm.tracking.throughput import ThroughputMonitor, peak_memory_mib
 
 RUN_FILE = "run.json"  # the unresolved config and group choices, read back by resume=<run>
 
@@ -149,8 +149,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # Data work starts here: corpus, tokenizer (trained once, cached), token caches.
     from llm.data import LMDataModule, build_token_cache
-    from llm.tokenizer import bytes_per_token
-
     cache_dir = Path(cfg.paths.cache_dir)
     corpus = instantiate(cfg.data.corpus)
     tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache_dir)
@@ -187,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "vocab_size": model_cfg.vocab_size, "world_size": world, "tokens_per_step": tokens_per_step, "steps": steps,
         "budget": budget_line, "budget_flops": budget.flops, "budget_tokens": budget.tokens,
         "budget_tokens_per_param": budget.tokens_per_param, "data_fingerprint": corpus.fingerprint(), "train_tokens": train_tokens.n_tokens,
-        "val_tokens": val_tokens.n_tokens, "bytes_per_token": bytes_per_token(tokenizer, corpus.documents("val")),
+        "val_tokens": val_tokens.n_tokens, "bytes_per_token": val_tokens.bytes_per_token,
         "entropy_floor": getattr(corpus, "entropy_rate", None),
         **{f"git_{k}": v for k, v in git_state(Path(cfg.paths.root_dir)).items()},
     }
@@ -304,18 +302,11 @@ def run_branch(cfg: DictConfig, facts: dict, start: int, end: int, total: int, m
 def dry_run(cfg: DictConfig, model_cfg: ModelConfig, data: DataSchema, trainer_cfg: TrainerSchema, parallelism: Any,
             world: int) -> dict[str, Any]:
     """Print the layout and its per-rank memory without touching data or devices."""
-    from llm.config.validate import BYTE_VOCAB
+    from llm.config.validate import tokenizer_vocab_size
     from llm.parallel.memory import memory_plan
 
     if model_cfg.vocab_size is None:
-        kind = cfg.tokenizer.kind
-        if kind == "pretrained":
-            from llm.tokenizer import Tokenizer
-
-            vocab = Tokenizer.load(cfg.tokenizer.path).vocab_size
-        else:
-            vocab = BYTE_VOCAB if kind == "byte" else int(cfg.tokenizer.vocab_size)
-        model_cfg = with_vocab(model_cfg, vocab)
+        model_cfg = with_vocab(model_cfg, tokenizer_vocab_size(cfg.tokenizer, load=True))
     size = model_size(model_cfg, data.seq_len)
     half = "bf16" in trainer_cfg.precision or getattr(parallelism, "param_dtype", "float32") != "float32"
     plan = memory_plan(model_cfg, world, parallelism.tensor_parallel, getattr(parallelism, "replicate", None),
@@ -326,15 +317,6 @@ def dry_run(cfg: DictConfig, model_cfg: ModelConfig, data: DataSchema, trainer_c
         print(line)
     return {"dry_run": True, "mesh": plan.mesh, "params_bytes": plan.params, "grads_bytes": plan.grads,
             "optimizer_bytes": plan.optimizer, "activation_bytes": plan.activations}
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this rank: allocated CUDA memory, or the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def final_metrics(path: Path) -> dict[str, Any]:

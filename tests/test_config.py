@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from llm.config import ConfigError, typed, validate
-from llm.config.validate import BYTE_VOCAB
+from llm.config.validate import tokenizer_vocab_size
 from llm.model import ModelConfig, Transformer
 from llm.scaling.flops import model_size
 from tests.conftest import REPO, compose_train, run_cli
@@ -35,8 +35,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 def build_on_meta(cfg) -> tuple[ModelConfig, Transformer]:
     model_cfg = typed(cfg.model, ModelConfig)
     if model_cfg.vocab_size is None:
-        kind = cfg.tokenizer.kind
-        model_cfg.vocab_size = BYTE_VOCAB if kind == "byte" else cfg.tokenizer.get("vocab_size", 2048)
+        model_cfg.vocab_size = tokenizer_vocab_size(cfg.tokenizer) or 2048  # pretrained: no file here
     with torch.device("meta"):
         model = Transformer(model_cfg)
     return model_cfg, model

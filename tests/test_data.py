@@ -25,7 +25,7 @@ from llm.data import (
     validation_batches,
 )
 from llm.data.corpus import hash_fraction
-from llm.tokenizer import build_tokenizer
+from llm.tokenizer import build_tokenizer, bytes_per_token
 
 # ---------------------------------------------------------------- StdlibCorpus
 
@@ -247,6 +247,8 @@ def test_token_cache_round_trip(tmp_path, capsys):
         ids = cache.tokens[start:end].tolist()
         assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
         assert tok.decode(ids) == doc
+    # The cache counts the bytes it tokenised: its bytes/token is the tokenizer's on the same text.
+    assert cache.bytes_per_token == pytest.approx(bytes_per_token(tok, docs))
     with pytest.raises(ValueError):
         cache.tokens[0] = 1  # read-only
 

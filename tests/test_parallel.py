@@ -293,3 +293,34 @@ def test_per_block_compile_composes_with_fsdp_and_checkpointing(single_runs, tmp
                      timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")], abs=1e-3)
+
+
+def test_spawned_ranks_die_with_their_launcher(tmp_path):
+    import subprocess
+    import time
+
+    # A launcher that starts a long-sleeping child the way spawn_local_ranks starts ranks.
+    pid_file = tmp_path / "child.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from llm.parallel.launch import _die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n")])
+    deadline = time.time() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    launcher.kill()  # SIGKILL: no cleanup code of the launcher runs
+    launcher.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{child}/stat").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            return  # exited, waiting to be reaped by init
+        time.sleep(0.05)
+    os.kill(child, 9)
+    pytest.fail("the child outlived its SIGKILLed launcher")

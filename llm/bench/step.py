@@ -5,7 +5,6 @@ in one process so machine noise hits both. Figures are tokens/s, MFU and peak me
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -18,13 +17,13 @@ from pytorch_lightning.callbacks import Callback
 
 from llm.config import typed
 from llm.config.schema import DataSchema, TrainerSchema
-from llm.config.validate import BYTE_VOCAB
+from llm.config.validate import tokenizer_vocab_size
 from llm.model import ModelConfig, Transformer
 from llm.scaling.flops import model_size
 from llm.stages.optim import build_optimizer
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.metrics import JsonlLogger
-from llm.tracking.throughput import ThroughputMonitor, peak_flops
+from llm.tracking.throughput import ThroughputMonitor, peak_flops, peak_memory_mib
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -88,19 +87,14 @@ def framework_loop(cfg: DictConfig, model_cfg: ModelConfig, batches: list, warmu
     return clock.end - clock.start
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 3, log_dir: str = ".") -> dict:
     """Interleave `repeats` rounds of bare and framework loops; report the best round of each and
     their ratio (and the ratio of medians)."""
     data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
     trainer_cfg: TrainerSchema = typed(cfg.trainer, TrainerSchema)
     model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
-    if model_cfg.vocab_size is None:
-        vocab = BYTE_VOCAB if cfg.tokenizer.kind == "byte" else int(cfg.tokenizer.get("vocab_size") or 2048)
-        model_cfg = ModelConfig(**{**model_cfg.__dict__, "vocab_size": vocab})
+    if model_cfg.vocab_size is None:  # random token batches: no tokenizer file is read or trained
+        model_cfg.vocab_size = tokenizer_vocab_size(cfg.tokenizer, load=True)
     size = model_size(model_cfg, data.seq_len)
     tokens_per_step = data.micro_batch_size * data.seq_len
     batches = random_batches(warmup + steps, data.micro_batch_size, data.seq_len, model_cfg.vocab_size, cfg.seed)
@@ -133,6 +127,6 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
         "bare_tokens_per_s": tps["bare"], "framework_tokens_per_s": tps["framework"],
         "ratio": tps["framework"] / tps["bare"], "median_ratio": median["framework"] / median["bare"],
         "bare_mfu": tps["bare"] * size.flops_per_token / peak, "framework_mfu": tps["framework"] * size.flops_per_token / peak,
-        "peak_flops": peak, "peak_rss_mib": peak_rss_mib(),
+        "peak_flops": peak, "peak_rss_mib": peak_memory_mib(torch.device("cpu")),
         "bare_seconds": bare, "framework_seconds": framework,
     }

@@ -175,6 +175,21 @@ def check_model(m: ModelConfig, problems: list[str], seq_len: int) -> None:
         problems.append(f"model.dropout={m.dropout}: must be in [0, 1)")
 
 
+def tokenizer_vocab_size(tokenizer: DictConfig, load: bool = False) -> Optional[int]:
+    """The vocabulary a tokenizer config will produce, without training anything: the byte
+    tokenizer's fixed size, a trained kind's `vocab_size`, or (load=True) a pretrained file's."""
+    kind = tokenizer.get("kind")
+    if kind == "byte":
+        return BYTE_VOCAB
+    if kind == "pretrained":
+        if not load:
+            return None
+        from llm.tokenizer import Tokenizer
+
+        return Tokenizer.load(tokenizer.path).vocab_size
+    return int(tokenizer.vocab_size) if tokenizer.get("vocab_size") else None
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -225,16 +240,15 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         if value not in (None, "float32") and on_cpu:
             problems.append(f"parallelism.{key}={value!r}: FSDP mixed precision needs CUDA (gloo's 16-bit "
                             "collectives deadlock on CPUs); allowed here: float32")
-    needs_cuda = model.attention.kernel in ("flash", "flex")
-    if needs_cuda and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())):
+    if model.attention.kernel in ("flash", "flex") and on_cpu:
         problems.append(
             f"model.attention.kernel={model.attention.kernel!r}: needs a CUDA device "
             f"(trainer.accelerator={trainer.accelerator!r}); allowed here: sdpa"
         )
 
     # Vocabulary: a fixed model vocabulary must hold every token id the tokenizer can emit.
-    tok_vocab = BYTE_VOCAB if tok_kind == "byte" else cfg.tokenizer.get("vocab_size")
-    if model.vocab_size is not None and tok_vocab and tok_kind != "pretrained" and tok_vocab > model.vocab_size:
+    tok_vocab = tokenizer_vocab_size(cfg.tokenizer)
+    if model.vocab_size is not None and tok_vocab and tok_vocab > model.vocab_size:
         problems.append(
             f"model.vocab_size={model.vocab_size}: smaller than the tokenizer's vocabulary ({tok_vocab}); "
             f"allowed: >= {tok_vocab}, or null to take it from the tokenizer"

@@ -37,6 +37,7 @@ class TokenCache:
         self.n_tokens: int = index["n_tokens"]
         self.n_documents: int = index["n_documents"]
         self.doc_offsets: list[int] = index["doc_offsets"]
+        self.n_bytes: int = index["n_bytes"]
         self.index = index
         self._tokens: np.memmap | None = None
 
@@ -45,6 +46,11 @@ class TokenCache:
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
         return self._tokens
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of the split per token (document-separating EOS tokens not counted)."""
+        return self.n_bytes / max(1, self.n_tokens - self.n_documents)
 
     def __repr__(self) -> str:
         return f"TokenCache({self.path.name}, {self.n_documents} documents, {self.n_tokens} tokens)"
@@ -76,9 +82,10 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
     index_path.unlink(missing_ok=True)  # a stale index must not vouch for the new .bin midway
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
     doc_offsets: list[int] = []
-    n_tokens = 0
+    n_tokens = n_bytes = 0
     with atomic_file(bin_path) as f:
         for chunk in _chunks(corpus.documents(split), CHUNK_DOCUMENTS):
+            n_bytes += sum(len(text.encode("utf-8")) for text in chunk)
             for ids in tokenizer.encode_batch(chunk):
                 doc_offsets.append(n_tokens)
                 ids.append(tokenizer.eos_id)
@@ -87,7 +94,7 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
         if n_tokens == 0:  # raising here also discards the temp file
             raise ValueError(f"corpus {corpus.name!r} has no documents in split {split!r}")
 
-    index = {"key": key, "dtype": dtype.name, "n_tokens": n_tokens,
+    index = {"key": key, "dtype": dtype.name, "n_tokens": n_tokens, "n_bytes": n_bytes,
              "n_documents": len(doc_offsets), "doc_offsets": doc_offsets,
              "corpus": corpus.name, "split": split, "corpus_fingerprint": corpus.fingerprint(),
              "tokenizer_hash": tokenizer.content_hash()}
@@ -103,7 +110,7 @@ def _valid_index(bin_path: Path, index_path: Path, key: str) -> dict[str, Any] |
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         itemsize = np.dtype(index["dtype"]).itemsize
-        complete = (index["key"] == key and index["n_tokens"] > 0
+        complete = (index["key"] == key and index["n_tokens"] > 0 and "n_bytes" in index
                     and bin_path.stat().st_size == index["n_tokens"] * itemsize)
     except (OSError, ValueError, KeyError, TypeError):
         return None

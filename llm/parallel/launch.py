@@ -34,14 +34,17 @@ def is_rank_zero() -> bool:
 
 
 def _die_with_parent() -> None:
-    """Linux: a rank is killed when the process that started it dies, so none is left behind."""
-    try:
-        import ctypes
-        import signal
+    """Linux: a rank is killed when the process that started it dies, so none is left behind.
+    Where libc cannot be loaded the ranks are still stopped by spawn_local_ranks' `finally`,
+    just not when the launcher itself is SIGKILLed."""
+    import ctypes
+    import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

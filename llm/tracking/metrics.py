@@ -48,7 +48,7 @@ class JsonlLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
+        """Nothing to write: the run's config is in config.yaml and run.json beside this file."""
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:

@@ -88,3 +88,12 @@ class ThroughputMonitor(Callback):
     @property
     def mean_tokens_per_s(self) -> float:
         return self.tokens_per_step * self.train_steps / self.train_seconds if self.train_seconds else float("nan")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory, or the peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
