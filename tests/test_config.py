@@ -4,7 +4,6 @@ naming the key, the value and what is allowed."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch

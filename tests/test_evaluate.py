@@ -21,6 +21,8 @@ from llm.tracking.metrics import read_metrics
 from tests.conftest import compose_train, run_cli
 from tests.test_generate_cli import tiny_run
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
+
 # The tiny run's validation: data.val_batches=8 batches of data.micro_batch_size=8 x data.seq_len=64.
 VAL_BATCHES = 8
 TASK_PROMPTS = ["import os\n", "def parse(text):\n    return", "x", "class Foo:\n    def", "    ", "#"]
@@ -31,12 +33,6 @@ def run(tmp_path_factory) -> Path:
     return tiny_run(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def evaluate(run: Path, overrides: list[str], out_dir: Path, checkpoint: Path | None = None) -> dict:

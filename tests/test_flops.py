@@ -10,15 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.scaling.flops import model_size
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and far faster when other
-    processes share the 2 CPU cores (OpenMP threads then spin against each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 L, D, H, SEQ, BATCH = 2, 64, 4, 128, 2

@@ -22,14 +22,9 @@ from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.model.attention import attention_bias
 from llm.model.position import alibi_slopes
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 KINDS = ["rope", "alibi", "learned", "sinusoidal", "none"]

@@ -9,12 +9,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from llm.config import ConfigError
 from llm.evaluate.completion import cut_at_stop
 from llm.evaluate.generation import run_generate
 from tests.conftest import TINY_RUN, compose_train, run_cli
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
 
 PROMPTS = ["import os\n", "def parse(text):\n    return", "x"]  # three lengths, for left padding
 
@@ -35,13 +36,6 @@ def run(tmp_path_factory) -> Path:
     return tiny_run(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(run: Path, overrides: list[str], capsys) -> tuple[list[dict], str, str]:

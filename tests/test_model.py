@@ -20,15 +20,9 @@ from llm.model.position import (
 )
 from llm.scaling.flops import model_size
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and far faster when other
-    processes share the 2 CPU cores (OpenMP threads then spin against each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 KINDS = ["rope", "alibi", "learned", "sinusoidal", "none"]

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from llm.model import ModelConfig, Transformer
 from llm.parallel import Single
