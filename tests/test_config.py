@@ -173,6 +173,7 @@ BAD = [
     (["budget.steps=-5"], ["budget.steps=-5", "> 0"]),
     (["tokenizer=pretrained"], ["tokenizer.path: required but not set", "tokenizer.path=..."]),
     (["data=text"], ["data.corpus.paths: required but not set"]),
+    (["+model.attention.foo=1"], ["model.attention.foo", "unknown key", "n_kv_heads"]),
     (["+data.corpus.max_files=3"], ["data.corpus.max_files", "unknown key", "max_bytes"]),
     (["parallelism=ddp", "trainer.devices=3", "data.global_batch_size=32"], ["data.global_batch_size=32", "16 x 3 = 48"]),
     (["parallelism=fsdp_tp", "trainer.devices=2", "model.n_heads=3", "model.d_model=96"],

@@ -53,16 +53,10 @@ def check_schema(node: Any, schema: type, prefix: str) -> list[str]:
     if not isinstance(node, DictConfig):
         return [f"{prefix}={node!r}: expected a mapping with keys {_allowed(f.name for f in dataclasses.fields(schema))}"]
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    problems = []
-    for name in node.keys():
-        key = f"{prefix}.{name}"
-        if name not in fields:
-            problems.append(_unknown(key, str(name), list(fields)))
-        elif dataclasses.is_dataclass(fields[name].type if isinstance(fields[name].type, type) else None):
-            problems += check_schema(node[name], fields[name].type, key)
-    nested = {n: f for n, f in fields.items() if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)}
-    for name, f in nested.items():
-        if name in node:
+    problems = [_unknown(f"{prefix}.{name}", str(name), list(fields)) for name in node.keys() if name not in fields]
+    # Nested sections (model.attention, model.position) are the fields built by a dataclass factory.
+    for name, f in fields.items():
+        if name in node and isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
             problems += check_schema(node[name], f.default_factory, f"{prefix}.{name}")
     if problems:
         return problems
