@@ -67,6 +67,7 @@ def generate(
     use_cache: bool = True,
     vocab_size: Optional[int] = None,
     stream: Optional[Callable[[int, int], None]] = None,
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (a `Transformer` in eval mode; temperature 0 is greedy).
 
@@ -74,7 +75,9 @@ def generate(
     tokens only); that EOS or stop sequence IS included at the end of its output, nothing
     after it is. Other rows go on. `vocab_size` (default: model.cfg.vocab_size, the tokenizer's)
     keeps padded vocab ids from being sampled. `stream(row, token)` is called for every token
-    as it is produced. `generator` must be on the model's device.
+    as it is produced. `generator` must be on the model's device. `lockstep` takes all
+    `max_new_tokens` steps even after every row stopped: a sharded (FSDP) model gathers its
+    weights in every forward, so all ranks must make the same number of calls.
     """
     device = model.embed.weight.device
     vocab_size = vocab_size if vocab_size is not None else model.cfg.vocab_size
@@ -102,7 +105,7 @@ def generate(
             if stream is not None:
                 stream(row, token)
             done[row] = ends_with_stop(out[row], eos_id, stop_sequences)
-        if all(done) or step == max_new_tokens - 1:
+        if (all(done) and not lockstep) or step == max_new_tokens - 1:
             break
         new = new[:, None]
         if cache is not None:

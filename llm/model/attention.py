@@ -29,6 +29,7 @@ def attention_bias(
     dtype: torch.dtype,
     q_valid: Optional[Tensor] = None,
     k_valid: Optional[Tensor] = None,
+    documents: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
     """Additive float mask (1 or H, Tq, Tk): causal, optional sliding window, optional ALiBi.
 
@@ -36,12 +37,14 @@ def attention_bias(
     `k_valid` (B, Tk) is False at padding keys (left-padded batches): real queries never see
     them. A padded query (`q_valid` False) ignores padding, so it still sees itself and its
     softmax row is never all -inf (NaN there would leak into every later layer's values).
+    `documents` (B, T) numbers the documents packed into each row (no cache): a token sees only
+    earlier tokens of its own document.
 
     Returns None for plain causal attention over aligned positions, so SDPA can take its
     fastest `is_causal` path.
     """
     aligned = q_pos.shape == k_pos.shape and q_pos.dim() == 1
-    if window is None and slopes is None and k_valid is None and aligned:
+    if window is None and slopes is None and k_valid is None and documents is None and aligned:
         return None
     distance = (q_pos[..., :, None] - k_pos[..., None, :]).unsqueeze(-3)  # (..., 1, Tq, Tk)
     allowed = distance >= 0
@@ -52,6 +55,8 @@ def attention_bias(
         if q_valid is not None:
             visible = visible | ~q_valid[:, None, :, None]
         allowed = allowed & visible
+    if documents is not None:
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :]).unsqueeze(1)
     bias = torch.zeros(distance.shape, dtype=dtype, device=q_pos.device)
     if slopes is not None:  # a linear penalty on distance, one slope per head
         bias = -slopes.to(dtype).view(-1, 1, 1) * distance.clamp(min=0).to(dtype)

@@ -7,7 +7,7 @@ them as the schemas of the `model`, `attention` and `position` config groups.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 NORMS = ("rmsnorm", "layernorm")
@@ -56,6 +56,15 @@ class ModelConfig:
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 n_layers), as GPT-2
     size: Optional[float] = None  # model=ladder: the target non-embedding parameters the shape was chosen for
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """From `dataclasses.asdict` output (as checkpoints store it); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known}
+        values["attention"] = AttentionConfig(**values.get("attention", {}))
+        values["position"] = PositionConfig(**values.get("position", {}))
+        return cls(**values)
 
     # Derived fields, resolved once so every consumer sees the same numbers.
     @property

@@ -63,7 +63,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights, zero biases; residual output projections scaled down by
         sqrt(2 n_layers) so the residual stream's variance does not grow with depth."""
-        if self.cfg.tie_embeddings:  # again: to_empty() after a meta-device build unties them
+        if self.cfg.tie_embeddings and self.lm_head is not None:  # again: to_empty() after a meta-device build unties them
             self.lm_head.weight = self.embed.weight
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_residual_init else std
@@ -87,13 +87,18 @@ class Transformer(nn.Module):
         positions: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
         mask: Optional[Tensor] = None,
+        documents: Optional[Tensor] = None,
+        hidden: bool = False,
     ) -> Tensor:
-        """tokens (B, T) -> logits (B, T, padded vocab).
+        """tokens (B, T) -> logits (B, T, padded vocab), or with `hidden` the final hidden states
+        (B, T, d_model) that a value head reads (`llm.stages.value.ValueModel`).
 
         For generation (`llm.generate`): with a `cache`, the tokens follow those of earlier calls,
         whose keys and values it holds; positions then default to continuing from its length.
         `mask` (B, T) is False at padding tokens (left-padded prompts), which no real token sees.
         Without either, this is the training path: one causal mask shared by the batch.
+        Packed rows (several documents per row, `llm.data.posttrain`) pass per-row `positions`
+        that restart at each document and `documents` (B, T), so attention stays in its document.
         """
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -102,7 +107,7 @@ class Transformer(nn.Module):
         rotary = self.position.rotary(positions)
         k_pos, k_valid = (positions, mask) if cache is None else cache.append(positions, mask)
         bias = attention_bias(
-            positions, k_pos, self.cfg.attention.window, self.position.slopes(), x.dtype, mask, k_valid
+            positions, k_pos, self.cfg.attention.window, self.position.slopes(), x.dtype, mask, k_valid, documents
         )
         if cache is None:
             for block in self.blocks:
@@ -110,4 +115,4 @@ class Transformer(nn.Module):
         else:
             for block, layer_cache in zip(self.blocks, cache.layers):
                 x = block(x, rotary, bias, layer_cache)
-        return self.lm_head(self.norm(x))
+        return self.norm(x) if hidden else self.lm_head(self.norm(x))

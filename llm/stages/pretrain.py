@@ -53,6 +53,10 @@ class PretrainModule(pl.LightningModule):
         mesh = getattr(self, "device_mesh", None)
         self.model = self.parallelism.parallelize(self.model, mesh)
 
+    def trained_module(self) -> torch.nn.Module:
+        """What the optimizer updates (PPO adds its critic)."""
+        return self.model
+
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
 
@@ -84,12 +88,12 @@ class PretrainModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Clipped here rather than by the Trainer, which refuses fused optimizers under mixed precision.
         if self.gradient_clip:
-            norm = clip_grad_norm_(list(self.model.parameters()), self.gradient_clip)
+            norm = clip_grad_norm_(list(self.trained_module().parameters()), self.gradient_clip)
             if self.logging_step():
                 self.log("train/grad_norm", norm)
 
     def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(self.optimizer_factory, self.model)
+        optimizer = build_optimizer(self.optimizer_factory, self.trained_module())
         total = self.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.schedule(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
