@@ -201,15 +201,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_step = checkpoint_step(resume_from) if resume_from else -1
     loggers: list = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=resume_step if rank_zero else None)]
     if logger_cfg.kind == "wandb":
-        from llm.tracking.wandb import wandb_logger
+        from llm.tracking.wandb import run_config, wandb_logger
 
-        name = " ".join([rid, *[choices[g] for g in ("model", "attention", "position") if g in choices]])
-        wandb = wandb_logger(logger_cfg, rid, run_dir, module.stage, name,
-                             [f"{g}:{c}" for g, c in choices.items()], logger_cfg.group, announce=rank_zero)
-        wandb.log_hyperparams({**resolved_config(cfg), **{f"choice/{g}": c for g, c in choices.items()},
-                               "overrides": _command_line_overrides(),
-                               "derived": {k: v for k, v in facts.items() if k not in ("choices",)}})
-        loggers.append(wandb)
+        config = run_config(resolved_config(cfg), choices, _command_line_overrides(), facts)
+        loggers.append(wandb_logger(logger_cfg, rid, run_dir, module.stage, choices, config, Path(cfg.paths.runs_dir),
+                                    tokens_per_step, size.flops_per_token, rank_zero=rank_zero))
     elif logger_cfg.kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
@@ -221,6 +217,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", trainer_cfg.checkpoint_every,
                                      tuple(start for start, _ in branches))
     callbacks = [checkpoints, throughput]
+    artifacts = None
+    if logger_cfg.kind == "wandb" and logger_cfg.log_checkpoints:
+        from llm.tracking.wandb import CheckpointArtifacts
+
+        artifacts = CheckpointArtifacts(checkpoints, rid)  # after `checkpoints`: logs what it just saved
+        callbacks.append(artifacts)
     if trainer_cfg.progress_bar:
         callbacks.append(StepProgressBar())
     trainer = make_trainer(trainer_cfg, parallelism, world, steps, accumulate, loggers, callbacks, run_dir)
@@ -232,6 +234,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_step % min(trainer_cfg.val_every, steps):
             trainer.validate(module, datamodule=datamodule, verbose=False)
         checkpoints.save(trainer)
+        if artifacts is not None:
+            artifacts.log_saved(trainer)
         summary["status"] = "completed"
         for start, end in branches:  # WSD: the shorter runs that share this run's stable phase
             summary.setdefault("branches", []).append(run_branch(
@@ -333,9 +337,6 @@ def final_metrics(path: Path) -> dict[str, Any]:
 
 def _finish_wandb(failed: bool) -> None:
     """Always close the W&B run, also on failure, so the next job never reuses it."""
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
+    from llm.tracking.wandb import finish_run
+
+    finish_run(failed)

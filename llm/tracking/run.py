@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,37 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def resolved_config(cfg: DictConfig, resolve: bool = True) -> dict:
-    """The run's config as plain data, without Hydra's own `hydra` node."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=resolve) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in cfg if k != "hydra"}
+    """The run's config as plain data, without Hydra's own `hydra` node. Resolved, it is also
+    redacted: an `${oc.env:...}` interpolation must not copy a secret into config.yaml or W&B."""
+    config = {k: OmegaConf.to_container(cfg[k], resolve=resolve) if OmegaConf.is_config(cfg[k]) else cfg[k]
+              for k in cfg if k != "hydra"}
+    return redact_secrets(config) if resolve else config
+
+
+REDACTED = "<redacted>"
+# Key names that hold credentials (`hf_token`, `api_key`, ...), not `tokens` or `max_new_tokens`.
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|access_token|auth_token|hf_token|token)$", re.I)
+_SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables named like credentials (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8]
+
+
+def redact_secrets(data: Any, secrets: list[str] | None = None) -> Any:
+    """A copy of `data` with credentials replaced by "<redacted>": values of keys named like
+    credentials, and any string containing the value of a credential environment variable."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(data, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact_secrets(v, secrets)
+                for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact_secrets(v, secrets) for v in data)
+    if isinstance(data, str):
+        key, is_override, _ = data.partition("=")  # a command-line override: `+data.corpus.hf_token=...`
+        if is_override and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            return f"{key}={REDACTED}"
+        for secret in secrets:
+            data = data.replace(secret, REDACTED)
+    return data
