@@ -36,8 +36,9 @@ def t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def approx(tensor: torch.Tensor, expected: float, tol: float = 1e-6) -> bool:
-    return abs(float(torch.as_tensor(tensor).detach()) - expected) <= tol
+def approx(value: torch.Tensor | float, expected: float, tol: float = 1e-6) -> bool:
+    value = value.detach() if isinstance(value, torch.Tensor) else value
+    return abs(float(value) - expected) <= tol
 
 
 # --------------------------------------------------------------------------------------------
