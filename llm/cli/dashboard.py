@@ -1,0 +1,142 @@
+"""`llm-dashboard`: compare runs, offline as one HTML file or online as a W&B Report.
+
+  llm-dashboard runs/multirun/20250101-120000-000000           # HTML: <sweep dir>/dashboard.html
+  llm-dashboard runs --group attention_ablation -o attention.html
+  llm-dashboard runs --where model=tiny --group-by position    # only model=tiny, one colour per position
+  llm-dashboard wandb:my-team/llm --group attention_ablation   # a W&B Report; prints its URL
+  llm-dashboard runs/multirun/20250101-... --report my-team/llm  # a report of these runs (after `wandb sync`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+EPILOG = """Sources:
+  DIR                       a run or sweep directory: every summary.json below it is one run
+  wandb:[ENTITY/]PROJECT    the runs of a W&B project (needs `wandb login` and network)
+
+Offline (directories): one self-contained HTML file (no network assets) with val/loss and train/loss
+curves coloured by group against step, tokens or FLOPs; a sortable table of the runs' choices and final
+metrics; the scaling fit when `llm-scaling fit` wrote a fit.json below the sources (or --fit); and
+panels for post-training metrics (rewards/*, objective/*, reward*).
+
+Online (wandb: source, or --report): a W&B Report with val/loss against tokens and FLOPs grouped by the
+same keys, a scaling panel, a parallel-coordinates plot, a run comparer and the runs' final metrics.
+
+Grouping: by default, every config group whose choice differs between the selected runs (e.g.
+attention for the attention ablation); --group-by takes choices (attention, position) or config keys
+(model.d_model), comma-separated, or `run`.
+
+Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, or a bad source, filter or key."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-dashboard", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="run/sweep directory, or wandb:[ENTITY/]PROJECT")
+    select = parser.add_argument_group("selecting runs (all conditions must hold)")
+    select.add_argument("--group", help="W&B group: the experiment name (experiment_name) or sweep")
+    select.add_argument("--job-type", help="the stage: pretrain, sft, dpo, ppo, grpo, ...")
+    select.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="a tag the runs carry, e.g. attention:gqa (repeatable)")
+    select.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="a choice or config value, e.g. attention=gqa or model.d_model=128 (repeatable)")
+    select.add_argument("--completed", action="store_true", help="only runs whose status is completed/finished")
+    show = parser.add_argument_group("what to show")
+    show.add_argument("--group-by", metavar="KEYS",
+                      help="comma-separated choices or config keys, or `run` (default: the choices that differ)")
+    show.add_argument("--title", help="page/report title (default: the group, or 'Run comparison')")
+    show.add_argument("--fit", metavar="FIT_JSON", help="scaling fit to show (default: the newest fit.json below the sources)")
+    show.add_argument("-o", "--out", metavar="HTML", help="where the page goes (default: <first source>/dashboard.html)")
+    show.add_argument("--report", metavar="ENTITY/PROJECT",
+                      help="also build a W&B Report of these local runs in this project (they must be synced)")
+    return parser
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, find_wandb_runs, varying_groups
+    from llm.tracking.dashboard.runs import check_group_by, find_fit
+
+    online = [s for s in args.sources if s.startswith("wandb:")]
+    if online and (len(online) > 1 or len(args.sources) > 1):
+        return fail("give run/sweep directories, or one wandb:[ENTITY/]PROJECT source, not both")
+    try:
+        filters = Filters(group=args.group, job_type=args.job_type, tags=list(args.tag),
+                          where=Filters.parse_where(args.where))
+        found = find_wandb_runs(online[0], filters) if online else find_local_runs(args.sources)
+        runs = [r for r in found if filters.keeps(r)]
+        if args.completed:
+            runs = [r for r in runs if r.status in ("completed", "finished")]
+        print(f"runs: {len(found)} found in {', '.join(args.sources)}; {len(runs)} selected (filters: {filters.describe()})")
+        if not runs:
+            hint = "" if found else " (no summary.json below the directories: are they run or sweep directories?)"
+            return fail(f"no runs to show{hint}")
+        group_by = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else varying_groups(runs)
+        check_group_by(runs, group_by)
+    except SelectionError as e:
+        return fail(str(e))
+    grouping = ", ".join(group_by) or "run (no choice differs between the runs)"
+    print(f"grouped by {grouping}")
+    title = args.title or (filters.group or (runs[0].group if len({r.group for r in runs}) == 1 else None)
+                           or "Run comparison")
+
+    if online:
+        from llm.tracking.dashboard.runs import parse_wandb_source
+
+        entity, project = parse_wandb_source(online[0])
+        return publish_report(entity, project, runs, group_by, filters, title, exact_runs=False)
+
+    fit_path = Path(args.fit) if args.fit else find_fit(args.sources)
+    fit = None
+    if fit_path is not None:
+        try:
+            fit = json.loads(fit_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return fail(f"--fit {fit_path}: cannot read ({e})")
+        print(f"scaling fit: {fit_path}")
+    from llm.tracking.dashboard import write_page
+
+    out = Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html"
+    write_page(runs, out, group_by or None, fit, title)
+    print(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB; open it in a browser, it needs no network)")
+    if args.report:
+        entity, _, project = args.report.rpartition("/")
+        if not project:
+            return fail(f"--report {args.report!r}: expected ENTITY/PROJECT or PROJECT")
+        return publish_report(entity or None, project, runs, group_by, filters, title, exact_runs=True)
+    return 0
+
+
+def publish_report(entity: Optional[str], project: str, runs: list, group_by: list[str], filters, title: str,
+                   exact_runs: bool) -> int:
+    from llm.tracking.dashboard.report import build_report, save_report
+
+    try:
+        import wandb
+
+        entity = entity or wandb.Api().default_entity
+        report = build_report(entity, project, runs, group_by, filters, title, exact_runs=exact_runs)
+        url = save_report(report)
+    except Exception as e:  # credentials, network, server: say what to do
+        print(f"error: cannot save the W&B report ({type(e).__name__}: {e}); log in with `wandb login` "
+              "(or set WANDB_API_KEY) and check the network; the offline page needs neither", file=sys.stderr)
+        return 1
+    print(f"report: {url}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    sys.exit(run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Which runs a dashboard shows: found in run/sweep directories (every summary.json below them) or
+listed from a W&B project, then filtered by group, job type, tags and config values, and grouped
+by the config groups whose choice differs between them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from llm.tracking.metrics import read_metrics
+from llm.tracking.run import run_id
+from llm.tracking.wandb import run_name
+
+
+class SelectionError(ValueError):
+    """No runs, or a filter or grouping key that cannot apply: the CLI exits with code 2."""
+
+
+@dataclass
+class Run:
+    """One run as a dashboard sees it."""
+
+    run_id: str
+    name: str
+    status: str
+    group: Optional[str]  # the experiment or sweep (W&B group)
+    job_type: str  # the stage (W&B job_type)
+    choices: dict[str, str]  # config group -> chosen option
+    config: dict[str, Any]  # flat, dotted keys of the resolved config
+    summary: dict[str, Any]  # summary.json (or the W&B summary)
+    tags: list[str] = field(default_factory=list)
+    run_dir: Optional[Path] = None
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl records (local runs only)
+
+    def value(self, key: str) -> Any:
+        """A choice (`attention` or `choice/attention`), a config key (`model.d_model`), or a summary key."""
+        key = key.removeprefix("choice/")
+        if key in self.choices:
+            return self.choices[key]
+        if key in self.config:
+            return self.config[key]
+        return self.summary.get(key)
+
+
+@dataclass
+class Filters:
+    """What a selection keeps: all given conditions must hold."""
+
+    group: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    where: dict[str, str] = field(default_factory=dict)  # key -> value, compared as text
+
+    @classmethod
+    def parse_where(cls, items: list[str]) -> dict[str, str]:
+        where = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SelectionError(f"--where {item!r}: expected KEY=VALUE, e.g. attention=gqa or model.d_model=128")
+            where[key.strip()] = value.strip()
+        return where
+
+    def keeps(self, run: Run) -> bool:
+        return ((self.group is None or run.group == self.group)
+                and (self.job_type is None or run.job_type == self.job_type)
+                and all(t in run.tags for t in self.tags)
+                and all(_text(run.value(k)) == v for k, v in self.where.items()))
+
+    def describe(self) -> str:
+        parts = [f"group={self.group}"] if self.group else []
+        parts += [f"job_type={self.job_type}"] if self.job_type else []
+        parts += [f"tag={t}" for t in self.tags] + [f"{k}={v}" for k, v in self.where.items()]
+        return ", ".join(parts) or "none"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'d_model': 128}} -> {'model.d_model': 128}; lists stay values."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---------------------------------------------------------------- local run directories
+
+def load_local_run(run_dir: Path) -> Run:
+    """A run from its directory: summary.json, run.json (config, choices), metrics.jsonl."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    config = _resolved_config(run_dir) or saved.get("config", {})
+    flat = flatten(config)
+    choices = dict(summary.get("choices") or saved.get("choices") or {})
+    rid = str(summary.get("run_id") or saved.get("run_id") or run_dir.name)
+    group = flat.get("logger.group") or flat.get("experiment_name") or _sweep_of(run_dir, flat.get("paths.runs_dir"))
+    tags = [f"{g}:{c}" for g, c in choices.items()] + list(flat.get("logger.tags") or [])
+    return Run(run_id=rid, name=run_name(rid, choices),
+               status=str(summary.get("status", "unknown")), group=group, job_type=str(summary.get("stage", "pretrain")),
+               choices=choices, config=flat, summary=summary, tags=tags, run_dir=run_dir,
+               history=read_metrics(run_dir / "metrics.jsonl"))
+
+
+def _resolved_config(run_dir: Path) -> Optional[dict]:
+    """config.yaml: the resolved (and redacted) config llm-train writes beside run.json."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _sweep_of(run_dir: Path, runs_dir: Optional[str]) -> Optional[str]:
+    """A multirun job's sweep (Hydra writes multirun.yaml there), named as its W&B group is."""
+    if not (run_dir.parent / "multirun.yaml").is_file():
+        return None
+    return run_id(run_dir.parent, Path(runs_dir)) if runs_dir else run_dir.parent.name
+
+
+def find_local_runs(paths: list[str | Path]) -> list[Run]:
+    """Every run below the given run/sweep directories (any depth), in path order."""
+    runs, seen = [], set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise SelectionError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise SelectionError(f"{path}: not a directory (give a run or sweep directory)")
+        for summary in sorted(path.rglob("summary.json")):
+            run_dir = summary.parent.resolve()
+            if run_dir in seen:
+                continue
+            seen.add(run_dir)
+            try:
+                runs.append(load_local_run(run_dir))
+            except (OSError, json.JSONDecodeError) as e:
+                print(f"skipped {run_dir}: unreadable ({e})")
+    return runs
+
+
+def find_fit(paths: list[str | Path]) -> Optional[Path]:
+    """The newest fit.json that `llm-scaling fit` wrote below the given directories."""
+    fits = [f for p in map(Path, paths) if p.is_dir() for f in p.rglob("fit.json")]
+    return max(fits, key=lambda f: f.stat().st_mtime) if fits else None
+
+
+# ---------------------------------------------------------------- W&B projects
+
+def parse_wandb_source(source: str) -> tuple[Optional[str], str]:
+    """'wandb:ENTITY/PROJECT' or 'wandb:PROJECT' -> (entity or None, project)."""
+    parts = source.removeprefix("wandb:").split("/")
+    if not source.startswith("wandb:") or len(parts) not in (1, 2) or not all(parts):
+        raise SelectionError(f"{source!r}: expected wandb:ENTITY/PROJECT or wandb:PROJECT")
+    return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def api_filters(filters: Filters) -> dict[str, Any]:
+    """The W&B public API's MongoDB-style query for these filters."""
+    conditions: list[dict[str, Any]] = []
+    if filters.group is not None:
+        conditions.append({"group": filters.group})
+    if filters.job_type is not None:
+        conditions.append({"jobType": filters.job_type})
+    conditions += [{"tags": {"$in": [t]}} for t in filters.tags]
+    conditions += [{f"config.{config_key(k)}": typed_value(v)} for k, v in filters.where.items()]
+    return {"$and": conditions} if conditions else {}
+
+
+def config_key(key: str) -> str:
+    """A choice is a flat config key (`choice/attention`); anything else is a config path."""
+    return key if "." in key or key.startswith("choice/") else f"choice/{key}"
+
+
+def typed_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return {"true": True, "false": False, "null": None}.get(text, text)
+
+
+def find_wandb_runs(source: str, filters: Filters) -> list[Run]:
+    """The runs of a W&B project that match the filters (needs credentials and network)."""
+    entity, project = parse_wandb_source(source)
+    import wandb
+
+    api = wandb.Api()
+    path = f"{entity or api.default_entity}/{project}"
+    try:
+        listed = list(api.runs(path, filters=api_filters(filters)))
+    except Exception as e:  # wandb raises its own errors for credentials and network: say what to do
+        raise SelectionError(f"{source}: cannot list runs ({type(e).__name__}: {e}); log in with `wandb login` "
+                             "or set WANDB_API_KEY, and check the project name") from e
+    runs = []
+    for r in listed:
+        config = flatten({k: v for k, v in r.config.items() if not k.startswith("_")})
+        choices = {k.removeprefix("choice/"): str(v) for k, v in config.items() if k.startswith("choice/")}
+        runs.append(Run(run_id=r.id, name=r.name, status=r.state, group=r.group, job_type=r.job_type or "",
+                        choices=choices, config=config, summary=dict(r.summary._json_dict), tags=list(r.tags)))
+    return runs
+
+
+# ---------------------------------------------------------------- grouping
+
+def varying_groups(runs: list[Run]) -> list[str]:
+    """The config groups whose chosen option differs between the runs (the default grouping)."""
+    groups = list(dict.fromkeys(g for r in runs for g in r.choices))
+    return [g for g in groups if len({r.choices.get(g) for r in runs}) > 1]
+
+
+def check_group_by(runs: list[Run], keys: list[str]) -> None:
+    unknown = [k for k in keys if k != "run" and all(r.value(k) is None for r in runs)]
+    if unknown:
+        known = sorted({*(g for r in runs for g in r.choices), "run"})
+        raise SelectionError(f"--group-by {','.join(unknown)}: not a choice or config key of the selected runs; "
+                             f"choices: {', '.join(known)} (or any config key, e.g. model.d_model)")
+
+
+def group_label(run: Run, keys: list[str]) -> str:
+    """'attention=gqa' (or 'attention=gqa, position=rope'); the run's name when grouping by run."""
+    if not keys or keys == ["run"]:
+        return run.name
+    return ", ".join(f"{k.removeprefix('choice/')}={_text(run.value(k))}" for k in keys)
