@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,7 @@ from llm.data.formats import (
     FORMATS,
     ChatTemplate,
     DatasetError,
+    Message,
     PreferenceExample,
     PromptExample,
     SFTExample,
@@ -149,7 +152,10 @@ def test_preference_pairs_reject_a_plausible_wrong_answer(name):
         assert row["rejected"] != row["chosen"]
         assert score(row["chosen"], row) == 1.0 and score(row["rejected"], row) == 0.0
         assert 0.0 <= score(row["rejected"], row, partial=True) < 1.0
-    # Plausible: close to the answer (same length give or take one, mostly right characters).
+    # Plausible: shaped like a valid answer, close to the right one (length give or take one,
+    # mostly right characters).
+    shape = {"addition": r"0|[1-9]\d*", "sorting": r"\d(,\d)*", "copying": r"[a-z]+", "counting": r"\d+"}[name]
+    assert all(re.fullmatch(shape, r["rejected"]) for r in rows)
     close = [abs(len(r["rejected"]) - len(r["chosen"])) <= 1 for r in rows]
     assert all(close)
     assert sum(score(r["rejected"], r, partial=True) for r in rows) / len(rows) > 0.3
@@ -250,6 +256,11 @@ def test_conversational_rows_and_a_custom_chat_template():
     [prompt] = parse_rows(load_rows([{"prompt": CHAT[:1], "answer": "4"}]), "prompt", template=template)
     assert (prompt.prompt, prompt.meta) == (prompt_text, {"answer": "4"})
     assert ChatTemplate().generation_prompt == "assistant: "  # derived from the turn by default
+    # A generation prompt of its own opens every assistant turn, in training as in generation.
+    alpaca = ChatTemplate("### {role}\n{content}\n", generation_prompt="### Response\n")
+    assert [(s.text, s.trained) for s in alpaca.segments([Message("user", "2+2="), Message("assistant", "4")])] == [
+        ("### user\n2+2=\n### Response\n", False), ("4\n", True)]
+    assert alpaca.prompt([Message("user", "2+2=")]) == "### user\n2+2=\n### Response\n"
     for bad in ("{role}: no content", "{content}{content}", "{who}: {content}"):
         with pytest.raises(ConfigError, match="chat_template.turn"):
             ChatTemplate(bad)
@@ -261,6 +272,24 @@ def test_hugging_face_dataset_in_memory():
     examples = read_examples(dataset, "preference")
     assert [_plain(e) for e in examples] == [EXPECTED["preference"]] * 2
     assert examples[1].where == "Dataset[1]"
+
+
+def test_hugging_face_hub_source_reads_through_load_dataset(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config_name=None, split=None):  # the one call `hf:NAME` makes
+        calls.append((name, config_name, split))
+        return [ROWS["prompt_only"], {"prompt": ""}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DatasetError) as error:
+        read_examples("hf:org/tasks", "prompt", hf_split="test", hf_config="small")
+    assert calls == [("org/tasks", "small", "test")]
+    assert error.value.problems == ["hf:org/tasks[1]: 'prompt' is empty: there is nothing to generate from "
+                                    "(format prompt_only)"]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError, match="needs the `datasets` package"):
+        read_examples("hf:org/tasks", "prompt")
 
 
 def test_task_rows_read_as_their_formats():
@@ -464,14 +493,13 @@ def test_stream_batches_are_a_pure_function_of_seed_step_rank_and_world():
 def test_ranks_never_share_an_example_within_an_epoch_and_epochs_reshuffle():
     examples = list(range(24))
     ranks = [ExampleStream(examples, ident, micro_batch_size=3, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    orders = []
     for epoch in range(3):  # 24 examples = 4 micro-batches of 3 on each of 2 ranks
         seen = [[x for m in range(4 * epoch, 4 * epoch + 4) for x in s.batch(m)] for s in ranks]
         assert not set(seen[0]) & set(seen[1])
         assert sorted(seen[0] + seen[1]) == examples
-        order = seen[0] + seen[1]
-        if epoch:
-            assert order != previous
-        previous = order
+        orders.append(seen[0] + seen[1])
+    assert orders[0] != orders[1] != orders[2]  # each epoch its own shuffle
     with pytest.raises(ValueError, match="rank"):
         ExampleStream(examples, ident, 3, rank=2, world_size=2)
 

@@ -127,7 +127,9 @@ class ChatTemplate:
                                f"placeholder other than {{role}}"])
         self.turn = turn
         self._before, self._after = turn.split("{content}")
-        self.generation_prompt = self._before.format(role="assistant") if generation_prompt is None else generation_prompt
+        if generation_prompt is None:
+            generation_prompt = self._before.format(role="assistant")
+        self.generation_prompt = generation_prompt
 
     def __repr__(self) -> str:
         return f"ChatTemplate(turn={self.turn!r}, generation_prompt={self.generation_prompt!r})"
@@ -140,7 +142,8 @@ class ChatTemplate:
                 pieces.append(Segment(self.generation_prompt, False))
                 pieces.append(Segment(m.content + self._after.format(role=m.role), index >= trained_from))
             else:
-                pieces.append(Segment(self._before.format(role=m.role) + m.content + self._after.format(role=m.role), False))
+                text = self._before.format(role=m.role) + m.content + self._after.format(role=m.role)
+                pieces.append(Segment(text, False))
         return _merged(pieces)
 
     def render(self, messages: Sequence[Message]) -> str:
@@ -237,7 +240,8 @@ def _messages(value: Any, key: str) -> list[Message]:
     for i, m in enumerate(value):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not m.get("role") \
                 or not isinstance(m.get("content"), str):
-            raise _RowProblem(f"{key}[{i}] must be {{\"role\": <non-empty string>, \"content\": <string>}}, got {m!r:.80}")
+            raise _RowProblem(f"{key}[{i}] must be {{\"role\": <non-empty string>, \"content\": <string>}}, "
+                              f"got {m!r:.80}")
         messages.append(Message(m["role"], m["content"]))
     return messages
 

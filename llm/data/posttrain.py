@@ -183,7 +183,8 @@ def pack(examples: Sequence[TokenizedExample], seq_len: int) -> list[Pack]:
     return [tuple(examples[i] for i in sorted(row)) for row in rows]
 
 
-def collate_sft(items: Sequence[Union[TokenizedExample, Pack]], pad_id: int, length: int | None = None) -> dict[str, Tensor]:
+def collate_sft(items: Sequence[Union[TokenizedExample, Pack]], pad_id: int,
+                length: int | None = None) -> dict[str, Tensor]:
     """A training batch (see the module docstring) of single examples or packs, right-padded to
     the longest row, or to `length`."""
     if not items:

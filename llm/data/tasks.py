@@ -223,7 +223,8 @@ def score(completion: str, meta: Mapping[str, Any], partial: bool = False) -> fl
     meta["task"]; an unknown task falls back to the fraction of correct characters.
     """
     if "answer" not in meta:
-        raise ValueError(f"score() needs meta with an 'answer' (and 'task' for partial credit); got keys {sorted(meta)}")
+        raise ValueError(f"score() needs meta with an 'answer' (and 'task' for partial credit); "
+                         f"got keys {sorted(meta)}")
     answer = str(meta["answer"])
     if exact_match(completion, answer):
         return 1.0
