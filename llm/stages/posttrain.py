@@ -1,0 +1,125 @@
+"""The base of every post-training stage: a network initialised from a parent checkpoint,
+optionally LoRA adapters, optionally a frozen reference copy, and the data of its method.
+
+A stage subclass says which network it trains (`build_network`), whether it needs a reference
+policy, which batches it eats (`collate`, the data kind) and its loss (`training_step`). The
+optimizer, schedule, gradient clipping, logging steps and the parallelism hook are the
+pretraining module's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from llm.model import Transformer
+from llm.model.lora import LoRAConfig, apply_lora, merge_lora
+from llm.model.value import ValueModel, load_weights
+from llm.stages.objectives import IGNORE_INDEX
+from llm.stages.pretrain import PretrainModule
+
+
+class PostTrainModule(PretrainModule):
+    stage = "posttrain"
+    data_kind = "sft"  # which examples the method reads: sft | preference | prompt
+    value_head = False  # trains a ValueModel (reward model) instead of a language model
+    needs_reference = False
+
+    def __init__(self, *args: Any, data: Optional[dict] = None, lora: Optional[dict] = None,
+                 parent: Any = None, tokenizer: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.data_config = dict(data or {})
+        self.lora = LoRAConfig(**(lora or {}))
+        self.parent = parent  # llm.stages.init_from.Parent: weights and architecture to start from
+        self.tokenizer = tokenizer
+        self.reference: Optional[nn.Module] = None
+        self.trainable_params = 0
+        # A LoRA checkpoint holds the adapters only; the frozen base comes from `parent` again.
+        self.strict_loading = not self.lora.enabled
+
+    # --- the network -------------------------------------------------------------------------
+
+    def build_network(self) -> nn.Module:
+        return ValueModel(self.model_config) if self.value_head else Transformer(self.model_config)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = self.build_network()
+        if self.parent is not None:
+            load_weights(model, self.parent.state, self.parent.value_head)
+        if self.needs_reference:
+            # Frozen and whole on every rank (never sharded): it only ever runs forward.
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        if self.lora.enabled:
+            # A value model's fresh head has nothing to adapt: it trains whole.
+            self.trainable_params = apply_lora(model, self.lora.rank, self.lora.alpha, self.lora.dropout,
+                                               self.lora.targets, train_modules=[*self.lora.train_modules, *(["head"] if self.value_head else [])])
+        else:
+            self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.model = self.parallelism.parallelize(model, getattr(self, "device_mesh", None))
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+        if self.global_rank == 0:
+            total = sum(p.numel() for p in self.model.parameters())
+            print(f"{self.stage}: training {self.trainable_params:,} of {total:,} parameters"
+                  + (f" (LoRA rank {self.lora.rank} on {', '.join(self.lora.targets)})" if self.lora.enabled else ""))
+
+    def train(self, mode: bool = True) -> PostTrainModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # never in training mode (dropout), whatever Lightning asks
+        return self
+
+    def on_validation_epoch_end(self) -> None:
+        """Perplexity means something only for a language-model loss (SFT's)."""
+        if self.data_kind == "sft":
+            super().on_validation_epoch_end()
+
+    # --- batches -----------------------------------------------------------------------------
+
+    def packed(self) -> bool:
+        return bool(self.data_config.get("packing", False))
+
+    def logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Logits of a right-padded batch; packed rows keep attention inside each document."""
+        if self.packed():
+            return model(batch["tokens"], batch["positions"], documents=batch["documents"])
+        return model(batch["tokens"])
+
+    def log_metrics(self, prefix: str, metrics: dict[str, Tensor], on_step: bool = True) -> None:
+        if prefix == "val/":
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        elif on_step and self.logging_step():
+            self.log_dict({f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+
+    def log_progress(self, loss: Tensor) -> None:
+        if self.logging_step():
+            steps_done = self.global_step + 1
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("trainer/tokens", float(steps_done * self.tokens_per_step))
+            self.log("trainer/flops", float(steps_done * self.tokens_per_step * self.flops_per_token))
+            self.log("trainer/lr", self.optimizers().param_groups[0]["lr"])
+            self.log("trainer/trainable_params", float(self.trainable_params))
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["llm"] = {"stage": self.stage, "model_config": asdict(self.model_config),
+                             "value_head": self.value_head, "lora": asdict(self.lora) if self.lora.enabled else None,
+                             "parent": None if self.parent is None else str(self.parent.ref.path)}
+        if self.lora.enabled:  # only what training changes: the base is the parent's
+            trained = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of logits[:, t] against labels[:, t + 1], over trained labels only."""
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX)
