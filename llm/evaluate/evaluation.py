@@ -33,6 +33,7 @@ from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, 
 from llm.evaluate.tasks import Task, read_tasks, task_accuracy
 from llm.generate.decode import ABSOLUTE_POSITIONS
 from llm.generate.quantize import model_bytes, quantize_int8
+from llm.tracking.samples import SampleLog
 from llm.train import ALLOWED_TARGETS, RUN_FILE
 
 if TYPE_CHECKING:
@@ -135,8 +136,9 @@ def plan_eval(cfg: DictConfig) -> EvalPlan:
 
 
 def measure(model: nn.Module, tokenizer: Tokenizer, plan: EvalPlan, batches: list[Tensor],
-            heldout: Optional[HeldOut]) -> dict[str, float]:
-    """One model's numbers: weight bytes, perplexity on the batches, task accuracy."""
+            heldout: Optional[HeldOut], samples: Optional[list[dict]] = None) -> dict[str, float]:
+    """One model's numbers: weight bytes, perplexity on the batches, task accuracy (its
+    completions are appended to `samples`)."""
     s = plan.settings
     values: dict[str, float] = {"model_bytes": float(model_bytes(model))}
     if heldout is not None:
@@ -144,7 +146,10 @@ def measure(model: nn.Module, tokenizer: Tokenizer, plan: EvalPlan, batches: lis
     if plan.tasks is not None:
         settings = DecodeSettings(strategy="greedy", max_new_tokens=s.task_max_new_tokens, stop=list(s.task_stop),
                                   add_bos=s.add_bos, batch_size=plan.batch_size)
-        values.update(task_accuracy(Completer(model, tokenizer, settings), plan.tasks).metrics())
+        accuracy = task_accuracy(Completer(model, tokenizer, settings), plan.tasks)
+        values.update(accuracy.metrics())
+        if samples is not None:
+            samples.extend(accuracy.samples)
     return values
 
 
@@ -178,7 +183,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     models = {"fp32": model}
     if s.quantize == "int8":
         models["int8"] = quantize_int8(copy.deepcopy(model).cpu())  # its kernels are CPU-only; fp32 stays put
-    results = {name: measure(variant, tokenizer, plan, batches, heldout) for name, variant in models.items()}
+    samples: list[dict] = []  # the task completions of the fp32 model
+    results = {name: measure(variant, tokenizer, plan, batches, heldout, samples if name == "fp32" else None)
+               for name, variant in models.items()}
 
     step = ref.step
     report: dict[str, Any] = {
@@ -189,12 +196,13 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     }
     if "int8" in results:
         report["int8_vs_fp32"] = _change(results["fp32"], results["int8"])
-    publish(report, plan, cfg.logger)
+    publish(report, plan, cfg.logger, samples)
     return report
 
 
-def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig) -> None:
-    """Print the table, write eval.json, append the metrics to the run's metrics.jsonl, log to W&B."""
+def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples: Optional[list[dict]] = None) -> None:
+    """Print the table, write eval.json, append the metrics to the run's metrics.jsonl, log to W&B;
+    task completions go to samples.jsonl beside eval.json (and a W&B Table)."""
     ref, results, metrics, step = plan.checkpoint, report["results"], report["metrics"], report["step"]
     data = report["data"]
     where = (f"{data['corpus']}/val, {data['batches']} batches of {data['batch_size']} x {data['seq_len']} tokens"
@@ -212,9 +220,15 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig) -> None:
     if plan.settings.log_metrics and ref.run_dir is not None and metrics:
         append_metrics(ref.run_dir / "metrics.jsonl", step, metrics)
         print(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
+    sample_log = SampleLog(plan.out_dir, key="eval/samples") if samples else None
     if plan.wandb_mode is not None:
         log_wandb(logger, plan.wandb_mode, ref.run_id, plan.out_dir, step, metrics,
-                  {"checkpoint": str(ref.path), "step": step, "settings": report["settings"], "data": data})
+                  {"checkpoint": str(ref.path), "step": step, "settings": report["settings"], "data": data},
+                  while_open=(lambda: sample_log.log(step, samples, force=True)) if sample_log else None)
+    elif sample_log:
+        sample_log.log(step, samples, force=True)
+    if sample_log:
+        print(f"samples: {len(samples)} task completions -> {sample_log.path}")
 
 
 def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from llm.tracking.run import write_json
 
@@ -64,8 +64,9 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 
 def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step: int,
-              metrics: dict[str, float], config: dict[str, Any]) -> None:
-    """A W&B run of job type `eval`, grouped with the run it measures (offline without credentials)."""
+              metrics: dict[str, float], config: dict[str, Any], while_open: Optional[Callable[[], Any]] = None) -> None:
+    """A W&B run of job type `eval`, grouped with the run it measures (offline without credentials).
+    `while_open` runs while the W&B run is active (it logs the sample table)."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -74,6 +75,8 @@ def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step
                      tags=["eval", *logger.tags], notes=logger.notes, config=config)
     run.log({**metrics, "trainer/global_step": step})
     run.summary.update({**metrics, "step": step})
+    if while_open is not None:
+        while_open()
     run.finish()
     if mode == "offline":
         print(f"W&B is offline; to upload: wandb sync {Path(run.dir).parent}")

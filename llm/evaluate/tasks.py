@@ -3,7 +3,7 @@ each prompt counts as correct when it equals the answer, both stripped of surrou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm.evaluate.completion import Completer
@@ -20,6 +20,7 @@ class Task:
 class TaskResult:
     correct: int
     total: int
+    samples: list[dict] = field(default_factory=list)  # prompt, completion, answer, reward (1 if correct)
 
     @property
     def accuracy(self) -> float:
@@ -36,5 +37,6 @@ def read_tasks(path: str | Path, key: str = "tasks_file") -> list[Task]:
 def task_accuracy(completer: Completer, tasks: list[Task]) -> TaskResult:
     """Exact-match accuracy of the completer's completions (give it greedy settings)."""
     completions = completer.complete([t.prompt for t in tasks])
-    correct = sum(c.completion.strip() == t.answer.strip() for c, t in zip(completions, tasks))
-    return TaskResult(correct, len(tasks))
+    samples = [{"prompt": t.prompt, "completion": c.completion, "answer": t.answer,
+                "reward": float(c.completion.strip() == t.answer.strip())} for c, t in zip(completions, tasks)]
+    return TaskResult(int(sum(s["reward"] for s in samples)), len(tasks), samples)

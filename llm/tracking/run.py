@@ -36,15 +36,25 @@ def group_choices(cfg: DictConfig | None = None) -> dict[str, str]:
 
 
 def git_state(root: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the code that runs: the repository holding this package (a source
+    checkout), else the one at `root` (where llm-train started), else {}."""
+    for where in (Path(__file__).resolve().parent, root):
+        state = _git_state(where)
+        if state:
+            return state
+    return {}
+
+
+def _git_state(where: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"commit": commit or None, "dirty": dirty} if commit else {}
+    return {"commit": commit, "dirty": dirty} if commit else {}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -63,8 +73,9 @@ def resolved_config(cfg: DictConfig, resolve: bool = True) -> dict:
 
 
 REDACTED = "<redacted>"
-# Key names that hold credentials (`hf_token`, `api_key`, ...), not `tokens` or `max_new_tokens`.
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|secret|password|passwd|access_token|auth_token|hf_token|token)$", re.I)
+# Key names that hold credentials (`hf_token`, `wandb_api_key`, ...), not `flops_per_token` or `max_new_tokens`.
+_SECRET_KEY = re.compile(r"^token$|(^|_)(api_?key|secret|secret_key|private_key|password|passwd|access_token|auth_token|"
+                         r"hf_token)$", re.I)
 _SECRET_ENV = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
 
 
