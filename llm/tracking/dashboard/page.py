@@ -193,15 +193,26 @@ function fmt(v) {
   if (a >= 100) return Number.isInteger(v) ? String(v) : v.toFixed(1);
   return Number.isInteger(v) ? String(v) : v.toFixed(4).replace(/0+$/, "").replace(/\.$/, "");
 }
+function tickFmt(v) {  // axis ticks: 50k, 1.5M, 2T
+  const a = Math.abs(v);
+  if (a < 1e4) return fmt(v);
+  const [scale, suffix] = [[1e18, "E"], [1e15, "P"], [1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]].find(([s]) => a >= s);
+  return `${+(v / scale).toPrecision(3)}${suffix}`;
+}
 function groupColors() {
   const labels = [...new Set(DATA.runs.map(r => r.labels[state.group]))];
   return new Map(labels.map((l, i) => [l, PALETTE[i % PALETTE.length]]));
 }
 function ticks(lo, hi, log) {
-  if (log) {
-    const out = [];
-    for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) out.push(Math.pow(10, e));
-    return out.filter(t => t >= lo * 0.999 && t <= hi * 1.001);
+  if (log) {  // powers of ten; over a narrow range also 2x and 5x, then every digit, then linear ticks
+    const e0 = Math.floor(Math.log10(lo)), e1 = Math.ceil(Math.log10(hi));
+    for (const mults of [[1], [1, 2, 5], [1, 2, 3, 4, 5, 6, 7, 8, 9]]) {
+      const out = [];
+      for (let e = e0; e <= e1; e++) for (const m of mults) out.push(m * Math.pow(10, e));
+      const inside = out.filter(t => t >= lo * 0.999 && t <= hi * 1.001);
+      if (inside.length >= 3) return inside;
+    }
+    return ticks(lo, hi, false);
   }
   const span = hi - lo || Math.abs(hi) || 1, raw = span / 5, mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 5, 10].map(m => m * mag).find(s => span / s <= 6);
@@ -229,11 +240,11 @@ function plot(parent, title, series, xName, opts) {
   const sy = v => H - B - (fy(v) - fy(y0)) / (fy(y1) - fy(y0)) * (H - T - B);
   for (const t of ticks(y0, y1, logy)) {
     el("line", { x1: L, x2: W - R, y1: sy(t), y2: sy(t), stroke: "#eee" }, svg, true);
-    el("text", { x: L - 6, y: sy(t) + 4, "text-anchor": "end", text: fmt(t) }, svg, true);
+    el("text", { x: L - 6, y: sy(t) + 4, "text-anchor": "end", text: tickFmt(t) }, svg, true);
   }
   for (const t of ticks(x0, x1, logx)) {
     el("line", { x1: sx(t), x2: sx(t), y1: T, y2: H - B, stroke: "#f2f2f2" }, svg, true);
-    el("text", { x: sx(t), y: H - B + 16, "text-anchor": "middle", text: fmt(t) }, svg, true);
+    el("text", { x: sx(t), y: H - B + 16, "text-anchor": "middle", text: tickFmt(t) }, svg, true);
   }
   el("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#bbb" }, svg, true);
   el("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", text: xName }, svg, true);
@@ -294,9 +305,10 @@ function drawFit() {
 }
 function drawTable() {
   const table = document.getElementById("runs-table"); table.innerHTML = "";
-  const cols = [["name", "run", true], ["group", "group", true], ["status", "status", true],
+  // The run column is coloured by group; the choices that make the groups have their own columns.
+  const cols = [["id", "run", true], ["status", "status", true],
     ...DATA.columns.choices.map(c => [c, c, true]), ...DATA.columns.final.map(c => [c, c, false])];
-  const value = (r, key) => key === "name" ? r.name : key === "group" ? r.labels[state.group] : key === "status" ? r.status : r.cells[key];
+  const value = (r, key) => key === "id" ? r.id : key === "status" ? r.status : r.cells[key];
   const head = el("tr", {}, el("thead", {}, table));
   for (const [key, title, text] of cols) {
     const cls = (text ? "text " : "") + (state.sortKey === key ? (state.sortDir > 0 ? "sorted-asc" : "sorted-desc") : "");
@@ -314,7 +326,7 @@ function drawTable() {
     const tr = el("tr", { "data-run": r.name }, body);
     for (const [key, , text] of cols) {
       const td = el("td", { class: (text ? "text " : "") + key.replace(/[^a-z]/gi, "-"), text: fmt(value(r, key)) }, tr);
-      if (key === "group") td.style.borderLeft = `6px solid ${colors.get(r.labels[state.group])}`;
+      if (key === "id") { td.style.borderLeft = `6px solid ${colors.get(r.labels[state.group])}`; td.title = r.name; }
     }
   }
 }

@@ -1,0 +1,215 @@
+"""`llm-dashboard` on a real small sweep: run selection and grouping, the offline page's data, the W&B
+report's panels and filters (built, not saved), the CLI's messages, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm.cli.dashboard import main as dashboard_main
+from llm.scaling.fit import Estimate, FitResult
+from llm.scaling.laws import ComputeLaw
+from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, page_data, varying_groups, write_page
+from llm.tracking.dashboard.page import fit_panel
+from llm.tracking.dashboard.report import build_report
+from llm.tracking.metrics import JsonlLogger
+from tests.conftest import TINY_RUN, run_cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless on a machine without network: no first-run, sync, component or background requests.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+BLUE, RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # the page's first two group colours
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`llm-train -m attention=mha,mqa` for 6 steps, validating every 2."""
+    root = tmp_path_factory.mktemp("dashboard")
+    result = run_cli(["-m", *TINY_RUN, "attention=mha,mqa", "budget.steps=6", "trainer.val_every=2", "trainer.log_every=2"],
+                     cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep_dir,) = (root / "runs" / "multirun").iterdir()
+    return sweep_dir
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_runs_are_found_filtered_and_grouped(sweep):
+    runs = find_local_runs([sweep.parent])  # any depth below the directory
+    assert [r.choices["attention"] for r in runs] == ["mha", "mqa"]
+    first = runs[0]
+    assert first.run_id == summary(sweep / "0")["run_id"] and first.name == f"{first.run_id} nano mha rope"
+    assert first.group == f"multirun-{sweep.name}" and first.job_type == "pretrain" and "attention:mha" in first.tags
+    assert first.value("data.seq_len") == 64 and first.value("choice/attention") == "mha"
+    assert varying_groups(runs) == ["attention"]
+    keep = lambda f: [r.choices["attention"] for r in runs if f.keeps(r)]  # noqa: E731
+    assert keep(Filters(where={"attention": "mqa"})) == ["mqa"]
+    assert keep(Filters(tags=["attention:mha"], job_type="pretrain")) == ["mha"]
+    assert keep(Filters(where={"model.d_model": str(first.value("model.d_model"))})) == ["mha", "mqa"]
+    assert keep(Filters(group="another_experiment")) == []
+    with pytest.raises(SelectionError, match="expected KEY=VALUE"):
+        Filters.parse_where(["attention"])
+    with pytest.raises(SelectionError, match="no such directory"):
+        find_local_runs([sweep / "missing"])
+
+
+def test_page_data_has_curves_on_every_axis_and_a_row_per_run(sweep):
+    runs = find_local_runs([sweep])
+    data = page_data(runs, title="ablation")
+    assert data["groupOptions"][0] == "attention" and "run" in data["groupOptions"]
+    assert data["groups"] == [f"multirun-{sweep.name}"]
+    assert data["rewardMetrics"] == [] and data["fit"] is None
+    for run, row in zip(runs, data["runs"]):
+        facts = summary(run.run_dir)
+        assert row["labels"]["attention"] == f"attention={run.choices['attention']}"
+        val = row["curves"]["val/loss"]
+        assert [p[0] for p in val] == [2, 4, 6]
+        for step, tokens, flops, loss in val:  # step -> tokens -> FLOPs as the run counted them
+            assert tokens == step * facts["tokens_per_step"] and flops == pytest.approx(tokens * facts["flops_per_token"])
+        assert val[-1][3] == pytest.approx(facts["val/loss"])
+        assert [p[0] for p in row["curves"]["train/loss"]] == [2, 4, 6]
+        assert row["cells"]["attention"] == run.choices["attention"] and row["cells"]["val/loss"] == facts["val/loss"]
+    assert {"attention", "model"} <= set(data["columns"]["choices"])
+    assert {"N", "D", "C", "val/loss", "train/loss"} <= set(data["columns"]["final"])
+
+
+def test_post_training_metrics_get_their_own_panels(sweep, tmp_path):
+    run_dir = tmp_path / "posttrain"
+    shutil.copytree(sweep / "0", run_dir)
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    for step in (2, 4, 6):  # as a DPO/PPO stage logs them (TRL's names)
+        logger.log_metrics({"rewards/chosen": 0.1 * step, "objective/kl": 0.01 * step}, step=step - 1)
+    (run,) = find_local_runs([run_dir])
+    data = page_data([run])
+    assert data["rewardMetrics"] == ["rewards/chosen", "objective/kl"]
+    assert [(p[0], p[3]) for p in data["runs"][0]["curves"]["rewards/chosen"]] == [(2, 0.2), (4, 0.4), (6, pytest.approx(0.6))]
+    assert data["runs"][0]["cells"]["objective/kl"] == pytest.approx(0.06)  # the final value, in the table
+
+
+def _fit(C_c: float = 1e9, alpha_C: float = 0.05) -> dict:
+    """A fit.json as `llm-scaling fit` writes it (with a skipped approach)."""
+    kaplan = FitResult("kaplan", "L(C) = (C_c / C)^alpha_C", {"C_c": Estimate(C_c), "alpha_C": Estimate(alpha_C)}, n_points=2)
+    return {"approaches": {"kaplan": kaplan.as_dict()}, "skipped": {"2": "needs 3 sizes per budget"}}
+
+
+def test_scaling_fit_panel_draws_the_fitted_law(sweep):
+    runs = find_local_runs([sweep])
+    panel = fit_panel(_fit(), runs)
+    assert sorted(p[0] for p in panel["points"]) == sorted(summary(r.run_dir)["C"] for r in runs)
+    (curve,) = panel["curves"]
+    law = ComputeLaw(C_c=1e9, alpha_C=0.05)
+    for c, loss in curve["points"][::10]:
+        assert loss == pytest.approx(float(law.loss(c)))
+    cs = [c for c, _ in curve["points"]]
+    assert cs[0] < min(p[0] for p in panel["points"]) and cs[-1] > max(p[0] for p in panel["points"])
+    assert any("alpha_C = 0.05" in line for line in panel["lines"])
+    assert any("Approach 2: skipped (needs 3 sizes per budget)" in line for line in panel["lines"])
+
+
+def test_report_builder_makes_the_expected_panels_and_filters(sweep):
+    import wandb_workspaces.reports.v2 as wr
+
+    runs = find_local_runs([sweep])
+    filters = Filters(group="attention_ablation", job_type="pretrain", tags=["model:tiny"], where={"position": "rope"})
+    report = build_report("my-team", "llm", runs, ["attention"], filters, title="Attention ablation")
+    assert (report.entity, report.project, report.title) == ("my-team", "llm", "Attention ablation")
+    grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
+    panels = [p for g in grids for p in g.panels]
+    lines = {(p.x, tuple(p.y)): p for p in panels if isinstance(p, wr.LinePlot)}
+    assert {("trainer/tokens", ("val/loss",)), ("trainer/flops", ("val/loss",)), ("trainer/tokens", ("train/loss",))} <= set(lines)
+    assert all(p.groupby == wr.Config("choice/attention") for p in lines.values())
+    (scaling,) = [p for p in panels if isinstance(p, wr.ScatterPlot)]
+    assert scaling.x == wr.SummaryMetric("trainer/flops") and scaling.y == wr.SummaryMetric("val/loss")
+    assert scaling.log_x and scaling.log_y
+    (parallel,) = [p for p in panels if isinstance(p, wr.ParallelCoordinatesPlot)]
+    assert [c.metric for c in parallel.columns][:2] == [wr.Config("choice/attention"), wr.Config("derived.N")]
+    assert any(isinstance(p, wr.RunComparer) for p in panels) and any(isinstance(p, wr.BarPlot) for p in panels)
+    runset = grids[0].runsets[0]
+    assert (runset.entity, runset.project, runset.groupby) == ("my-team", "llm", ["config.choice/attention"])
+    assert "summary:val/loss" in runset.pinned_columns and "config:choice/attention.value" in runset.pinned_columns
+    assert leaves(runset.filters) == [("=", "run", "group", "attention_ablation"), ("=", "run", "jobType", "pretrain"),
+                                      ("IN", "run", "tags", ["model:tiny"]), ("=", "config", "choice/position", "rope")]
+    # Runs selected from local directories: the report shows exactly those (by W&B id).
+    exact = build_report("my-team", "llm", runs, ["attention"], Filters(), exact_runs=True)
+    assert all(leaves(g.runsets[0].filters) == [("IN", "run", "name", [r.run_id for r in runs])]
+               for g in exact.blocks if isinstance(g, wr.PanelGrid))
+
+
+def leaves(expression: str) -> list[tuple]:
+    """A runset's filter expression as W&B's backend reads it: (op, section, key, value) per condition."""
+    from wandb_workspaces import expr
+
+    tree = expr.expr_to_filters(expression)
+    nodes = tree.filters if tree.op == "AND" else [tree]
+    return [(f.op, f.key.section, f.key.name, f.value) for f in nodes]
+
+
+def test_cli_writes_the_page_and_explains_bad_selections(sweep, tmp_path, capsys):
+    out = tmp_path / "page.html"
+    ok = run_cli([str(sweep), "-o", str(out)], cwd=tmp_path, command="dashboard")
+    assert ok.returncode == 0, ok.stderr
+    assert "runs: 2 found" in ok.stdout and "grouped by attention" in ok.stdout and f"written: {out}" in ok.stdout
+    assert out.stat().st_size > 5000
+    (tmp_path / "empty").mkdir()
+    for args, message in [  # the same entry point, in this process (each subprocess costs seconds of imports)
+        ([str(tmp_path / "empty")], "no runs to show (no summary.json below"),
+        ([str(tmp_path / "missing")], "no such directory"),
+        ([str(sweep), "--where", "attention"], "expected KEY=VALUE"),
+        ([str(sweep), "--where", "attention=gqa"], "no runs to show"),
+        ([str(sweep), "--group-by", "colour"], "--group-by colour: not a choice or config key"),
+        ([str(sweep), "wandb:team/llm"], "not both"),
+    ]:
+        with pytest.raises(SystemExit) as exit_code:
+            dashboard_main([*args, "-o", str(tmp_path / "bad.html")])
+        assert exit_code.value.code == 2 and message in capsys.readouterr().err, args
+    assert not (tmp_path / "bad.html").exists()
+    with pytest.raises(SystemExit) as exit_code:
+        dashboard_main(["--help"])
+    usage = capsys.readouterr().out
+    assert exit_code.value.code == 0 and "wandb:[ENTITY/]PROJECT" in usage and "Exit codes" in usage
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium): "
+                                                  "/usr/bin/chromium not found")
+def test_offline_dashboard_renders_in_headless_chromium(sweep, tmp_path):
+    from PIL import Image
+
+    runs = find_local_runs([sweep])
+    fit_file = tmp_path / "fit.json"
+    fit_file.write_text(json.dumps(_fit()))
+    page = write_page(runs, tmp_path / "dashboard.html", fit=json.loads(fit_file.read_text()), title="ablation")
+    assert "http://" not in page.read_text().replace("http://www.w3.org/2000/svg", "")  # no network assets
+
+    dom = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert 'data-rendered="true"' in html  # the script ran to its end
+    for run in runs:  # a table row and a curve per panel for each run
+        assert f'<tr data-run="{run.name}">' in html
+        assert html.count(f'class="curve" d="M') >= 4 and html.count(f'data-run="{run.name}" data-group=') == 2
+    for label in ("attention=mha", "attention=mqa"):
+        assert f'class="legend-item" data-group="{label}"' in html
+    assert html.count('class="point"') == 2  # the scaling panel's runs
+    assert "alpha_C = 0.05" in html
+
+    shot = tmp_path / "dashboard.png"
+    result = _chromium([f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()], tmp_path / "profile-shot")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    assert pixels.shape == (1000, 1400, 3) and pixels.std() > 5  # not blank (a blank page: 0)
+    for colour in (BLUE, RED):  # both groups' curves are drawn
+        close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
+        assert close > 200, (colour, close)
