@@ -42,6 +42,20 @@ class OnPolicyModule(PostTrainModule):
                               self.temperature, self.tokenizer.eos_id, self.tokenizer.pad_id, self.generator(),
                               lockstep=sharded)
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Greedy answers to held-out prompts, scored as in training: `val/reward`."""
+        sharded = bool(getattr(self.parallelism, "sharded_checkpoints", False))
+        rollout = sample_rollout(self.model, batch["prompts"], batch["meta"], 1, self.max_new_tokens, 0.0,
+                                 self.tokenizer.eos_id, self.tokenizer.pad_id, lockstep=sharded)
+        reward = self.scorer(rollout).mean()
+        self.log("val/reward", reward, prog_bar=True, sync_dist=True, batch_size=len(batch["prompts"]))
+        return reward
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.scorer is not None and self.scorer.model is not None:
+            self.scorer.model.to(self.device)
+
     def policy_logps(self, model: torch.nn.Module, rollout: Rollout) -> Tensor:
         """(N, L): log-prob of each completion token under `model`, at the sampling temperature."""
         logps, _ = token_logprobs(rollout.forward(model), rollout.labels, temperature=self.temperature)

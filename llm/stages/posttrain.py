@@ -10,6 +10,7 @@ pretraining module's.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -21,6 +22,10 @@ from llm.model.lora import LoRAConfig, apply_lora, merge_lora
 from llm.model.value import ValueModel, load_weights
 from llm.stages.objectives import IGNORE_INDEX
 from llm.stages.pretrain import PretrainModule
+
+
+# The frozen reference is in eval mode on purpose (no dropout); Lightning warns about any module that is.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class PostTrainModule(PretrainModule):
@@ -93,20 +98,21 @@ class PostTrainModule(PretrainModule):
             return model(batch["tokens"], batch["positions"], documents=batch["documents"])
         return model(batch["tokens"])
 
-    def log_metrics(self, prefix: str, metrics: dict[str, Tensor], on_step: bool = True) -> None:
+    def log_metrics(self, prefix: str, metrics: dict[str, Tensor], batch_size: int = 1) -> None:
+        """TRL-named metrics: `val/<name>` for validation; in training `train/<name>`, except names
+        that already have a section (`rewards/margins`, `objective/kl`, ...), on logging steps."""
         if prefix == "val/":
-            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        elif on_step and self.logging_step():
-            self.log_dict({f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=batch_size)
+        elif self.logging_step():
+            self.log_dict({f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()}, batch_size=1)
 
     def log_progress(self, loss: Tensor) -> None:
         if self.logging_step():
             steps_done = self.global_step + 1
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("trainer/tokens", float(steps_done * self.tokens_per_step))
-            self.log("trainer/flops", float(steps_done * self.tokens_per_step * self.flops_per_token))
-            self.log("trainer/lr", self.optimizers().param_groups[0]["lr"])
-            self.log("trainer/trainable_params", float(self.trainable_params))
+            self.log_dict({"train/loss": loss, "trainer/tokens": float(steps_done * self.tokens_per_step),
+                           "trainer/flops": float(steps_done * self.tokens_per_step * self.flops_per_token),
+                           "trainer/lr": self.optimizers().param_groups[0]["lr"],
+                           "trainer/trainable_params": float(self.trainable_params)}, batch_size=1)
 
     # --- checkpoints -------------------------------------------------------------------------
 
