@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,10 +37,14 @@ class BlockStream(IterableDataset):
     would, ranks never share a sample within an epoch, and each epoch uses every block once.
     With DataLoader workers, worker w of W yields micro-batches start + w, start + w + W, ...,
     which the DataLoader's round-robin puts back in order.
+
+    `skip` leaves micro-batches out of the stream (the loss guard's bad batches): `start` then
+    counts the batches yielded so far, and position p is the p-th micro-batch not skipped, so a
+    resumed run that knows the same skip set continues exactly where the first one stopped.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
+                 rank: int = 0, world_size: int = 1, start: int = 0, skip: Iterable[int] = ()):
         super().__init__()
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -53,6 +57,7 @@ class BlockStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.start = start
+        self.skip = sorted(set(skip))
         self.n_blocks = n_blocks_of(tokens, seq_len)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -77,12 +82,26 @@ class BlockStream(IterableDataset):
         blocks = [self.permutation(k // self.n_blocks)[k % self.n_blocks] for k in self.sample_indices(m)]
         return gather_blocks(self.tokens, np.array(blocks), self.seq_len)
 
+    def index_at(self, position: int) -> int:
+        """The micro-batch index m at stream position `position`, stepping over skipped ones."""
+        return stream_index(position, self.skip)
+
     def __iter__(self) -> Iterator[Tensor]:
         worker = get_worker_info()
-        m, step = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
+        p, step = (self.start, 1) if worker is None else (self.start + worker.id, worker.num_workers)
         while True:
-            yield self.batch(m)
-            m += step
+            yield self.batch(self.index_at(p))
+            p += step
+
+
+def stream_index(position: int, skip: list[int]) -> int:
+    """The index of the `position`-th (0-based) micro-batch not in the sorted list `skip`."""
+    index = position
+    for skipped in skip:
+        if skipped > index:
+            break
+        index += 1  # each skipped index at or before the candidate pushes it one further
+    return index
 
 
 def validation_batches(tokens: np.ndarray, seq_len: int, micro_batch_size: int,

@@ -1,4 +1,4 @@
-"""Checkpoints that are either whole or absent: write a temporary file, fsync, then rename."""
+"""Checkpoints that are either whole or absent: write a temporary file, fsync, verify, rename."""
 
 from __future__ import annotations
 
@@ -11,14 +11,21 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` so that a reader (or a resume after a crash) sees the old file or the
+    whole new one. The temporary file is read back before the rename: a write that the disk or
+    filesystem silently cut short fails here, while the previous checkpoint is still in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # the archive is whole and readable
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable

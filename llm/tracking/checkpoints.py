@@ -1,72 +1,268 @@
-"""Checkpoints of a run: `<run_dir>/checkpoints/last.ckpt`, replaced atomically.
+"""Checkpoints of a run: `<run_dir>/checkpoints/last.ckpt`, the last K, and the best.
 
 A single-process or DDP checkpoint is one file (written by AtomicCheckpointIO: temporary file,
-fsync, rename). An FSDP/TP checkpoint is a `torch.distributed.checkpoint` directory of shards,
-written to a temporary directory by every rank and then swapped in by rank 0, so `last.ckpt` is
-always either the previous whole checkpoint or the new whole one.
+fsync, verify, rename). An FSDP/TP checkpoint is a `torch.distributed.checkpoint` directory of
+shards, written to a temporary directory by every rank and then swapped in by rank 0. Either way
+`last.ckpt` is always a whole checkpoint or absent, never a torn one.
+
+Before a new `last.ckpt` is written, the previous one is renamed `step-<its step>.ckpt`; the
+newest `trainer.keep_last` checkpoints are kept (last.ckpt counts as one) plus the best by
+`val/loss`, which `best.ckpt` (a symlink) names. On resume, `newest_loadable_checkpoint` tries
+them newest first and sets aside any that does not load as `<name>.corrupt`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
 LAST = "last.ckpt"
+BEST = "best.ckpt"  # a symlink to the kept checkpoint with the lowest val/loss
 META = "meta.pt"  # the non-tensor part of a distributed checkpoint (Lightning's name)
+STEP_PREFIX = "step-"
+CORRUPT = ".corrupt"  # suffix of a checkpoint set aside because it does not load
+
+
+def step_checkpoint(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}.ckpt"
 
 
 class PeriodicCheckpoint(Callback):
-    def __init__(self, dirpath: str | Path, every_n_steps: int, branch_starts: tuple[int, ...] = ()):
+    """Saves `last.ckpt` every `every_n_steps` optimizer steps (and WSD branch starts), keeping
+    the newest `keep_last` checkpoints and the best by val/loss.
+
+    `vet(trainer)` runs before each periodic save and may raise to refuse it: the loss guard
+    uses it so that no checkpoint ever holds non-finite weights.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, branch_starts: tuple[int, ...] = (),
+                 keep_last: int = 2, vet: Optional[Callable[[pl.Trainer], None]] = None):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.branch_starts = set(branch_starts)  # WSD branches leave the stable phase here
-        self.saved_step = -1
+        self.keep_last = keep_last
+        self.vet = vet
+        self.saved_step = -1  # the step of last.ckpt, when this process wrote it
+        self.validated: Optional[tuple[int, float]] = None  # (step, val/loss) of the latest validation
+        self.best_step, self.best_val = -1, float("inf")
 
     def save(self, trainer: pl.Trainer, name: str = LAST) -> None:
         if trainer.global_step == self.saved_step and name == LAST:
             return
+        final = self.dirpath / name
+        rank_zero = trainer.is_global_zero
+        if not getattr(trainer.lightning_module.parallelism, "sharded_checkpoints", False):
+            if name == LAST and rank_zero:
+                self._rotate()
+            trainer.save_checkpoint(final)
+        else:
+            tmp, old = self.dirpath / f".{name}.tmp", self.dirpath / f".{name}.old"
+            if rank_zero and tmp.exists():
+                shutil.rmtree(tmp)
+            trainer.strategy.barrier("checkpoint-start")
+            trainer.save_checkpoint(tmp)  # every rank writes its shards; ends with a barrier
+            if rank_zero:
+                if name == LAST:
+                    self._rotate()
+                elif final.exists():
+                    final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            trainer.strategy.barrier("checkpoint-swapped")
         if name == LAST:
             self.saved_step = trainer.global_step
-        final = self.dirpath / name
-        if not getattr(trainer.lightning_module.parallelism, "sharded_checkpoints", False):
-            trainer.save_checkpoint(final)
-            return
-        tmp, old = self.dirpath / f".{name}.tmp", self.dirpath / f".{name}.old"
-        if trainer.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)
-        trainer.strategy.barrier("checkpoint-start")
-        trainer.save_checkpoint(tmp)  # every rank writes its shards; ends with a barrier
-        if trainer.is_global_zero:
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        trainer.strategy.barrier("checkpoint-swapped")
+            self._consider_best(rank_zero)
+            if rank_zero:
+                self._prune()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a fit may start from an older checkpoint (a rollback): read last.ckpt's step again
+            self.saved_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        periodic = step % self.every_n_steps == 0 and step > 0 and step != self.saved_step
+        if periodic and self.vet is not None:
+            self.vet(trainer)
+        if periodic:
             self.save(trainer)
-        if trainer.global_step in self.branch_starts:
-            self.save(trainer, branch_checkpoint(trainer.global_step))
+        if step in self.branch_starts:
+            self.save(trainer, branch_checkpoint(step))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or loss is None:
+            return
+        self.validated = (trainer.global_step, float(loss))
+        self._consider_best(trainer.is_global_zero)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "best_val": self.best_val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("best_val", float("inf")) < self.best_val:  # a rollback's older state knows less
+            self.best_step, self.best_val = state["best_step"], state["best_val"]
+
+    def _consider_best(self, rank_zero: bool) -> None:
+        """The checkpoint just saved is the best when its weights were just validated lowest."""
+        if self.validated is None or self.validated[0] != self.saved_step or not self.validated[1] < self.best_val:
+            return
+        self.best_step, self.best_val = self.validated
+        if rank_zero:
+            _point(self.dirpath / BEST, LAST)
+
+    def _rotate(self) -> None:
+        """Rename last.ckpt to step-<its step>.ckpt, so the new last.ckpt replaces nothing."""
+        last = self.dirpath / LAST
+        if not last.exists():
+            return
+        step = self.saved_step if self.saved_step >= 0 else _readable_step(last)
+        if step is None:  # unreadable: kept for inspection, out of the way
+            _remove(last.with_name(LAST + CORRUPT))
+            last.rename(last.with_name(LAST + CORRUPT))
+            return
+        kept = self.dirpath / step_checkpoint(step)
+        _remove(kept)
+        last.rename(kept)
+        if step == self.best_step:
+            _point(self.dirpath / BEST, kept.name)
+
+    def _prune(self) -> None:
+        older = sorted(_step_files(self.dirpath), reverse=True)
+        for step, path in older[self.keep_last - 1:]:
+            if step != self.best_step:
+                _remove(path)
+
+
+def _step_files(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in directory.glob(f"{STEP_PREFIX}*.ckpt"):
+        digits = path.name[len(STEP_PREFIX):-len(".ckpt")]
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return found
+
+
+def _point(link: Path, target: str) -> None:
+    """Make `link` a relative symlink to `target`, atomically."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    _remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _readable_step(path: Path) -> Optional[int]:
+    try:
+        return checkpoint_step(path)
+    except Exception:  # any unreadable checkpoint: torch raises several kinds
+        return None
 
 
 def branch_checkpoint(step: int) -> str:
     return f"stable-{step:08d}.ckpt"
 
 
-def last_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The run's last whole checkpoint (after a crash mid-swap, the previous one)."""
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, newest first: last.ckpt, the previous one mid-swap, then step-*.ckpt."""
     directory = Path(run_dir) / "checkpoints"
-    for path in (directory / LAST, directory / f".{LAST}.old"):
+    found = [path for path in (directory / LAST, directory / f".{LAST}.old") if path.exists()]
+    return found + [path for _, path in sorted(_step_files(directory), reverse=True)]
+
+
+def last_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The run's newest whole checkpoint (after a crash mid-swap, the previous one), unread."""
+    for path in checkpoint_candidates(run_dir):
         if path.is_file() or (path / META).is_file():
             return path
     return None
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it loads: a file must
+    unpickle (safely) with its weights and step; a sharded directory needs its metadata and every
+    shard file it names, at full length."""
+    path = Path(path)
+    try:
+        meta = load_checkpoint_meta(path)
+        if not path.is_dir() and "state_dict" not in meta:
+            return "no model weights (state_dict) in it"
+        if "global_step" not in meta:
+            return "no global_step in it"
+        if path.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            needed: dict[str, int] = {}
+            for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+                needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+            for name, size in sorted(needed.items()):
+                have = (path / name).stat().st_size if (path / name).is_file() else None
+                if have is None or have < size:
+                    return f"shard {name} is {'missing' if have is None else f'{have} of {size} bytes'}"
+    except Exception as e:  # torch.load raises several kinds on a torn or foreign file
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def newest_loadable_checkpoint(run_dir: str | Path, set_aside: bool = True) -> tuple[Optional[Path], list[dict]]:
+    """The newest checkpoint of the run that loads, and the ones tried before it that did not
+    ({"path", "error"}), which are renamed `<name>.corrupt` when `set_aside` (rank zero), when
+    the temporary files of writes that never finished are also removed."""
+    corrupt = []
+    if set_aside:
+        for torn in (Path(run_dir) / "checkpoints").glob(".*.tmp*"):
+            _remove(torn)
+    for path in checkpoint_candidates(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, corrupt
+        corrupt.append({"path": str(path), "error": problem})
+        if set_aside and path.exists():
+            aside = path.with_name(path.name.lstrip(".") + CORRUPT)
+            _remove(aside)
+            path.rename(aside)
+    return None, corrupt
+
+
+def require_same_model(path: str | Path, model_config: Any) -> None:
+    """Refuse (ConfigError) a checkpoint written by a model of another shape than `model_config`;
+    fields left None here (derived, e.g. the vocabulary from the tokenizer) are not compared."""
+    from llm.config import ConfigError
+
+    saved = (load_checkpoint_meta(path).get("llm") or {}).get("model_config")
+    if saved is None:
+        return
+    mine, theirs = _flat(asdict(model_config)), _flat(saved)
+    differ = [f"model.{k}={theirs[k]!r} there, {v!r} here" for k, v in mine.items()
+              if v is not None and k in theirs and theirs[k] != v]
+    if differ:
+        raise ConfigError([f"checkpoint {path}: written by a model of another architecture ({'; '.join(differ)}); "
+                           "resume with the run's own model settings, or start a new run"])
+
+
+def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def load_checkpoint_meta(path: str | Path) -> dict:

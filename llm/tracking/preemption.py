@@ -1,0 +1,106 @@
+"""Preemption: SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and stops the run
+with exit code 75; under SLURM the job is requeued and resumes by itself.
+
+A signal only sets a flag (a handler must not run collectives or write files). At the end of the
+next optimizer step all ranks agree on the flag (one all-reduce) and save `last.ckpt`; before the
+step after it they raise `Preempted`. `llm-train` then requeues a SLURM job (`scontrol requeue`)
+and exits with PREEMPTED_EXIT_CODE. When SLURM restarts the job (SLURM_RESTART_COUNT > 0) in the
+same, deterministic run directory, `requeued_run` tells llm.train to resume it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+# sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Not 0 (the run is
+# not done) and not 1 (nothing is wrong): schedulers and scripts can requeue on it.
+PREEMPTED_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit (--signal)
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped on a preemption signal; resume it to continue."""
+
+    def __init__(self, step: Optional[int], signal_name: str):
+        self.step = step  # None: not known here (the ranks of a multi-process run stopped)
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name}" + (f" after step {step}" if step is not None else "")
+                         + "; checkpoint saved")
+
+
+class PreemptionHandler(Callback):
+    """Turns SIGTERM/SIGUSR1 into a checkpoint and `Preempted` at the next step boundary.
+
+    The handlers are installed when training starts, after Lightning has installed its own (so
+    they replace Lightning's: its SIGTERM handler broadcasts from inside the handler, and its SLURM
+    SIGUSR1 handler writes a checkpoint of its own), and Lightning puts back the previous handlers
+    when the fit ends. Put this callback after the loss guard and the checkpoint callback.
+    """
+
+    def __init__(self, checkpoints: Any, enabled: bool = True):
+        self.checkpoints = checkpoints  # a PeriodicCheckpoint: saves last.ckpt
+        self.enabled = enabled
+        self.received: Optional[int] = None  # the signal number, once one arrived
+        self.stopping = False  # the checkpoint is saved: stop before the next step
+        self._judged_step = -1
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._judged_step = -1  # a fit after a rollback counts the same steps again
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        if getattr(trainer, "received_sigterm", False):  # arrived before our handler: Lightning noted it
+            self.received = signal.SIGTERM
+        for signum in SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.enabled or self.stopping or trainer.global_step == self._judged_step:
+            return  # mid-accumulation, or this step was judged already
+        self._judged_step = trainer.global_step
+        # Every rank must stop at the same step: one rank's signal stops them all.
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self.checkpoints.save(trainer)
+            self.stopping = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        # Stop here, not right after the save: Lightning has now finished the saved step (its
+        # metrics are written, as the resumed run will not log that step again).
+        if self.stopping:
+            name = signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
+            raise Preempted(trainer.global_step, name)
+
+
+def requeue_slurm_job() -> Optional[str]:
+    """Under SLURM (rank zero only), put this job back in the queue: it restarts with the same job
+    id, so in the same run directory, and resumes. Returns what happened, or None outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return None
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not requeue SLURM job {job}: {e}"
+    if done.returncode:
+        return f"could not requeue SLURM job {job}: {done.stderr.strip() or done.returncode}"
+    return f"requeued SLURM job {job}; it resumes from the checkpoint when it restarts"
+
+
+def requeued_run(run_dir: Path, run_file: str) -> bool:
+    """Whether this is a SLURM job restarted after a requeue (or a node failure) whose run
+    directory already holds the run: it is then resumed rather than started over."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and (Path(run_dir) / run_file).is_file()

@@ -1,0 +1,403 @@
+"""Fault injection on CPU: runs killed (-9) at random steps, during a checkpoint write, and
+preempted (SIGTERM/SIGUSR1) resume to the uninterrupted loss curve; NaN and spike batches are
+rolled back and skipped; corrupt checkpoints are set aside; the last K and the best are kept."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from llm.data.blocks import BlockStream
+from llm.stages.pretrain import PretrainModule
+from llm.tracking.checkpoint_io import AtomicCheckpointIO
+from llm.tracking.checkpoints import BEST, LAST, PeriodicCheckpoint, checkpoint_step, newest_loadable_checkpoint
+from llm.tracking.guard import GuardGaveUp
+from llm.tracking.metrics import read_metrics
+from llm.tracking.preemption import PREEMPTED_EXIT_CODE
+from llm.train import train
+from tests.conftest import REPO, TINY_RUN, compose_train, run_cli
+
+# 40 steps, a checkpoint every 10: a kill anywhere after step 10 loses at most 9 steps of work.
+RUN = [*TINY_RUN, "budget.steps=40", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.log_every=1"]
+# Two ranks with the same global batch as one process (test_parallel's convention).
+PARALLEL = [*RUN, "data.global_batch_size=16", "schedule=constant", "trainer.log_every=2"]
+ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # subprocesses import this file's fault-injecting modules
+
+
+def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def assert_same_curves(run: Path, reference: Path, abs_tol: float = 1e-5) -> None:
+    for key in ("train/loss", "val/loss"):
+        a, b = curve(reference, key), curve(run, key)
+        assert [s for s, _ in b] == [s for s, _ in a], key  # one curve: no step lost, none duplicated
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], abs=abs_tol), key
+
+
+def start(args: list[str], run_dir: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", **ENV, **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "llm.cli.train", *args, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 240, poll: float = 0.01) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def reached(run_dir: Path, step: int):
+    return lambda: any(s >= step for s, _ in curve(run_dir, "train/loss"))
+
+
+def kill_at(args: list[str], run_dir: Path, cwd: Path, step: int) -> None:
+    """Start a run and SIGKILL it (its whole process group: launcher and ranks) at `step`."""
+    proc = start(args, run_dir, cwd)
+    wait_for(proc, reached(run_dir, step), f"step {step}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def resume(run_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = run_cli([f"resume={run_dir}", *extra], cwd=cwd, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    return result
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> Path:
+    """Uninterrupted runs to compare with: one process (RUN) and two DDP ranks (PARALLEL)."""
+    root = tmp_path_factory.mktemp("references")
+    for name, args in (("single", RUN), ("ddp", [*PARALLEL, "parallelism=ddp", "trainer.devices=2"])):
+        result = run_cli([*args, f"hydra.run.dir={root / name}"], cwd=root, env=ENV)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+# ---- kill -9 at a random step, then resume ----
+
+def kill_step(seed: int) -> int:
+    return random.Random(seed).randint(12, 37)  # after the first checkpoint, before the end
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_killed_run_resumes_to_the_uninterrupted_curve(seed, references):
+    run = references / f"killed-{seed}"
+    kill_at(RUN, run, references, kill_step(seed))
+    assert 10 <= checkpoint_step(newest_loadable_checkpoint(run, set_aside=False)[0]) < 40
+    resume(run, references)
+    assert_same_curves(run, references / "single")
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, references):
+    run = references / f"ddp-killed-{seed}"
+    kill_at([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references, kill_step(seed))
+    resume(run, references)
+    assert_same_curves(run, references / "ddp")
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_killed_fsdp_run_resumes_to_the_uninterrupted_curve(seed, references):
+    run = references / f"fsdp-killed-{seed}"
+    args = [*PARALLEL, "parallelism=fsdp", "trainer.devices=2"]
+    kill_at(args, run, references, kill_step(seed))
+    shards = newest_loadable_checkpoint(run, set_aside=False)[0]
+    assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2  # a whole sharded checkpoint
+    resume(run, references)
+    # FSDP reduces in another order than DDP: the same curve to float round-off (test_parallel's bound).
+    assert_same_curves(run, references / "ddp", abs_tol=2e-4)
+
+
+# ---- kill during a checkpoint write ----
+
+class CheckpointBallast(PretrainModule):
+    """Pretraining whose checkpoint at step 20 carries 400 MB of zeros: a write long enough to be
+    killed in the middle of (plain tensors, so it still loads with weights_only=True)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.global_step == 20:
+            checkpoint["ballast"] = torch.zeros(100_000_000)
+
+
+def writing_ballast(checkpoints: Path) -> bool:
+    """The step-20 checkpoint is being written: its temporary file holds part of the ballast."""
+    for path in checkpoints.glob(f".{LAST}.tmp-*"):
+        try:
+            if path.stat().st_size > 20_000_000:
+                return True
+        except FileNotFoundError:  # renamed in between
+            pass
+    return False
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references):
+    run = references / "killed-writing"
+    checkpoints = run / "checkpoints"
+    proc = start([*RUN, "posttrain._target_=tests.test_reliability.CheckpointBallast"], run, references)
+    wait_for(proc, lambda: writing_ballast(checkpoints), "the step-20 checkpoint write", poll=0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (checkpoints / LAST).exists()  # the new one never replaced anything ...
+    previous = checkpoints / "step-00000010.ckpt"
+    assert checkpoint_step(previous) == 10  # ... and the previous one is whole
+
+    # The resumed run (the plain module: the ballast class is not on the resume allowlist) uses it.
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["posttrain"]["_target_"] = "llm.stages.pretrain.PretrainModule"
+    (run / "run.json").write_text(json.dumps(saved))
+    result = resume(run, references)
+    assert f"resuming from {previous}" in result.stdout
+    assert not list(checkpoints.glob(".*.tmp*"))  # the torn temporary file was cleared away
+    assert_same_curves(run, references / "single")
+
+
+# ---- preemption ----
+
+def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_resumes(references, tmp_path):
+    run = references / "preempted"
+    fake_bin = tmp_path / "bin"  # stands in for SLURM's scontrol: records what it was asked
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242"}
+    proc = start(RUN, run, references, env={**slurm, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    wait_for(proc, reached(run, 17), "step 17")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    stopped = summary["steps_done"]
+    assert summary["status"] == "preempted" and 17 <= stopped < 40
+    assert checkpoint_step(run / "checkpoints" / LAST) == stopped  # saved where it stopped, not at step 10
+    assert f"resume={run}" in stderr
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+    # SLURM restarts the job: the same command line, in the same run directory, with a restart count.
+    result = run_cli([*RUN, f"hydra.run.dir={run}"], cwd=references, env={**ENV, **slurm, "SLURM_RESTART_COUNT": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / LAST}" in result.stdout
+    assert_same_curves(run, references / "single")
+
+
+@pytest.mark.slow
+def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(references):
+    run = references / "ddp-preempted"
+    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references)
+    wait_for(proc, reached(run, 14), "step 14")
+    proc.send_signal(signal.SIGUSR1)  # to the launcher only: it forwards the signal to the ranks
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
+    resume(run, references)
+    assert_same_curves(run, references / "ddp")
+
+
+# ---- NaN and spike batches ----
+
+NAN_TOKEN, SPIKE_TOKEN = 1, 2  # byte tokenizer ids of "\x01" and "\x02", absent from normal text
+
+
+class PoisonedBatches(PretrainModule):
+    """Pretraining whose loss is NaN on a batch holding byte 0x01 and 5x on one holding 0x02:
+    bad data as the guard sees it (a NaN poisons the weights; a spike is a large bad update)."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if (batch == NAN_TOKEN).any():
+            return loss * float("nan")
+        if (batch == SPIKE_TOKEN).any():
+            return loss * 5
+        return loss
+
+
+POISONED = {14: "\x01", 32: "\x02"}  # micro-batch index -> the poison in one of its blocks
+
+
+@pytest.fixture(scope="module")
+def poisoned_text(tmp_path_factory) -> Path:
+    """~120 kB of Python source (ASCII: one byte, one token) with a poison byte in one block of
+    micro-batches 14 (NaN) and 32 (spike, after the guard's 20 warm-up steps) of the seed-1337 stream."""
+    import argparse
+    import collections
+    import dataclasses
+    import pathlib
+    import typing
+
+    text = "".join(inspect.getsource(m) for m in (argparse, typing, collections, pathlib, dataclasses))
+    text = text.encode("ascii", "ignore").decode()[:120_000]
+    train_part = text[: len(text) - math.ceil(len(text) * 0.05)]  # TextCorpus: the last 5% of one file is val
+    tokens = np.frombuffer(train_part.encode(), dtype=np.uint8).astype(np.int64)
+    stream = BlockStream(np.append(tokens, 257), seq_len=64, micro_batch_size=8, seed=1337)  # + EOS
+    chars = list(text)
+    for index, poison in POISONED.items():
+        block = stream.permutation(0)[index * 8 + 3]
+        chars[block * 64 + 20] = poison
+    path = tmp_path_factory.mktemp("poisoned") / "poisoned.txt"
+    path.write_text("".join(chars))
+    return path
+
+
+def poisoned_run(text: Path, root: Path, *extra: str) -> dict:
+    cfg = compose_train(["model=nano", "tokenizer=byte", "data=text", f"data.corpus.paths={text}", "data.seq_len=64",
+                         "data.micro_batch_size=8", "logger=none", "trainer.progress_bar=false", "budget.steps=40",
+                         "trainer.val_every=10", "trainer.log_every=5", "trainer.checkpoint_every=10",
+                         "posttrain._target_=tests.test_reliability.PoisonedBatches", *extra], root)
+    return train(cfg)
+
+
+def test_guard_rolls_back_and_skips_nan_and_spike_batches(poisoned_text, tmp_path, single_thread):
+    guarded = poisoned_run(poisoned_text, tmp_path / "guarded")
+    events = guarded["guard_events"]
+    assert [(e["kind"], e["batches_skipped"], e["rolled_back_to"]) for e in events] == [
+        ("nonfinite", [14], 10), ("spike", [32], 30)]
+    assert events[0]["step"] == 15 and events[1]["step"] == 32  # batch 32 came a step early, once 14 was skipped
+    assert events[1]["loss"] > events[1]["threshold"]
+    assert guarded["status"] == "completed" and guarded["guard_rollbacks"] == 2 and guarded["steps_done"] == 40
+    records = read_metrics(tmp_path / "guarded" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "val/loss" in r] == [10, 20, 30, 40]  # no replayed step left twice
+    guard_metrics = [(r["step"], r["guard/rollbacks"], r["guard/skipped_batches"]) for r in records if "guard/rollbacks" in r]
+    assert guard_metrics[0] == (5, 0, 0) and guard_metrics[-1] == (40, 2, 2)
+
+    # The same as a run told to skip those batches from the start, which never saw them.
+    clean = poisoned_run(poisoned_text, tmp_path / "clean", f"trainer.guard.skip_batches={list(POISONED)}")
+    assert clean["guard_rollbacks"] == 0
+    assert_same_curves(tmp_path / "guarded" / "run", tmp_path / "clean" / "run")
+
+    # Without the guard the NaN batch ruins the run.
+    unguarded = poisoned_run(poisoned_text, tmp_path / "unguarded", "trainer.guard.enabled=false")
+    assert math.isnan(unguarded["val/loss"])
+
+
+def test_guard_gives_up_after_max_rollbacks_with_a_clear_error(poisoned_text, tmp_path, single_thread):
+    with pytest.raises(GuardGaveUp) as e:
+        poisoned_run(poisoned_text, tmp_path, "trainer.guard.max_rollbacks=1")
+    message = str(e.value)
+    assert "2 bad steps" in message and "non-finite loss nan at step 15" in message and "loss spike" in message
+    assert "trainer.guard.max_rollbacks=1" in message
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["guard_rollbacks"] == 2
+    assert checkpoint_step(tmp_path / "run" / "checkpoints" / LAST) == 30  # the last good one, untouched
+
+
+def test_guard_under_ddp_rolls_back_every_rank_together(poisoned_text, references):
+    # The poisoned block is in one rank's half of the batch: the mean over ranks decides for both.
+    run = references / "ddp-guard"
+    result = run_cli(["model=nano", "tokenizer=byte", "data=text", f"data.corpus.paths={poisoned_text}", "data.seq_len=64",
+                      "data.micro_batch_size=4", "data.global_batch_size=8", "logger=none", "trainer.progress_bar=false",
+                      "budget.steps=20", "trainer.val_every=10", "trainer.checkpoint_every=10", "parallelism=ddp",
+                      "trainer.devices=2", "posttrain._target_=tests.test_reliability.PoisonedBatches",
+                      f"hydra.run.dir={run}"], cwd=references, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    # Micro-batches of 4 on 2 ranks: global sample k is in micro-batch k // 8, as with one rank of 8.
+    assert [(e["kind"], e["batches_skipped"]) for e in summary["guard_events"]] == [("nonfinite", [14])]
+    assert summary["status"] == "completed" and math.isfinite(summary["val/loss"])
+
+
+# ---- corrupt checkpoints, retention, best ----
+
+def test_resume_sets_aside_a_corrupt_checkpoint_and_uses_the_previous_one(tmp_path, single_thread):
+    args = [*TINY_RUN, "budget.steps=30", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.log_every=5"]
+    train(compose_train(args, tmp_path))
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert sorted(p.name for p in checkpoints.iterdir()) == [BEST, LAST, "step-00000020.ckpt"]  # keep_last=2
+    last = checkpoints / LAST
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a torn write
+
+    again = train(compose_train([*args, "resume=run"], tmp_path))
+    assert again["status"] == "completed" and again["steps_done"] == 30
+    assert [c["path"] for c in again["corrupt_checkpoints"]] == [str(last)]
+    assert "Error" in again["corrupt_checkpoints"][0]["error"]
+    assert (checkpoints / f"{LAST}.corrupt").exists()  # kept for inspection, never tried again
+    assert checkpoint_step(last) == 30  # steps 21..30 were trained again, from step-00000020.ckpt ...
+    assert_same_curves(run, reference)  # ... to the same curve
+
+
+class ScriptedValidation(pl.LightningModule):
+    """A one-parameter model whose validation loss at step s is `losses[s]`: enough to drive
+    checkpoint retention through a real Trainer."""
+
+    parallelism = None
+
+    def __init__(self, losses: dict[int, float]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.losses = losses
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.losses[self.global_step])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return [torch.zeros(1)] * 100
+
+    def val_dataloader(self):
+        return [torch.zeros(1)]
+
+
+def test_keeps_the_last_k_checkpoints_and_the_best(tmp_path):
+    checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=10, keep_last=2)
+    trainer = pl.Trainer(max_steps=50, val_check_interval=10, check_val_every_n_epoch=None, callbacks=[checkpoints],
+                         plugins=[AtomicCheckpointIO()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ScriptedValidation({10: 5.0, 20: 3.0, 30: 4.0, 40: 6.0, 50: 7.0}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST, LAST, "step-00000020.ckpt", "step-00000040.ckpt"]
+    assert (tmp_path / BEST).resolve().name == "step-00000020.ckpt"
+    assert checkpoint_step(tmp_path / BEST) == 20 and checkpoint_step(tmp_path / LAST) == 50
+    assert torch.load(tmp_path / LAST, weights_only=True)["callbacks"]["PeriodicCheckpoint"]["best_step"] == 20
+
+
+class InfiniteUpdateAtStep20(PretrainModule):
+    """Pretraining whose 20th update makes a weight infinite once, while that step's loss is
+    still finite: only the check of the weights before a checkpoint can catch it."""
+
+    fired = False  # on the class: a rollback's fresh copy of the module must not fire again
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.global_step == 19 and not InfiniteUpdateAtStep20.fired:  # the step counter moves on after this
+            InfiniteUpdateAtStep20.fired = True
+            with torch.no_grad():
+                next(self.parameters()).fill_(float("inf"))
+
+
+def test_a_non_finite_update_is_never_checkpointed(tmp_path, single_thread):
+    summary = train(compose_train([*TINY_RUN, "budget.steps=30", "trainer.val_every=10", "trainer.checkpoint_every=10",
+                                   "posttrain._target_=tests.test_reliability.InfiniteUpdateAtStep20"], tmp_path))
+    assert [(e["kind"], e["step"], e["batches_skipped"], e["rolled_back_to"]) for e in summary["guard_events"]] == [
+        ("nonfinite_weights", 20, [19], 10)]
+    assert summary["status"] == "completed" and math.isfinite(summary["val/loss"])
+    for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        weights = torch.load(path, weights_only=True)["state_dict"].values()
+        assert all(torch.isfinite(w).all() for w in weights), path
