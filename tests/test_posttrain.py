@@ -1,0 +1,290 @@
+"""Post-training stages end to end: each method trains from a tiny parent checkpoint with a real
+Lightning Trainer (what changes, what must not, LoRA and its merged export, TRL-named metrics),
+packed rows, `llm-train posttrain=...` under DDP and FSDP with 2 CPU processes, its errors and
+its config. Loss functions, LoRA layers and the data pipeline have their own test files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from llm import posttraining
+from llm.config import ConfigError, typed, validate
+from llm.config.schema import DataSchema
+from llm.data.posttrain import TokenizedExample, collate_sft, pack
+from llm.model import ModelConfig, Transformer
+from llm.model.lora import LoRALinear, lora_modules
+from llm.model.value import ValueModel
+from llm.stages.init_from import load_parent
+from llm.tokenizer import Tokenizer, build_tokenizer
+from llm.tracking.metrics import JsonlLogger, read_metrics
+from tests.conftest import compose_train, run_cli
+
+# The parent: 2 layers, 32 wide, untied head (so LoRA can target lm_head), byte vocabulary.
+PARENT_SHAPE = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, tie_embeddings=False)
+
+STEPS = 4
+# Tiny and fast, with a learning rate that visibly moves every weight in a few steps.
+TINY = ["data.seq_len=48", "data.micro_batch_size=4", "data.val_batches=1", "posttrain.data.n_train=32",
+        "posttrain.data.n_val=4", "posttrain.data.eval_prompts=2", "posttrain.data.eval_max_new_tokens=4",
+        "optim.lr=1e-3", "schedule=constant", "schedule.warmup=0", f"budget.steps={STEPS}", "logger=none",
+        "trainer.progress_bar=false"]
+# Short rollouts; GRPO with beta > 0 so that it has a frozen reference.
+METHOD_ARGS = {
+    "sft": [],
+    "reward": [],
+    "dpo": [],
+    "grpo": ["posttrain.num_generations=2", "posttrain.max_new_tokens=4", "posttrain.beta=0.04"],
+    "ppo": ["posttrain.max_new_tokens=4", "posttrain.num_ppo_epochs=2"],
+}
+METHODS = list(METHOD_ARGS)
+
+# The frozen reference is in eval mode on purpose (llm.stages.posttrain filters this outside pytest).
+pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
+
+
+# ---------------------------------------------------------------- parents
+
+
+def save_run(run_dir: Path, network: nn.Module, model_config: ModelConfig, tokenizer: Tokenizer, stage: str,
+             value_head: bool = False) -> Path:
+    """A run directory as llm-train leaves it: checkpoints/last.ckpt, tokenizer.json, run.json."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    tokenizer.save(run_dir / "tokenizer.json")
+    meta = {"stage": stage, "model_config": asdict(model_config), "value_head": value_head}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in network.state_dict().items()}, "global_step": 0,
+                "llm": meta}, run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "choices": {"posttrain": stage}}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    return build_tokenizer(None, tmp_path_factory.mktemp("cache"), kind="byte")
+
+
+@pytest.fixture(scope="module")
+def model_config(tokenizer) -> ModelConfig:
+    return ModelConfig(**PARENT_SHAPE, vocab_size=tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, tokenizer, model_config) -> Path:
+    """A 'pretraining' run: a freshly initialised tiny language model."""
+    torch.manual_seed(0)
+    return save_run(tmp_path_factory.mktemp("runs") / "base", Transformer(model_config), model_config, tokenizer,
+                    "pretrain")
+
+
+@pytest.fixture(scope="module")
+def reward_parent(tmp_path_factory, tokenizer, model_config) -> Path:
+    """A 'reward' run: a value model of the parent's architecture (scores vary from prompt to prompt)."""
+    torch.manual_seed(1)
+    model = ValueModel(model_config)
+    nn.init.normal_(model.head.weight, std=1.0)  # rewards spread enough for GRPO's groups to differ
+    return save_run(tmp_path_factory.mktemp("runs") / "reward", model, model_config, tokenizer, "reward",
+                    value_head=True)
+
+
+# ---------------------------------------------------------------- in-process runs
+
+
+def build_stage(method: str, parent: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What llm/train.py does before fitting a post-training run, in this process."""
+    overrides = [f"posttrain={method}", f"init_from={parent}", *TINY, *METHOD_ARGS[method], *extra]
+    cfg = compose_train(overrides, run_dir)
+    cfg, parent_run, reward_model = posttraining.prepare(cfg, overrides)
+    validate(cfg, world_size=1)
+    tokenizer = Tokenizer.load(parent_run.tokenizer_path)
+    model_config = typed(cfg.model, ModelConfig)
+    data = typed(cfg.data, DataSchema, drop=("corpus",))
+    method_class = posttraining.method_class(cfg)
+    datamodule, _, _ = posttraining.build_data(cfg.posttrain.data, method_class.data_kind, tokenizer, data.seq_len,
+                                               data.micro_batch_size, data.val_batches)
+    module = instantiate(cfg.posttrain, _convert_="all")(
+        model_config=model_config, optimizer=instantiate(cfg.optim, _convert_="all"),
+        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism), total_steps=STEPS,
+        tokens_per_step=data.micro_batch_size * data.seq_len, flops_per_token=1.0, gradient_clip=1.0,
+        parent=parent_run, tokenizer=tokenizer)
+    posttraining.attach(module, cfg.posttrain.data, tokenizer, reward_model, run_dir)
+    return {"module": module, "datamodule": datamodule, "parent": parent_run, "model_config": model_config}
+
+
+def fit(module: pl.LightningModule, datamodule: Any, run_dir: Path) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, val_check_interval=STEPS,
+                         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=1,
+                         logger=JsonlLogger(run_dir / "metrics.jsonl"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         default_root_dir=run_dir)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == STEPS
+    return trainer
+
+
+def snapshot(model: Optional[nn.Module]) -> dict[str, torch.Tensor]:
+    return {} if model is None else {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def logged_names(run_dir: Path) -> set[str]:
+    return set().union(*read_metrics(run_dir / "metrics.jsonl"))
+
+
+# Metric names as TRL logs them (training, and `val/` for what validation computes).
+TRL_METRICS = {
+    "sft": {"train/loss", "val/loss", "val/ppl"},
+    "reward": {"train/accuracy", "train/margin", "train/mean_reward", "train/min_reward", "train/max_reward",
+               "val/accuracy", "val/margin", "val/loss"},
+    "dpo": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "val/rewards/accuracies", "val/rewards/margins", "val/loss"},
+    "grpo": {"train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/kl",
+             "completions/mean_length", "completions/clipped_ratio", "val/reward"},
+    "ppo": {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
+            "policy/clipfrac_avg", "policy/approxkl_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
+            "val/clipfrac_avg", "val/reward"},
+}
+
+
+@pytest.mark.parametrize("method,extra", [
+    *[(m, ()) for m in METHODS],
+    ("sft", ("posttrain.data.packing=true",)),
+    ("grpo", ("posttrain.beta=0.0",)),
+], ids=[*METHODS, "sft-packed", "grpo-beta0"])
+def test_each_method_changes_every_trainable_weight_and_never_the_reference(
+        method, extra, parent, reward_parent, tmp_path, single_thread):
+    if method in ("grpo", "ppo"):  # a reward model: continuous scores, so every group has an advantage
+        extra = (*extra, f"posttrain.reward_model={reward_parent}")
+    built = build_stage(method, parent, tmp_path, extra)
+    module, parent_run = built["module"], built["parent"]
+    module.configure_model()  # what fit does first (and only once): weights can be recorded before
+    before = snapshot(module.model)
+    reference, critic = snapshot(module.reference), snapshot(getattr(module, "critic", None))
+    scorer = module.scorer.model if getattr(module, "scorer", None) is not None else None
+    scorer_before = snapshot(scorer)
+    trainer = fit(module, built["datamodule"], tmp_path)
+
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable == set(before)  # no LoRA: the whole network trains
+    assert changed(before, module.model) == trainable
+    has_reference = method in ("dpo", "ppo") or (method == "grpo" and "posttrain.beta=0.0" not in extra)
+    assert (module.reference is not None) == has_reference
+    if has_reference:
+        assert changed(reference, module.reference) == set()
+        for name, weight in module.reference.state_dict().items():  # and it is the parent
+            torch.testing.assert_close(weight, parent_run.state[name], rtol=0, atol=0)
+    if method == "ppo":
+        assert changed(critic, module.critic) == set(critic)  # the critic trains whole
+        assert torch.equal(critic["head.weight"], parent_run_value_head(reward_parent))  # it started from the RM
+    if scorer is not None:
+        assert changed(scorer_before, scorer) == set()
+
+    names = logged_names(tmp_path)
+    expected = TRL_METRICS[method] - ({"train/kl"} if method == "grpo" and not has_reference else set())
+    assert expected <= names, expected - names
+    assert ("train/kl" in names) == has_reference or method != "grpo"  # GRPO's KL needs its reference
+    assert {"train/loss", "trainer/trainable_params", "trainer/tokens"} <= names
+    logged_params = [r["trainer/trainable_params"] for r in read_metrics(tmp_path / "metrics.jsonl")
+                     if "trainer/trainable_params" in r]
+    assert logged_params[-1] == sum(p.numel() for p in module.model.parameters())
+    assert trainer.callback_metrics["train/loss"].isfinite()
+
+
+def parent_run_value_head(reward_run: Path) -> torch.Tensor:
+    return load_parent(str(reward_run), reward_run.parent).state["head.weight"]
+
+
+# Adapters where each method has linear layers; lm_head only exists in language models.
+LORA_ARGS = {
+    "sft": ["posttrain.lora.targets=[q,v,lm_head]"],
+    "reward": [],
+    "dpo": ["posttrain.lora.targets=[all-linear]"],
+    "grpo": [],
+    "ppo": [],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
+        method, parent, reward_parent, tmp_path, single_thread):
+    extra = ["posttrain.lora.enabled=true", "posttrain.lora.rank=2", "posttrain.lora.alpha=4", *LORA_ARGS[method]]
+    if method in ("grpo", "ppo"):
+        extra.append(f"posttrain.reward_model={reward_parent}")
+    built = build_stage(method, parent, tmp_path, tuple(extra))
+    module, parent_run = built["module"], built["parent"]
+    module.configure_model()
+    before = snapshot(module.model)
+    critic = snapshot(getattr(module, "critic", None))
+    trainer = fit(module, built["datamodule"], tmp_path)
+
+    adapters = {n for n in before if n.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+    value_head = {"head.weight", "head.bias"} if method == "reward" else set()
+    assert adapters and {n for n, p in module.model.named_parameters() if p.requires_grad} == adapters | value_head
+    assert changed(before, module.model) == adapters | value_head  # the base weights did not move
+    if method == "ppo":
+        assert changed(critic, module.critic) == set(critic)  # the critic is not adapted: it trains whole
+    if module.reference is not None:
+        assert not lora_modules(module.reference)  # the reference is the plain parent
+
+    # The checkpoint holds what training changed; merging it into the parent gives the adapted model.
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == adapters | value_head
+    merged = posttraining.load_final_network(tmp_path, parent_run, built["model_config"], module.lora,
+                                             method == "reward")
+    assert not lora_modules(merged) and all(p.requires_grad for p in merged.parameters())
+    adapted = dict(module.model.named_modules())
+    for name, layer in lora_modules(module.model).items():
+        expected = before[f"{name}.weight"] + (4 / 2) * layer.lora_b @ layer.lora_a  # base + (alpha/rank) B A
+        torch.testing.assert_close(merged.get_submodule(name).weight, expected)
+        assert isinstance(adapted[name], LoRALinear) and not isinstance(merged.get_submodule(name), LoRALinear)
+    tokens = torch.randint(0, parent_run.model_config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), module.model.eval()(tokens), rtol=1e-5, atol=1e-5)
+
+    # The export is an ordinary checkpoint that the next stage's init_from picks from the run directory.
+    module.tokenizer.save(tmp_path / "tokenizer.json")  # as llm-train leaves it in every run directory
+    posttraining.export_merged(merged, tmp_path, method, built["model_config"], method == "reward", parent_run)
+    child = load_parent(str(tmp_path), tmp_path.parent)
+    assert child.ref.path.name == "merged.ckpt" and child.value_head == (method == "reward")
+    for key, value in merged.state_dict().items():
+        assert torch.equal(child.state[key], value)
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("position,window", [("rope", None), ("alibi", None), ("learned", None), ("rope", 5)])
+def test_packed_documents_give_the_logits_of_each_document_alone(position, window, tokenizer, single_thread):
+    config = ModelConfig(**PARENT_SHAPE, vocab_size=tokenizer.vocab_size)
+    config.position.kind, config.attention.window = position, window
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    texts = ["12+34=46", "sort 3 1 2: 1 2 3", "copy abc: abc", "7+8=15", "count aaa: 3"]
+    documents = [TokenizedExample(tuple(tokenizer.encode(t)), (True,) * len(tokenizer.encode(t))) for t in texts]
+    packs = pack(documents, seq_len=40)
+    assert len(packs) < len(documents) and all(len(p) > 1 for p in packs[:1])  # rows really hold several documents
+    batch = collate_sft(packs, tokenizer.pad_id)
+    with torch.no_grad():
+        packed = model(batch["tokens"], batch["positions"], documents=batch["documents"])
+        for row, documents_of_row in enumerate(packs):
+            start = 0
+            for document in documents_of_row:
+                alone = model(torch.tensor([document.tokens]))[0]
+                torch.testing.assert_close(packed[row, start:start + len(document)], alone, rtol=1e-5, atol=1e-5)
+                start += len(document)
+        # Without the document mask the later documents would see the earlier ones: the mask matters.
+        unmasked = model(batch["tokens"], batch["positions"])
+    first = packs[0]
+    assert not torch.allclose(unmasked[0, len(first[0]):len(first[0]) + len(first[1])],
+                              model(torch.tensor([first[1].tokens]))[0], atol=1e-4)
