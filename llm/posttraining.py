@@ -43,6 +43,10 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Parent, 
     if not cfg.get("init_from"):
         raise ConfigError([f"init_from: posttrain={method.stage} starts from a trained model; give "
                            "init_from=<run directory | run id | checkpoint file> (e.g. a pretraining run)"])
+    if cfg.posttrain.lora.enabled and int(cfg.parallelism.get("tensor_parallel", 1) or 1) > 1:
+        raise ConfigError([f"posttrain.lora.enabled=true with parallelism.tensor_parallel="
+                           f"{cfg.parallelism.tensor_parallel}: LoRA adapters have no tensor-parallel plan; "
+                           "allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)"])
     parent = load_parent(cfg.init_from, cfg.paths.runs_dir)
     check_architecture(parent.model_config, overrides)
     if parent.value_head and not method.value_head:
@@ -118,7 +122,7 @@ def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward:
     from llm.data.tasks import score
     from llm.generate.decode import generate
 
-    correct, rewards = [], []
+    correct, rewards, by_task = [], [], {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = [tokenizer.encode(r["prompt"]) for r in chunk]
@@ -127,7 +131,9 @@ def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward:
             text = tokenizer.decode(out)
             correct.append(score(text, row))
             rewards.append(reward(text, row))
-    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards)}
+            by_task.setdefault(row.get("task", "all"), []).append(correct[-1])
+    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards),
+            **{f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())}}
 
 
 def build_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int, micro_batch_size: int,
@@ -231,8 +237,7 @@ def finish(cfg: DictConfig, parent: Parent, tokenizer: Any, eval_rows: list[dict
         steps = int(cfg.posttrain.data.eval_max_new_tokens)
         before = evaluate_answers(base.eval(), tokenizer, eval_rows, reward, steps)
         after = evaluate_answers(model, tokenizer, eval_rows, reward, steps)
-        out.update({"eval/accuracy_before": before["accuracy"], "eval/accuracy": after["accuracy"],
-                    "eval/reward_before": before["reward"], "eval/reward": after["reward"],
+        out.update({**{f"eval_before/{k}": v for k, v in before.items()}, **{f"eval/{k}": v for k, v in after.items()},
                     "eval/prompts": len(eval_rows)})
         print(f"held-out greedy answers ({len(eval_rows)} prompts): exact match {before['accuracy']:.3f} -> "
               f"{after['accuracy']:.3f}, mean reward {before['reward']:.3f} -> {after['reward']:.3f}")

@@ -1,14 +1,16 @@
 """Direct Preference Optimisation against a frozen reference policy (a copy of the starting
-model): sigmoid (default, beta 0.1), IPO or hinge loss on summed completion log-probs."""
+model): sigmoid (default, beta 0.1), IPO or hinge loss on summed completion log-probs, and
+optionally RPO's NLL term on the chosen answers (`rpo_alpha`), which keeps DPO from lowering the
+likelihood of the answers it prefers."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from llm.stages.objectives import DPO_LOSSES, dpo_loss, sequence_logprobs
+from llm.stages.objectives import DPO_LOSSES, dpo_loss, token_logprobs
 from llm.stages.posttrain import PostTrainModule
 
 
@@ -18,25 +20,37 @@ class DPOModule(PostTrainModule):
     needs_reference = True
 
     def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 **kwargs: Any):
+                 rpo_alpha: Optional[float] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"posttrain.loss_type={loss_type!r}: choose one of {', '.join(DPO_LOSSES)}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.rpo_alpha = rpo_alpha
 
-    def logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Completion log-probs of the chosen and the rejected rows, in one forward."""
+    def logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed completion log-probs of the chosen and the rejected rows (in one forward), and
+        each row's number of completion tokens."""
         chosen, rejected = batch["chosen"], batch["rejected"]
         both = {k: torch.cat([chosen[k], rejected[k]]) for k in chosen}
-        logps = sequence_logprobs(self.logits(model, both), both["labels"], average=self.loss_type == "ipo")
-        return logps.chunk(2)
+        logps, valid = token_logprobs(self.logits(model, both), both["labels"])
+        total, count = logps.sum(-1), valid.sum(-1).clamp(min=1)
+        if self.loss_type == "ipo":  # IPO compares per-token averages (as TRL)
+            total = total / count
+        return *total.chunk(2), count
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        policy_chosen, policy_rejected = self.logps(self.model, batch)
+        policy_chosen, policy_rejected, count = self.logps(self.model, batch)
         with torch.no_grad():
-            ref_chosen, ref_rejected = self.logps(self.reference, batch)
-        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
-                        self.label_smoothing)
+            ref_chosen, ref_rejected, _ = self.logps(self.reference, batch)
+        loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
+                                 self.label_smoothing)
+        if self.rpo_alpha:  # RPO (TRL's rpo_alpha): also keep the chosen answers likely
+            chosen_tokens = count.chunk(2)[0]
+            per_token = policy_chosen if self.loss_type == "ipo" else policy_chosen / chosen_tokens
+            nll = -per_token.mean()
+            loss = loss + self.rpo_alpha * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, metrics = self.step(batch)
