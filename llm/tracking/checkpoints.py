@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -198,6 +199,8 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
     unpickle (safely) with its weights and step; a sharded directory needs its metadata and every
     shard file it names, at full length."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
+        return "not a whole checkpoint archive (cut short, or not written by torch.save)"
     try:
         meta = load_checkpoint_meta(path)
         if not path.is_dir() and "state_dict" not in meta:
