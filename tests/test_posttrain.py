@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from llm import posttraining
@@ -26,7 +27,7 @@ from llm.model.value import ValueModel
 from llm.stages.init_from import load_parent
 from llm.tokenizer import Tokenizer, build_tokenizer
 from llm.tracking.metrics import JsonlLogger, read_metrics
-from tests.conftest import compose_train, run_cli
+from tests.conftest import REPO, compose_train, run_cli
 
 # The parent: 2 layers, 32 wide, untied head (so LoRA can target lm_head), byte vocabulary.
 PARENT_SHAPE = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, tie_embeddings=False)
@@ -288,3 +289,151 @@ def test_packed_documents_give_the_logits_of_each_document_alone(position, windo
     first = packs[0]
     assert not torch.allclose(unmasked[0, len(first[0]):len(first[0]) + len(first[1])],
                               model(torch.tensor([first[1].tokens]))[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- llm-train
+
+
+# Two optimizer steps on a handful of rows; each of the 2 ranks gets one validation batch.
+CLI_TINY = ["budget.steps=2", "data.seq_len=48", "data.micro_batch_size=2", "data.val_batches=2",
+            "posttrain.data.n_train=16", "posttrain.data.n_val=4", "posttrain.data.eval_prompts=2",
+            "posttrain.data.eval_max_new_tokens=4", "optim.lr=1e-3", "trainer.log_every=1", "logger=none",
+            "trainer.progress_bar=false"]
+CLI_METHOD_ARGS = {**METHOD_ARGS, "ppo": ["posttrain.max_new_tokens=4", "posttrain.num_ppo_epochs=1"]}
+# One metric of each method that only its own training step logs.
+OWN_METRIC = {"sft": "val/ppl", "reward": "train/accuracy", "dpo": "rewards/accuracies", "grpo": "train/reward_std",
+              "ppo": "objective/rlhf_reward"}
+
+
+def only_run(root: Path) -> Path:
+    runs = [p for p in (root / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def completed_run(result: Any, root: Path) -> tuple[Path, dict]:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    run = only_run(root)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    return run, summary
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_runs_under_ddp_and_fsdp_on_two_processes(method, parallelism, parent, tmp_path):
+    result = run_cli([f"posttrain={method}", f"init_from={parent}", f"parallelism={parallelism}", "trainer.devices=2",
+                      *CLI_TINY, *CLI_METHOD_ARGS[method]], cwd=tmp_path)
+    run, summary = completed_run(result, tmp_path)
+    assert (summary["stage"], summary["world_size"], summary["steps_done"]) == (method, 2, 2)
+    assert summary["parent_checkpoint"] == str(parent / "checkpoints" / "last.ckpt")
+    assert OWN_METRIC[method] in summary["last_metrics"]
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir() if parallelism == "fsdp" else last.is_file()  # FSDP saves shards
+    if method != "reward":  # the finished model answered the held-out prompts (gathered from the shards)
+        assert summary["eval/prompts"] == 2 and 0 <= summary["eval/accuracy"] <= 1
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def addition_rows(start: int, n: int) -> list[dict]:
+    return [{"prompt": f"{a}+{a % 7}=", "completion": f"{a + a % 7}"} for a in range(start, start + n)]
+
+
+def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
+    sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
+    sft_dir.mkdir(), dpo_dir.mkdir()
+    train = write_jsonl(tmp_path / "sft.jsonl", addition_rows(10, 24))
+    val = write_jsonl(tmp_path / "sft_val.jsonl", addition_rows(50, 4))
+    result = run_cli(["posttrain=sft", f"init_from={parent}", *CLI_TINY, f"posttrain.data.source={train}",
+                      f"posttrain.data.val_source={val}"], cwd=sft_dir)
+    sft_run, summary = completed_run(result, sft_dir)
+    assert f"sft data from {train}: train kept 24 of 24 rows; val kept 4 of 4 rows" in summary["posttrain_data"]
+    assert "val/loss" in summary["last_metrics"]
+
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": str(int(r["completion"]) + 1)}
+             for r in addition_rows(10, 24)]
+    train, val = write_jsonl(tmp_path / "dpo.jsonl", pairs[:20]), write_jsonl(tmp_path / "dpo_val.jsonl", pairs[20:])
+    result = run_cli(["posttrain=dpo", f"init_from={sft_run}", *CLI_TINY, f"posttrain.data.source={train}",
+                      f"posttrain.data.val_source={val}"], cwd=dpo_dir)
+    _, summary = completed_run(result, dpo_dir)
+    assert summary["parent_stage"] == "sft" and summary["parent_run_id"] == sft_run.name
+    assert f"preference data from {train}: train kept 20 of 20 rows" in summary["posttrain_data"]
+    assert {"rewards/accuracies", "val/rewards/margins"} <= set(summary["last_metrics"])
+
+
+def test_ppo_scores_with_a_reward_run_made_by_llm_train(parent, tmp_path, single_thread):
+    reward_dir, ppo_dir = tmp_path / "reward", tmp_path / "ppo"
+    reward_dir.mkdir(), ppo_dir.mkdir()
+    result = run_cli(["posttrain=reward", f"init_from={parent}", *CLI_TINY, "posttrain.lora.enabled=true"],
+                     cwd=reward_dir)
+    reward_run, summary = completed_run(result, reward_dir)
+    assert summary["merged_checkpoint"] == str(reward_run / "checkpoints" / "merged.ckpt")  # LoRA: merged on export
+    result = run_cli(["posttrain=ppo", f"init_from={parent}", *CLI_TINY, *CLI_METHOD_ARGS["ppo"],
+                      f"posttrain.reward_model={reward_run}"], cwd=ppo_dir)
+    ppo_run, summary = completed_run(result, ppo_dir)
+    assert {"objective/scores", "objective/kl", "loss/value_avg"} <= set(summary["last_metrics"])
+    assert json.loads((ppo_run / "run.json").read_text())["config"]["posttrain"]["reward_model"] == str(reward_run)
+
+
+def test_cli_errors_exit_2_naming_the_problem_and_leave_no_model(parent, reward_parent, tmp_path):
+    bad_rows = write_jsonl(tmp_path / "rows.jsonl", [*addition_rows(0, 1), {"prompt": "1+1="}, *addition_rows(5, 3)])
+    cases = [
+        (["posttrain=sft"], ["init_from: posttrain=sft starts from a trained model"]),
+        (["posttrain=dpo", f"init_from={parent}", "model.n_layers=3", "attention=gqa"],
+         ["model.n_layers=3: conflicts with the checkpoint of init_from, which has n_layers=2",
+          "attention=gqa: the architecture comes from init_from", "n_kv_heads=None"]),
+        (["posttrain=sft", f"init_from={reward_parent}"], ["is a reward model (stage reward); posttrain=sft needs"]),
+        (["posttrain=dpo", f"init_from={reward_parent}"], ["is a reward model (stage reward); posttrain=dpo needs"]),
+        (["posttrain=sft", f"init_from={parent}", f"posttrain.data.source={bad_rows}"],
+         [f"{bad_rows}:2: missing key 'completion'"]),
+        (["posttrain=ppo", f"init_from={parent}", f"posttrain.reward_model={parent}"],
+         ["posttrain.reward_model=", "is a pretrain language model, not a reward model"]),
+    ]
+    for overrides, phrases in cases:
+        result = run_cli([*overrides, *CLI_TINY], cwd=tmp_path)
+        assert result.returncode == 2, (overrides, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr
+        for phrase in phrases:
+            assert phrase in result.stderr, (phrase, result.stderr[-3000:])
+    # Nothing a later run could take for a trained model: no checkpoint, no completed summary.
+    assert not list(tmp_path.glob("runs/*/checkpoints/*"))
+    for summary in tmp_path.glob("runs/*/summary.json"):
+        assert json.loads(summary.read_text())["status"] != "completed"
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_methods_bring_trls_learning_rates_and_the_command_line_wins(tmp_path):
+    assert compose_train(["posttrain=dpo"], tmp_path).optim.lr == 1e-6
+    assert compose_train(["posttrain=ppo"], tmp_path).optim.lr == 3e-6
+    assert compose_train(["posttrain=dpo", "optim.lr=3e-4"], tmp_path).optim.lr == 3e-4
+    assert compose_train(["optim.lr=3e-4", "posttrain=grpo"], tmp_path).optim.lr == 3e-4  # order does not matter
+    preset = OmegaConf.load(REPO / "experiments" / "posttrain" / "dpo.yaml").optim.lr
+    assert preset != 1e-6 and compose_train(["experiment=posttrain/dpo"], tmp_path).optim.lr == preset  # presets win
+    assert compose_train(["posttrain=none"], tmp_path).optim.lr != 1e-6  # pretraining keeps its own
+
+
+def test_a_method_config_validates_with_the_parents_architecture(parent, tmp_path):
+    overrides = ["posttrain=grpo", f"init_from={parent}", "model=small", "model.dropout=0.1"]
+    cfg = compose_train(overrides, tmp_path)
+    with pytest.raises(ConfigError, match="model=small: the architecture comes from init_from"):
+        posttraining.prepare(cfg, overrides)
+    overrides = overrides[:2] + overrides[3:]  # dropout is not architecture: the command line may set it
+    cfg, parent_run, _ = posttraining.prepare(compose_train(overrides, tmp_path), overrides)
+    validate(cfg)
+    model = typed(cfg.model, ModelConfig)
+    assert (model.n_layers, model.d_model, model.tie_embeddings, model.dropout) == (2, 32, False, 0.1)
+    assert cfg.tokenizer.path == str(parent / "tokenizer.json")
+    assert callable(instantiate(cfg.posttrain, _convert_="all"))
+
+
+def test_each_data_parallel_rank_needs_a_validation_batch(tmp_path):
+    cfg = compose_train(["parallelism=ddp", "trainer.devices=2", "data.val_batches=1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data.val_batches=1: the 2 data-parallel ranks .* allowed: >= 2"):
+        validate(cfg)
+    validate(compose_train(["parallelism=ddp", "trainer.devices=2", "data.val_batches=2"], tmp_path))
