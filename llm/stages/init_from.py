@@ -69,7 +69,11 @@ def check_architecture(model: ModelConfig, overrides: list[str], key: str = "ini
     for override in overrides:
         name, _, value = override.lstrip("+~").partition("=")
         if name in ("model", "attention", "position"):
-            problems.append(f"{name}={value}: the architecture comes from {key}; remove this group override")
+            # What the checkpoint has instead: the group's section, or the model's shape.
+            has = {k: v for k, v in saved.items()
+                   if k.startswith(f"{name}.") or (name == "model" and k in ("n_layers", "d_model", "n_heads"))}
+            problems.append(f"{name}={value}: the architecture comes from {key}, whose checkpoint has "
+                            + ", ".join(f"{k}={v!r}" for k, v in has.items()) + "; remove this group override")
             continue
         if not name.startswith("model."):
             continue
