@@ -285,6 +285,9 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
             f"data.global_batch_size={data.global_batch_size}: must be a multiple of data.micro_batch_size x "
             f"data-parallel ranks = {data.micro_batch_size} x {ranks} = {unit} (e.g. {unit}, {2 * unit}, {4 * unit})"
         )
+    if data.val_batches is not None and 0 < data.val_batches < ranks:  # Lightning stops a rank with none
+        problems.append(f"data.val_batches={data.val_batches}: the {ranks} data-parallel ranks take validation "
+                        f"batches in turn and each needs one; allowed: >= {ranks}, or null (the whole split)")
 
     set_fields = [f.name for f in dataclasses.fields(budget) if getattr(budget, f.name) is not None]
     if len(set_fields) != 1:
