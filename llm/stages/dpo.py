@@ -51,15 +51,3 @@ class DPOModule(PostTrainModule):
             loss = loss + self.rpo_alpha * nll
             metrics["nll_loss"] = nll.detach()
         return loss, metrics
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log_progress(loss)
-        self.log_metrics("train/", metrics)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_metrics("val/", metrics)
-        return loss

@@ -89,6 +89,22 @@ class PostTrainModule(PretrainModule):
 
     # --- batches -----------------------------------------------------------------------------
 
+    def step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The method's loss on a batch, and its metrics (TRL's names)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.step(batch)
+        self.log_progress(loss)
+        self.log_metrics("train/", metrics)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_metrics("val/", metrics)
+        return loss
+
     def packed(self) -> bool:
         return bool(self.data_config.get("packing", False))
 

@@ -35,15 +35,3 @@ class RewardModule(PostTrainModule):
     def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         r_chosen, r_rejected = self.rewards(batch)
         return reward_loss(r_chosen, r_rejected, self.margin, self.center_rewards_coefficient)
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log_progress(loss)
-        self.log_metrics("train/", metrics)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_metrics("val/", metrics)
-        return loss

@@ -12,12 +12,5 @@ class SFTModule(PostTrainModule):
     stage = "sft"
     data_kind = "sft"
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = masked_lm_loss(self.logits(self.model, batch), batch["labels"])
-        self.log_progress(loss)
-        return loss
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = masked_lm_loss(self.logits(self.model, batch), batch["labels"])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
+    def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return masked_lm_loss(self.logits(self.model, batch), batch["labels"]), {}
