@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from llm.tokenizer import Tokenizer, build_tokenizer
+from llm.tokenizer import build_tokenizer
 from llm.tracking.metrics import read_metrics
 from llm.train import train
 from tests.conftest import TINY_RUN, compose_train
