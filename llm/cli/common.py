@@ -83,12 +83,33 @@ def setup() -> None:
     quiet_libraries()
 
 
-def exit_on_config_error(run: Callable[[Any], Any], cfg: Any) -> Any:
-    """Run a command; a ConfigError becomes its message on stderr and exit code 2."""
+# Exit codes of the entry points: 0 done; 1 a failure (a traceback, or a run the loss guard
+# stopped); 2 a config or input error (the message names the key or file and the fix); 75 a
+# preempted run that saved a checkpoint (llm.tracking.preemption.PREEMPTED_EXIT_CODE): resume it.
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+def config_error_in(error: BaseException) -> Optional[BaseException]:
+    """The ConfigError that caused `error`, if any: Hydra's instantiate wraps the exceptions of the
+    objects it builds, so an input error raised by a corpus arrives as its cause."""
     from llm.config import ConfigError
 
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def exit_on_config_error(run: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run a command; a ConfigError becomes its message on stderr and exit code 2."""
     try:
         return run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        cause = config_error_in(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from llm.cli.common import setup
+from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -18,20 +18,51 @@ setup()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> float | None:
-    from llm.config import ConfigError
-    from llm.train import train
-
+    """Exit codes: 0 done, 1 failed (also: stopped by the loss guard), 2 config or input error,
+    75 preempted after saving a checkpoint (see llm.cli.common)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from llm.tracking.guard import GuardGaveUp
+    from llm.tracking.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from llm.train import train
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
-    except ConfigError as e:
+    except Preempted as e:
+        _preempted(cfg, e)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except GuardGaveUp as e:
         print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # recorded as a failed job; the sweep goes on and exits non-zero at the end
-        sys.exit(2)
+        if multirun:
+            raise
+        sys.exit(1)
+    except Exception as e:
+        cause = config_error_in(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        if multirun:
+            raise cause  # recorded as a failed job; the sweep goes on and exits non-zero at the end
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
     return summary.get("val/loss")
+
+
+def _preempted(cfg: DictConfig, e: Exception) -> None:
+    """Say how to continue; under SLURM the launching process puts the job back in the queue."""
+    from omegaconf import OmegaConf
+
+    from llm.parallel.launch import is_rank_zero, spawned_rank
+    from llm.tracking.preemption import requeue_slurm_job
+
+    if not is_rank_zero() or spawned_rank():
+        return  # the process that started the ranks speaks (and requeues) for them
+    print(f"preempted: {e}; continue with: llm-train resume={cfg.paths.run_dir}", file=sys.stderr)
+    if OmegaConf.select(cfg, "trainer.preemption.requeue", default=True):
+        note = requeue_slurm_job()
+        if note:
+            print(note, file=sys.stderr)
 
 
 def main() -> None:

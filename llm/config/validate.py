@@ -301,8 +301,58 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     for key in ("val_every", "log_every", "checkpoint_every"):
         if getattr(trainer, key) < 1:
             problems.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1 (steps)")
+    problems += _reliability_problems(trainer)
     if "lr" in cfg.optim and not cfg.optim.lr > 0:
         problems.append(f"optim.lr={cfg.optim.lr}: must be > 0")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _reliability_problems(trainer: Any) -> list[str]:
+    """Checkpoint retention and the loss guard (llm.tracking.checkpoints, llm.tracking.guard)."""
+    problems = []
+    guard = trainer.guard
+    if trainer.keep_last < 1:
+        problems.append(f"trainer.keep_last={trainer.keep_last}: must be >= 1 (last.ckpt is always kept)")
+    if guard.max_rollbacks < 0:
+        problems.append(f"trainer.guard.max_rollbacks={guard.max_rollbacks}: must be >= 0 (0: stop at the first bad step)")
+    if guard.warmup_steps < 0:
+        problems.append(f"trainer.guard.warmup_steps={guard.warmup_steps}: must be >= 0 (steps)")
+    if guard.window < 1:
+        problems.append(f"trainer.guard.window={guard.window}: must be >= 1 (steps)")
+    if guard.spike_threshold is not None and not guard.spike_threshold > 0:
+        problems.append(f"trainer.guard.spike_threshold={guard.spike_threshold}: must be > 0 (moving deviations), "
+                        "or null to judge only non-finite losses")
+    if any(i < 0 for i in guard.skip_batches):
+        problems.append(f"trainer.guard.skip_batches={list(guard.skip_batches)}: micro-batch indices must be >= 0")
+    return problems
+
+
+def check_input_files(cfg: DictConfig) -> None:
+    """The files a valid config names (a tokenizer.json, text corpus patterns) exist and read:
+    ConfigError otherwise, before any work. Separate from `validate`, which reads no files."""
+    problems = []
+    tokenizer = cfg.tokenizer
+    if tokenizer.get("kind") == "pretrained" and tokenizer.get("path"):
+        from llm.tokenizer.tokenizer import load_backend
+
+        try:
+            load_backend(tokenizer.path)
+        except (OSError, ValueError) as e:
+            problems.append(f"tokenizer.path={tokenizer.path!r}: {e}; give a tokenizer.json (or the folder holding one)")
+    corpus = OmegaConf.select(cfg, "data.corpus")
+    if isinstance(corpus, DictConfig) and str(corpus.get("_target_", "")).endswith("TextCorpus"):
+        from llm.data.text import match_files
+
+        paths = corpus.get("paths")
+        patterns = [paths] if isinstance(paths, str) else list(paths or [])
+        try:
+            if not patterns:
+                raise FileNotFoundError("no pattern given")
+            match_files(patterns)
+        except FileNotFoundError as e:
+            problems.append(f"data.corpus.paths={paths if isinstance(paths, str) else patterns!r}: {e}; give text files "
+                            "or a glob that matches some (quote globs for the shell: 'data/**/*.txt')")
     if problems:
         raise ConfigError(problems)
 

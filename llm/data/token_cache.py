@@ -92,7 +92,10 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n_tokens += len(ids)
         if n_tokens == 0:  # raising here also discards the temp file
-            raise ValueError(f"corpus {corpus.name!r} has no documents in split {split!r}")
+            from llm.config import ConfigError  # an input problem: exit code 2, no traceback
+
+            raise ConfigError([f"data.corpus: corpus {corpus.name!r} has no documents in split {split!r} (its files "
+                               "are empty, unreadable, or not UTF-8 text); point data.corpus at text files"])
 
     index = {"key": key, "dtype": dtype.name, "n_tokens": n_tokens, "n_bytes": n_bytes,
              "n_documents": len(doc_offsets), "doc_offsets": doc_offsets,

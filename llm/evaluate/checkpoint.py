@@ -118,8 +118,14 @@ def resolve_device(device: str, quantize: str = "none") -> torch.device:
 
 def load_model(ref: CheckpointRef, device: torch.device) -> nn.Module:
     """The checkpoint's plain `Transformer`, in eval mode on `device`."""
-    from llm.tracking.checkpoints import load_plain_model
+    from llm.tracking.checkpoints import checkpoint_problem, load_plain_model
 
+    problem = checkpoint_problem(ref.path)
+    if problem is None and "llm" not in torch.load(ref.path, map_location="cpu", weights_only=True, mmap=True):
+        problem = "no model config in it (it was not written by llm-train)"
+    if problem:
+        raise ConfigError([f"checkpoint {ref.path}: not a readable checkpoint ({problem}); give a run directory, a run id, "
+                           "or a checkpoint file written by llm-train"])
     return load_plain_model(ref.path).to(device).eval()
 
 

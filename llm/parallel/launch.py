@@ -10,9 +10,11 @@ output folders for the extra ranks.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,12 @@ from pathlib import Path
 def launched_externally() -> bool:
     """True inside a rank started by torchrun, SLURM (srun) or by `spawn_local_ranks`."""
     return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def spawned_rank() -> bool:
+    """Whether this process is one of the ranks `spawn_local_ranks` started (its launcher then
+    does the single-process work after training)."""
+    return "LLM_LAUNCHER_PID" in os.environ
 
 
 def global_rank() -> int:
@@ -62,22 +70,41 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     for rank in range(n):
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
-               "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n)}
+               "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n),
+               "LLM_LAUNCHER_PID": str(os.getpid())}
         command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
                    "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
         procs.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+    from llm.tracking.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Preempted
+
+    # A preemption signal sent to this process reaches every rank; they checkpoint and exit with 75.
+    def forward(signum: int, _: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS} if main_thread else {}
     try:
         while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0, PREEMPTED_EXIT_CODE)]
             if failed:
                 raise RuntimeError(f"rank {failed[0]} exited with code {procs[failed[0]].returncode}")
             time.sleep(poll_seconds)
         codes = [p.returncode for p in procs]
+        if all(code == PREEMPTED_EXIT_CODE for code in codes):
+            raise Preempted(None, "a preemption signal")
         if any(codes):
             raise RuntimeError(f"ranks exited with codes {codes}")
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
         for p in procs:
-            p.wait()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # stuck in a collective with a dead peer
+                p.kill()
+                p.wait()

@@ -23,6 +23,7 @@ class PretrainModule(pl.LightningModule):
     """Owns the plain `Transformer`; the parallelism option shards/wraps it in `configure_model`."""
 
     stage = "pretrain"
+    loss_spikes_are_faults = True  # the loss guard's spike test applies (a non-finite loss always does)
 
     def __init__(
         self,
