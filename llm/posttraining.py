@@ -118,7 +118,8 @@ def export_merged(model: nn.Module, run_dir: Path, stage: str, model_config: Mod
 @torch.no_grad()
 def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward: Any, max_new_tokens: int,
                      batch_size: int = 64) -> dict[str, float]:
-    """Greedy answers to held-out prompts: exact-match accuracy and mean reward."""
+    """Greedy answers to held-out prompts: exact-match accuracy and mean reward, where
+    `reward(prompt ids, completion ids, completion text, row)` is the run's own reward."""
     from llm.data.tasks import score
     from llm.generate.decode import generate
 
@@ -127,10 +128,10 @@ def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward:
         chunk = rows[start:start + batch_size]
         prompts = [tokenizer.encode(r["prompt"]) for r in chunk]
         outputs = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        for row, out in zip(chunk, outputs):
+        for row, prompt, out in zip(chunk, prompts, outputs):
             text = tokenizer.decode(out)
             correct.append(score(text, row))
-            rewards.append(reward(text, row))
+            rewards.append(reward(prompt, out, text, row))
             by_task.setdefault(row.get("task", "all"), []).append(correct[-1])
     return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards),
             **{f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())}}
@@ -194,6 +195,23 @@ def reward_function(data_cfg: Any) -> Any:
     return partial(score, partial=bool(data_cfg.partial_reward))
 
 
+def eval_reward(cfg: DictConfig) -> Any:
+    """The reward the run trained on, for greedy answers: its reward model's score of prompt +
+    completion when it has one (PPO, GRPO), else the tasks' checker."""
+    if not cfg.posttrain.get("reward_model"):
+        check = reward_function(cfg.posttrain.data)
+        return lambda prompt, completion, text, row: check(text, row)
+    parent = load_parent(cfg.posttrain.reward_model, cfg.paths.runs_dir, key="posttrain.reward_model")
+    model = ValueModel(parent.model_config)
+    load_weights(model, parent.state, from_value_model=True)
+    model.eval()
+
+    @torch.no_grad()
+    def reward(prompt: list[int], completion: list[int], text: str, row: dict) -> float:
+        return float(model(torch.tensor([prompt + completion]))[0, -1])
+    return reward
+
+
 def attach(module: PostTrainModule, data_cfg: Any, tokenizer: Any, reward_model: Optional[Parent],
            run_dir: Path) -> None:
     """Give an on-policy method its reward, its critic's starting point and its sample log."""
@@ -233,7 +251,7 @@ def finish(cfg: DictConfig, parent: Parent, tokenizer: Any, eval_rows: list[dict
     if eval_rows and not method.value_head:
         base = network(parent.model_config, False)
         load_weights(base, parent.state, parent.value_head)
-        reward = reward_function(cfg.posttrain.data)
+        reward = eval_reward(cfg)
         steps = int(cfg.posttrain.data.eval_max_new_tokens)
         before = evaluate_answers(base.eval(), tokenizer, eval_rows, reward, steps)
         after = evaluate_answers(model, tokenizer, eval_rows, reward, steps)
