@@ -232,7 +232,7 @@ def attach(module: PostTrainModule, data_cfg: Any, tokenizer: Any, reward_model:
         module.scorer = Scorer(tokenizer, function=reward_function(data_cfg))
     from llm.tracking.samples import SampleLog
 
-    module.samples = SampleLog(run_dir)
+    module.samples = SampleLog(run_dir, every_n_steps=module.samples_every_n_steps, max_rows=64)
 
 
 def finish(cfg: DictConfig, parent: Parent, tokenizer: Any, eval_rows: list[dict], run_dir: Path) -> dict[str, Any]:

@@ -25,8 +25,9 @@ class OnPolicyModule(PostTrainModule):
     loss_spikes_are_faults = False
 
     def __init__(self, *args: Any, max_new_tokens: int = 16, temperature: float = 1.0,
-                 reward_model: Optional[str] = None, **kwargs: Any):
+                 reward_model: Optional[str] = None, samples_every_n_steps: int = 50, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.samples_every_n_steps = samples_every_n_steps  # sampled completions to samples.jsonl / a W&B Table
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.reward_model = reward_model  # a reward run; None: the tasks' checker (see llm.posttraining)
         self.scorer: Any = None
@@ -65,7 +66,7 @@ class OnPolicyModule(PostTrainModule):
         return rollout.responses(logps)
 
     def record_samples(self, rollout: Rollout, scores: Tensor) -> None:
-        if self.samples is not None and self.global_rank == 0:
+        if self.samples is not None and self.global_rank == 0 and self.samples.due(self.global_step):
             rows = [{"prompt": self.tokenizer.decode(p), "completion": self.tokenizer.decode(c), "reward": float(s)}
                     for p, c, s in zip(rollout.prompts, rollout.completions, scores.tolist())]
             self.samples.log(self.global_step, rows)
