@@ -20,9 +20,6 @@ class OnPolicyModule(PostTrainModule):
     or a reward model)."""
 
     data_kind = "prompt"
-    # A policy-gradient loss is centred near zero and jumps with every rollout: only a non-finite
-    # loss is a fault for the loss guard.
-    loss_spikes_are_faults = False
 
     def __init__(self, *args: Any, max_new_tokens: int = 16, temperature: float = 1.0,
                  reward_model: Optional[str] = None, samples_every_n_steps: int = 50, **kwargs: Any):

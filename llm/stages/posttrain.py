@@ -33,6 +33,9 @@ class PostTrainModule(PretrainModule):
     data_kind = "sft"  # which examples the method reads: sft | preference | prompt
     value_head = False  # trains a ValueModel (reward model) instead of a language model
     needs_reference = False
+    # Preference and policy-gradient losses swing from batch to batch by design (a few hard pairs
+    # or one lucky rollout): for the loss guard only a non-finite loss is a fault. SFT's is an LM loss.
+    loss_spikes_are_faults = False
 
     def __init__(self, *args: Any, data: Optional[dict] = None, lora: Optional[dict] = None,
                  parent: Any = None, tokenizer: Any = None, **kwargs: Any):

@@ -11,6 +11,7 @@ from llm.stages.posttrain import PostTrainModule, masked_lm_loss
 class SFTModule(PostTrainModule):
     stage = "sft"
     data_kind = "sft"
+    loss_spikes_are_faults = True
 
     def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         return masked_lm_loss(self.logits(self.model, batch), batch["labels"]), {}
