@@ -150,8 +150,8 @@ def writing_ballast(checkpoints: Path) -> bool:
         try:
             if path.stat().st_size > 20_000_000:
                 return True
-        except FileNotFoundError:  # renamed in between
-            pass
+        except FileNotFoundError:  # renamed in between: look at the next one
+            continue
     return False
 
 

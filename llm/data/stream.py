@@ -13,6 +13,7 @@ which the DataLoader's round-robin puts back in order.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Iterable, Iterator
 
 import pytorch_lightning as pl
@@ -30,7 +31,7 @@ def stream_index(position: int, skip: list[int]) -> int:
     return index
 
 
-class ShardedStream(IterableDataset):
+class ShardedStream(IterableDataset, ABC):
     """An endless stream of micro-batches of `n_items` items; a subclass says what a batch of
     items is (`collate`)."""
 
@@ -78,8 +79,9 @@ class ShardedStream(IterableDataset):
         """This rank's micro-batch m."""
         return self.collate(self.item_indices(m))
 
+    @abstractmethod
     def collate(self, items: list[int]) -> Any:
-        raise NotImplementedError
+        """The batch made of these items."""
 
     def index_at(self, position: int) -> int:
         """The micro-batch index m at stream position `position`, stepping over skipped ones."""

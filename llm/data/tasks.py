@@ -18,6 +18,7 @@ prompts are never trained on, whatever the seed or the knobs.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -60,17 +61,18 @@ def char_accuracy(completion: str, answer: str) -> float:
     return sum(a == b for a, b in zip(completion, answer)) / longest
 
 
-class Task:
+class Task(ABC):
     """A family of samples. Subclasses set `name` and implement `sample` and `corrupt`."""
 
     name: ClassVar[str] = "task"
 
+    @abstractmethod
     def sample(self, rng: np.random.Generator) -> TaskSample:
-        raise NotImplementedError
+        """One seeded instance of the task."""
 
+    @abstractmethod
     def corrupt(self, answer: str, rng: np.random.Generator) -> str:
         """A plausible wrong answer, never equal to `answer`."""
-        raise NotImplementedError
 
     @staticmethod
     def partial_credit(completion: str, answer: str) -> float:

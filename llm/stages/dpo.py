@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from llm.stages.objectives import DPO_LOSSES, dpo_loss, token_logprobs
-from llm.stages.posttrain import PostTrainModule
+from llm.stages.posttrain import SupervisedModule
 
 
-class DPOModule(PostTrainModule):
+class DPOModule(SupervisedModule):
     stage = "dpo"
     data_kind = "preference"
     needs_reference = True

@@ -10,15 +10,15 @@ pretraining module's.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import warnings
 from dataclasses import asdict
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from llm.model import Transformer
-from llm.model.lora import LoRAConfig, apply_lora, merge_lora
+from llm.model.lora import LoRAConfig, apply_lora
 from llm.model.value import ValueModel, load_weights
 from llm.stages.objectives import IGNORE_INDEX
 from llm.stages.pretrain import PretrainModule
@@ -92,22 +92,6 @@ class PostTrainModule(PretrainModule):
 
     # --- batches -----------------------------------------------------------------------------
 
-    def step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """The method's loss on a batch, and its metrics (TRL's names)."""
-        raise NotImplementedError
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log_progress(loss)
-        self.log_metrics("train/", metrics)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics = self.step(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log_metrics("val/", metrics)
-        return loss
-
     def packed(self) -> bool:
         return bool(self.data_config.get("packing", False))
 
@@ -148,3 +132,25 @@ def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of logits[:, t] against labels[:, t + 1], over trained labels only."""
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE_INDEX)
+
+
+class SupervisedModule(PostTrainModule, ABC):
+    """A method with a loss on fixed batches (SFT, reward, DPO): one training and validation step
+    around its `step`. The on-policy methods (llm.stages.grpo, ppo) sample their own batches."""
+
+    @abstractmethod
+    def step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The method's loss on a batch, and its metrics (TRL's names)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.step(batch)
+        self.log_progress(loss)
+        self.log_metrics("train/", metrics)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_metrics("val/", metrics)
+        return loss
+

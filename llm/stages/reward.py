@@ -10,10 +10,10 @@ from torch import Tensor
 
 from llm.model.value import last_token_values
 from llm.stages.objectives import reward_loss
-from llm.stages.posttrain import PostTrainModule
+from llm.stages.posttrain import SupervisedModule
 
 
-class RewardModule(PostTrainModule):
+class RewardModule(SupervisedModule):
     stage = "reward"
     data_kind = "preference"
     value_head = True

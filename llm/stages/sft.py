@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from llm.stages.posttrain import PostTrainModule, masked_lm_loss
+from llm.stages.posttrain import SupervisedModule, masked_lm_loss
 
 
-class SFTModule(PostTrainModule):
+class SFTModule(SupervisedModule):
     stage = "sft"
     data_kind = "sft"
     loss_spikes_are_faults = True
