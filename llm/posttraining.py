@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from llm.config import ConfigError
-from llm.model import ModelConfig, Transformer
+from llm.model import ModelConfig
 from llm.model.lora import LoRAConfig, apply_lora, merge_lora
-from llm.model.value import ValueModel, load_weights
+from llm.model.value import build_network, load_weights
 from llm.stages.init_from import MERGED, RUNTIME_KEYS, Parent, check_architecture, load_parent
 from llm.stages.posttrain import PostTrainModule
 from llm.tracking.checkpoint_io import atomic_torch_save
@@ -73,10 +73,6 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Parent, 
     return cfg, parent, reward_model
 
 
-def network(model_config: ModelConfig, value_head: bool) -> nn.Module:
-    return ValueModel(model_config) if value_head else Transformer(model_config)
-
-
 def load_final_network(run_dir: Path, parent: Parent, model_config: ModelConfig, lora: LoRAConfig,
                        value_head: bool) -> nn.Module:
     """The trained network of a finished run as a plain module (sharded checkpoints gathered,
@@ -89,7 +85,7 @@ def load_final_network(run_dir: Path, parent: Parent, model_config: ModelConfig,
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    model = network(model_config, value_head)
+    model = build_network(model_config, value_head)
     if lora.enabled:
         load_weights(model, parent.state, parent.value_head)
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets,
@@ -202,9 +198,7 @@ def eval_reward(cfg: DictConfig) -> Any:
         check = reward_function(cfg.posttrain.data)
         return lambda prompt, completion, text, row: check(text, row)
     parent = load_parent(cfg.posttrain.reward_model, cfg.paths.runs_dir, key="posttrain.reward_model")
-    model = ValueModel(parent.model_config)
-    load_weights(model, parent.state, from_value_model=True)
-    model.eval()
+    model = parent.load(value_head=True).eval()
 
     @torch.no_grad()
     def reward(prompt: list[int], completion: list[int], text: str, row: dict) -> float:
@@ -221,9 +215,7 @@ def attach(module: PostTrainModule, data_cfg: Any, tokenizer: Any, reward_model:
     if not isinstance(module, OnPolicyModule):
         return
     if reward_model is not None:
-        scorer_model = ValueModel(reward_model.model_config)
-        load_weights(scorer_model, reward_model.state, from_value_model=True)
-        module.scorer = Scorer(tokenizer, model=scorer_model.requires_grad_(False).eval())
+        module.scorer = Scorer(tokenizer, model=reward_model.load(value_head=True).requires_grad_(False).eval())
         module.critic_init = reward_model
     else:
         if data_cfg.source != "tasks":
@@ -249,8 +241,7 @@ def finish(cfg: DictConfig, parent: Parent, tokenizer: Any, eval_rows: list[dict
         out["merged_checkpoint"] = str(export_merged(model, run_dir, method.stage, model_config, method.value_head,
                                                      parent))
     if eval_rows and not method.value_head:
-        base = network(parent.model_config, False)
-        load_weights(base, parent.state, parent.value_head)
+        base = parent.load(value_head=False)
         reward = eval_reward(cfg)
         steps = int(cfg.posttrain.data.eval_max_new_tokens)
         before = evaluate_answers(base.eval(), tokenizer, eval_rows, reward, steps)

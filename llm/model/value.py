@@ -38,6 +38,11 @@ class ValueModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
 
+def build_network(cfg: ModelConfig, value_head: bool) -> nn.Module:
+    """A fresh ValueModel (reward model, critic) or language model of this architecture."""
+    return ValueModel(cfg) if value_head else Transformer(cfg)
+
+
 def last_token_values(values: Tensor, mask: Tensor) -> Tensor:
     """The value at each row's last real token (right-padded rows): a sequence's reward."""
     last = mask.long().sum(1).clamp(min=1) - 1

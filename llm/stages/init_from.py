@@ -36,6 +36,15 @@ class Parent:
     value_head: bool  # a reward model / critic (ValueModel) rather than a language model
     tokenizer_path: Path
 
+    def load(self, value_head: bool) -> torch.nn.Module:
+        """A network of this architecture with these weights: a language model, or a value model
+        (from a value model's weights, or a language model's with a fresh head)."""
+        from llm.model.value import build_network, load_weights
+
+        model = build_network(self.model_config, value_head)
+        load_weights(model, self.state, self.value_head)
+        return model
+
     def facts(self) -> dict[str, Any]:
         """What a run records about its parent (summary.json, W&B config)."""
         return {"parent_checkpoint": str(self.ref.path), "parent_run_id": self.ref.run_id, "parent_stage": self.stage}

@@ -17,9 +17,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from llm.model import Transformer
 from llm.model.lora import LoRAConfig, apply_lora
-from llm.model.value import ValueModel, load_weights
+from llm.model.value import build_network
 from llm.stages.objectives import IGNORE_INDEX
 from llm.stages.pretrain import PretrainModule
 
@@ -51,15 +50,13 @@ class PostTrainModule(PretrainModule):
 
     # --- the network -------------------------------------------------------------------------
 
-    def build_network(self) -> nn.Module:
-        return ValueModel(self.model_config) if self.value_head else Transformer(self.model_config)
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = self.build_network()
         if self.parent is not None:
-            load_weights(model, self.parent.state, self.parent.value_head)
+            model = self.parent.load(self.value_head)
+        else:
+            model = build_network(self.model_config, self.value_head)
         if self.needs_reference:
             # Frozen and whole on every rank (never sharded): it only ever runs forward.
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from llm.model.value import ValueModel, load_weights
+from llm.model.value import ValueModel
 from llm.stages.grpo import OnPolicyModule
 from llm.stages.objectives import (AdaptiveKLController, FixedKLController, gae, kl_estimate, kl_penalized_rewards,
                                    ppo_policy_loss, ppo_value_loss, whiten)
@@ -41,10 +41,8 @@ class PPOModule(OnPolicyModule):
         super().configure_model()
         # The critic starts from the reward model when there is one (as TRL does), else from the
         # policy's weights with a fresh value head. It is trained whole, also under LoRA.
-        critic = ValueModel(self.model_config)
         source = self.critic_init or self.parent
-        if source is not None:
-            load_weights(critic, source.state, source.value_head)
+        critic = source.load(value_head=True) if source is not None else ValueModel(self.model_config)
         self.critic = self.parallelism.parallelize(critic, getattr(self, "device_mesh", None))
 
     def trained_module(self) -> nn.Module:
