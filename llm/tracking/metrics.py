@@ -11,8 +11,9 @@ from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (none if it is absent); a torn last line (killed mid-write)
+    is ignored."""
     records = []
     path = Path(path)
     if not path.exists():
@@ -23,6 +24,11 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl."""
+    return read_jsonl(path)
 
 
 class JsonlLogger(Logger):

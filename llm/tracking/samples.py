@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from llm.tracking.metrics import read_jsonl
+
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -23,15 +25,7 @@ def read_samples(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / SAMPLES_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return read_jsonl(path)
 
 
 def _cell(value: Any) -> Any:
