@@ -101,6 +101,28 @@ def test_approach2_recovers_the_optimal_size_exponent():
     assert result.params["a"].low <= TRUE_A <= result.params["a"].high
 
 
+def test_approach2_fits_each_parabola_near_its_minimum():
+    # Sizes far above a budget's optimum stall on an early plateau, far above what the law says; a
+    # parabola through every size then misplaces the vertex, one through the 5 nearest the best does not.
+    points = []
+    for C in (1e17, 1e18, 1e19, 1e20):
+        group = sorted((p for p in isoflop_points() if p.run_id.startswith(f"{C:g}-")), key=lambda p: p.N)
+        points += [Point(p.N, p.D, p.C, p.loss + (0.6 if i >= 7 else 0.0), p.run_id, p.source) for i, p in enumerate(group)]
+    windowed, everything = (fit_approach2(points, n_bootstrap=0, window=w) for w in (5, 0))
+    assert abs(windowed.value("a") - TRUE_A) < 0.03
+    assert windowed.details["window"] == 5
+    for near, far in zip(windowed.details["budgets"], everything.details["budgets"]):
+        true_N = float(TRUE.optimal(near["C"])[0])
+        assert (near["n_points"], near["n_fitted"], far["n_fitted"]) == (9, 5, 9)
+        assert near["N_opt"] == pytest.approx(true_N, rel=0.15)
+        assert not far["N_opt"] == pytest.approx(true_N, rel=0.25)
+
+
+def test_approach2_window_needs_three_sizes():
+    with pytest.raises(ValueError, match=r"window=2.*allowed 0 \(all sizes\) or >= 3"):
+        fit_approach2(isoflop_points(), n_bootstrap=0, window=2)
+
+
 def test_approach2_groups_by_launch_budget_when_known():
     # C up to 50 % over the budget would split or merge groups by C; the launch budget keeps them apart.
     points = [Point(p.N, p.D, p.C * (1.5 if i % 2 else 1.0), p.loss, p.run_id, p.source, budget=float(f"{p.C:.0e}"))

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--budget-tolerance", type=float, default=0.25, metavar="REL",
                      help="Approach 2 groups runs whose C differ by at most this fraction into one FLOP budget, "
                           "unless every run records its launch budget (default: %(default)s)")
+    fit.add_argument("--window", type=int, default=5, metavar="K",
+                     help="Approach 2 fits each budget's parabola to its K sizes nearest the lowest loss; "
+                          "0 = all sizes (default: %(default)s)")
     fit.add_argument("--kaplan-irreducible", action="store_true",
                      help="fit L(C) = E + (C_c/C)^alpha_C instead of Kaplan's pure power law")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: %(default)s)")
@@ -143,7 +146,8 @@ def run_fit(args: argparse.Namespace) -> int:
             print(f"  {run}: {why}")
 
     results, skipped = fit_all(runs, args.approaches, n_bootstrap=args.bootstrap, seed=args.seed,
-                               budget_tolerance=args.budget_tolerance, kaplan_irreducible=args.kaplan_irreducible)
+                               budget_tolerance=args.budget_tolerance, kaplan_irreducible=args.kaplan_irreducible,
+                               window=args.window)
     for approach in args.approaches:
         title = "Kaplan" if approach == "kaplan" else f"Approach {approach}"
         if approach in skipped:

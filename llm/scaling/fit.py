@@ -4,7 +4,7 @@
   FLOP count, the best model size and its tokens; power laws N_opt = k_N C^a, D_opt = k_D C^b are fitted
   to it by least squares in log-log space.
 - Approach 2 (`fit_approach2`): IsoFLOP profiles. Points of one FLOP budget get a parabola of loss in
-  log N; its vertex is N_opt(C), and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so
+  log N, through the sizes nearest the budget's lowest loss (`window`, default 5); its vertex is N_opt(C), and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so
   no measured FLOPs/token exists for it; C = 6 N D also keeps a + b = 1 exactly). Power laws as above.
 - Approach 3 (`fit_approach3`): L(N, D) = E + A/N^alpha + B/D^beta by minimising the Huber loss of
   log-space residuals with L-BFGS from a grid of starts; the frontier follows in closed form.
@@ -215,15 +215,30 @@ def budget_flops(group: Sequence[Point]) -> float:
     return float(np.exp(np.mean(np.log([p.C for p in group]))))
 
 
-def isoflop_minimum(group: Sequence[Point]) -> dict:
-    """Parabola of loss in ln N through one budget's points; its vertex is the optimal N."""
-    logN = np.log([p.N for p in group])
-    loss = np.array([p.loss for p in group], dtype=np.float64)
+def near_minimum(group: Sequence[Point], window: int) -> list[Point]:
+    """The points of the `window` sizes nearest (in order of N) to the size with the lowest loss;
+    window=0 keeps all. Far from its minimum an IsoFLOP profile is not a parabola (undertrained large
+    models rise steeply), so a parabola through every size can misplace the vertex."""
+    sizes = sorted({p.N for p in group})
+    if window == 0 or window >= len(sizes):
+        return list(group)
+    best = sizes.index(min(group, key=lambda p: p.loss).N)
+    first = min(max(0, best - window // 2), len(sizes) - window)
+    kept = set(sizes[first:first + window])
+    return [p for p in group if p.N in kept]
+
+
+def isoflop_minimum(group: Sequence[Point], window: int = 0) -> dict:
+    """Parabola of loss in ln N through one budget's points near its lowest loss (`near_minimum`);
+    its vertex is the optimal N."""
+    fitted = near_minimum(group, window)
+    logN = np.log([p.N for p in fitted])
+    loss = np.array([p.loss for p in fitted], dtype=np.float64)
     center = float(logN.mean())  # centring keeps the quadratic fit well conditioned
     c2, c1, c0 = np.polyfit(logN - center, loss, 2)
     C = budget_flops(group)
-    out = {"C": C, "n_points": len(group), "coef": [float(c2), float(c1), float(c0)], "center": center,
-           "N_range": [float(np.exp(logN.min())), float(np.exp(logN.max()))],
+    out = {"C": C, "n_points": len(group), "n_fitted": len(fitted), "coef": [float(c2), float(c1), float(c0)],
+           "center": center, "N_range": [float(np.exp(logN.min())), float(np.exp(logN.max()))],
            "points": [[float(p.N), float(p.loss)] for p in group]}
     if c2 <= 0:
         return {**out, "N_opt": None, "why": "the parabola opens downward (no minimum)"}
@@ -237,8 +252,8 @@ def _usable_budgets(groups: list[list[Point]]) -> list[list[Point]]:
     return [g for g in groups if len({p.N for p in g}) >= 3]
 
 
-def _approach2_values(groups: list[list[Point]]) -> tuple[dict[str, float], list[dict]]:
-    minima = [isoflop_minimum(g) for g in groups]
+def _approach2_values(groups: list[list[Point]], window: int) -> tuple[dict[str, float], list[dict]]:
+    minima = [isoflop_minimum(g, window) for g in groups]
     good = [m for m in minima if m["N_opt"] is not None]
     if len(good) < 2:
         raise ValueError(f"Approach 2 needs at least 2 FLOP budgets with a minimum; got {len(good)} of {len(minima)} "
@@ -249,30 +264,35 @@ def _approach2_values(groups: list[list[Point]]) -> tuple[dict[str, float], list
     return {"a": a, "k_N": k_N, "b": b, "k_D": k_D}, minima
 
 
-def fit_approach2(points: Sequence[Point], tolerance: float = 0.25, n_bootstrap: int = 100, seed: int = 0) -> FitResult:
+def fit_approach2(points: Sequence[Point], tolerance: float = 0.25, n_bootstrap: int = 100, seed: int = 0,
+                  window: int = 5) -> FitResult:
     """IsoFLOP parabolas -> N_opt(C), D_opt(C) = C / (6 N_opt) -> power laws in C.
 
+    Each budget's parabola goes through its `window` sizes nearest the lowest loss (0: all sizes).
     Needs at least 2 budgets with at least 3 distinct sizes each. Intervals come from resampling
     points with replacement within each budget."""
+    if window != 0 and window < 3:
+        raise ValueError(f"window={window}: a parabola needs at least 3 sizes; allowed 0 (all sizes) or >= 3")
     groups = group_budgets(points, tolerance)
     usable = _usable_budgets(groups)
     if len(usable) < 2:
         got = ", ".join(f"{budget_flops(g):.3g}: {len({p.N for p in g})}" for g in groups) or "no points"
         raise ValueError(f"Approach 2 needs at least 2 FLOP budgets with at least 3 model sizes each; got {len(usable)} "
                          f"such budget(s) of {len(groups)} (FLOPs: sizes = {got})")
-    values, minima = _approach2_values(usable)
+    values, minima = _approach2_values(usable, window)
 
     def refit(rng: np.random.Generator) -> dict[str, float]:
         resampled = [[g[i] for i in rng.integers(0, len(g), len(g))] for g in usable]
         kept = _usable_budgets(resampled)
         if len(kept) < 2:
             raise ValueError("resample lost a budget")
-        return _approach2_values(kept)[0]
+        return _approach2_values(kept, window)[0]
 
     samples = _bootstrap(refit, n_bootstrap, seed)
-    return FitResult("2", "N_opt = k_N C^a, D_opt = k_D C^b (IsoFLOP parabolas; D_opt = C / 6 N_opt)",
-                     _with_intervals(values, samples), n_points=sum(len(g) for g in usable),
-                     n_bootstrap=len(samples), details={"budgets": minima, "ignored_budgets": len(groups) - len(usable)})
+    form = "N_opt = k_N C^a, D_opt = k_D C^b (IsoFLOP parabolas; D_opt = C / 6 N_opt)"
+    return FitResult("2", form, _with_intervals(values, samples), n_points=sum(len(g) for g in usable),
+                     n_bootstrap=len(samples),
+                     details={"budgets": minima, "ignored_budgets": len(groups) - len(usable), "window": window})
 
 
 # ---------------------------------------------------------------- Approach 3: parametric L(N, D)
@@ -439,7 +459,8 @@ def fit_kaplan(points: Sequence[Point] = (), curves: Sequence[Curve] = (), irred
 # ---------------------------------------------------------------- all of them
 
 def fit_all(runs: RunSet, approaches: Sequence[str] = APPROACHES, n_bootstrap: int = 100, seed: int = 0,
-            budget_tolerance: float = 0.25, kaplan_irreducible: bool = False) -> tuple[dict[str, FitResult], dict[str, str]]:
+            budget_tolerance: float = 0.25, kaplan_irreducible: bool = False,
+            window: int = 5) -> tuple[dict[str, FitResult], dict[str, str]]:
     """Every requested approach that the data allows: (results, {approach: why it was skipped})."""
     results: dict[str, FitResult] = {}
     skipped: dict[str, str] = {}
@@ -451,7 +472,7 @@ def fit_all(runs: RunSet, approaches: Sequence[str] = APPROACHES, n_bootstrap: i
                                      "have none (CSV and W&B sources carry final points only)")
                 results[approach] = fit_approach1(runs.curves, n_bootstrap=n_bootstrap, seed=seed)
             elif approach == "2":
-                results[approach] = fit_approach2(runs.points, budget_tolerance, n_bootstrap=n_bootstrap, seed=seed)
+                results[approach] = fit_approach2(runs.points, budget_tolerance, n_bootstrap, seed, window)
             elif approach == "3":
                 results[approach] = fit_approach3(runs.points, n_bootstrap=n_bootstrap, seed=seed)
             elif approach == "kaplan":
