@@ -42,11 +42,18 @@ def ladder_shape(size: float, key: str) -> int:
     return shape_for_params(float(size))[key]
 
 
-def ladder_lr(size: float, base: float = 3e-3, reference: float = 1e6) -> float:
-    """Learning rate for a model of `size` non-embedding parameters: base x (size / reference)^(-1/3),
-    capped at 1e-2 -- the inverse-cube-root decay of OLMo's ladder, anchored at our CPU default
-    (3e-3 trains the ~1M-parameter `tiny`)."""
-    return min(1e-2, base * (float(size) / reference) ** (-1 / 3))
+def ladder_lr(size: float, *constants: float) -> float:
+    """${llm_ladder_lr:SIZE[,BASE,REFERENCE,EXPONENT,CAP]}: llm.scaling.plan.ladder_lr."""
+    from llm.scaling.plan import ladder_lr as rule
+
+    return rule(float(size), *map(float, constants))
+
+
+def ladder_batch(size: float, seq_len: int, multiple: int) -> int:
+    """${llm_ladder_batch:SIZE,SEQ_LEN,MULTIPLE}: global batch in sequences, llm.scaling.plan.ladder_batch."""
+    from llm.scaling.plan import ladder_batch as rule
+
+    return rule(float(size), int(seq_len), int(multiple))
 
 
 def register_resolvers() -> None:
@@ -55,6 +62,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llm_shape"):
         OmegaConf.register_new_resolver("llm_shape", ladder_shape)
         OmegaConf.register_new_resolver("llm_ladder_lr", ladder_lr)
+        OmegaConf.register_new_resolver("llm_ladder_batch", ladder_batch)
     if not OmegaConf.has_resolver("llm_cwd"):
         # The launch directory; unlike ${hydra:runtime.cwd} it also resolves in the multirun launcher.
         OmegaConf.register_new_resolver("llm_cwd", lambda: os.getcwd())

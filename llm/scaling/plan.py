@@ -5,16 +5,24 @@ The law used, in order of preference: a fit's Approach 3 (it also predicts the l
 2, its Approach 1; with no fit, the published Chinchilla parameters (`laws.CHINCHILLA`). C, N and D
 are tied by C = 6 N D, so giving any one of them fixes the other two.
 
-Model shapes (`shape_for_params`) follow one documented rule, reusable by any parametric preset:
-  - width d_model is a multiple of 64 and heads are 64 wide (n_heads = d_model / 64), as in GPT-2,
-    Kaplan et al. and OLMo; below 64 wide (targets under ~5e4), width 32 with one 32-wide head;
+The ladder's rules, one function each, reusable by any parametric preset (`model=ladder`, whose
+`model.size` is the target non-embedding N):
+  - shape (`shape_for_params`): width d_model is a multiple of 64 and heads are 64 wide (n_heads =
+    d_model / 64), as in GPT-2, Kaplan et al. and OLMo; below 64 wide (targets under ~5e4), a
+    multiple of 16 with one head, so the smallest CPU sizes step by 16 in width rather than jump;
   - depth follows the aspect ratio d_model / n_layers ~ 64 (Kaplan et al. found the loss flat for
     ratios of about 20 to 200; GPT-2 small has 64, OLMo and Llama 7B 128): the ideal width solves
     12 n_layers d_model^2 = N with n_layers = d_model / 64, the ~12 d^2 per block being 4 d^2 of
     attention and 8 d^2 of MLP (4 d hidden GELU, or ModelConfig's default SwiGLU with 3 matrices of
-    ~8/3 d hidden);
-  - of the two multiples of 64 around that width, the one whose exact count (`llm.scaling.flops.
-    model_size` of `ModelConfig` defaults) after rounding n_layers is nearest to N wins.
+    ~8/3 d hidden); of the two allowed widths around that ideal, the one whose exact count
+    (`llm.scaling.flops.model_size` of `ModelConfig` defaults) after rounding n_layers is nearest
+    to N wins;
+  - learning rate (`ladder_lr`): lr = base x (N / reference)^(-exponent), capped. The defaults
+    (4e-3 at N = 1e5, exponent 1/2, cap 1e-2) are our CPU calibration on the embedded corpus (README,
+    "Scaling laws"); OLMo's ladder uses 4.7e-3 at 1.08e8 with exponent 1/3 (sweeps/isoflop_cluster);
+  - batch size (`ladder_batch`): OLMo's ladder rule, 160 sequences of 2048 tokens at N = 1.08e8,
+    growing as N^(2/3), in sequences of data.seq_len, rounded to a multiple of a micro-batch
+    step (micro_batch_size x data-parallel ranks) and at least one.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from llm.scaling.laws import CHINCHILLA, FLOPS_PER_PARAM_TOKEN, ComputeLaw, Fron
 ASPECT_RATIO = 64.0  # d_model / n_layers
 HEAD_DIM = 64
 WIDTH_MULTIPLE = 64
+SMALL_WIDTH_MULTIPLE = 16  # below one 64-wide head
 PLACEHOLDER_VOCAB = 64  # non-embedding counts do not depend on the vocabulary; ModelConfig needs one
 
 
@@ -55,8 +64,8 @@ def shape_for_params(n_target: float, kind: str = "non_embedding", vocab_size: O
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if 12 * mid**3 / aspect_ratio + vocab * mid < n_target else (lo, mid)
     ideal = math.sqrt(lo * hi)
-    # Below one 64-wide head, widths step by 32 (one 32-wide head): the smallest CPU sweep sizes.
-    multiple = WIDTH_MULTIPLE if ideal >= WIDTH_MULTIPLE else WIDTH_MULTIPLE // 2
+    # Below one 64-wide head, widths step by 16 (one head): the smallest CPU sweep sizes.
+    multiple = WIDTH_MULTIPLE if ideal >= WIDTH_MULTIPLE else SMALL_WIDTH_MULTIPLE
     widths = {max(multiple, multiple * math.floor(ideal / multiple)),
               max(multiple, multiple * math.ceil(ideal / multiple))}
 
@@ -73,6 +82,24 @@ def shape_for_params(n_target: float, kind: str = "non_embedding", vocab_size: O
 
 def _shape(n_layers: int, d_model: int) -> dict[str, int]:
     return {"n_layers": int(n_layers), "d_model": int(d_model), "n_heads": max(1, d_model // HEAD_DIM)}
+
+
+def ladder_lr(size: float, base: float = 4e-3, reference: float = 1e5, exponent: float = 0.5,
+              cap: float = 1e-2) -> float:
+    """Learning rate for `size` non-embedding parameters: min(cap, base x (size / reference)^(-exponent))."""
+    if size <= 0:
+        raise ValueError(f"model.size={size}: must be > 0")
+    return min(cap, base * (float(size) / reference) ** (-exponent))
+
+
+def ladder_batch(size: float, seq_len: int, multiple: int, tokens: float = 160 * 2048, reference: float = 1.08e8,
+                 exponent: float = 2 / 3) -> int:
+    """Global batch in sequences of `seq_len` for `size` non-embedding parameters: tokens x (size /
+    reference)^exponent tokens, rounded to a multiple of `multiple` sequences (at least one)."""
+    if size <= 0 or seq_len <= 0 or multiple <= 0:
+        raise ValueError(f"size={size}, seq_len={seq_len}, multiple={multiple}: all must be > 0")
+    sequences = tokens * (float(size) / reference) ** exponent / seq_len
+    return int(multiple * max(1, round(sequences / multiple)))
 
 
 def shape_params(shape: dict[str, int], kind: str = "non_embedding", vocab_size: Optional[int] = None) -> int:
