@@ -257,6 +257,12 @@ def test_ladder_sweeps_take_lr_and_batch_from_the_rules(tmp_path):
     cfg = compose_train(["sweep=isoflop_cluster", "model.size=4e8"], tmp_path)
     assert cfg.optim.lr == pytest.approx(4.7e-3 * (4e8 / 1.08e8) ** (-1 / 3), rel=1e-5)
     assert cfg.data.global_batch_size == ladder_batch(4e8, 2048, 64) == 384
+    # Two data-parallel ranks: the batch is a multiple of micro-batch x ranks, and validates.
+    cfg = compose_train(["sweep=ladder", "model.size=8e5", "parallelism=ddp", "trainer.devices=2"], tmp_path)
+    validate(cfg)
+    assert cfg.data.global_batch_size == ladder_batch(8e5, 128, 32) == 96
+    cfg = compose_train(["sweep=ladder", "model.size=2e6", "parallelism=ddp", "trainer.devices=2"], tmp_path)
+    assert cfg.data.global_batch_size % 32 == 0 and cfg.data.global_batch_size == ladder_batch(2e6, 128, 32)
     cfg = compose_train(["sweep=ladder", "model.size=8e5", "optim.lr=1e-3", "data.global_batch_size=32"], tmp_path)
     assert (cfg.optim.lr, cfg.data.global_batch_size) == (1e-3, 32)  # overridable
 

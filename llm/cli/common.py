@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -49,11 +50,13 @@ def ladder_lr(size: float, *constants: float) -> float:
     return rule(float(size), *map(float, constants))
 
 
-def ladder_batch(size: float, seq_len: int, multiple: int) -> int:
-    """${llm_ladder_batch:SIZE,SEQ_LEN,MULTIPLE}: global batch in sequences, llm.scaling.plan.ladder_batch."""
+def ladder_batch(size: float, seq_len: int, *step: int) -> int:
+    """${llm_ladder_batch:SIZE,SEQ_LEN,MICRO_BATCH[,DEVICES,NODES]}: global batch in sequences
+    (llm.scaling.plan.ladder_batch), a multiple of the product of the step factors, so that every
+    data-parallel layout of those ranks divides it."""
     from llm.scaling.plan import ladder_batch as rule
 
-    return rule(float(size), int(seq_len), int(multiple))
+    return rule(float(size), int(seq_len), math.prod(int(k) for k in step))
 
 
 def register_resolvers() -> None:

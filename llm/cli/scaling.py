@@ -38,7 +38,7 @@ Give one of --flops, --tokens, --params; the others follow from the law and C = 
 the fit's Approach 3 (else 2, else 1) with --fit, or the published Chinchilla law
 L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 (Hoffmann et al. 2022) without. The model shape follows
 llm.scaling.plan.shape_for_params: d_model a multiple of 64 (16 below 64), 64-wide heads,
-d_model/n_layers ~ 64."""
+d_model/n_layers ~ 64 and at least 16."""
 
 
 def _number(text: str) -> float:

@@ -4,8 +4,9 @@
   FLOP count, the best model size and its tokens; power laws N_opt = k_N C^a, D_opt = k_D C^b are fitted
   to it by least squares in log-log space.
 - Approach 2 (`fit_approach2`): IsoFLOP profiles. Points of one FLOP budget get a parabola of loss in
-  log N, through the sizes nearest the budget's lowest loss (`window`, default 5); its vertex is N_opt(C), and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so
-  no measured FLOPs/token exists for it; C = 6 N D also keeps a + b = 1 exactly). Power laws as above.
+  log N, through the sizes nearest the budget's lowest loss (`window`, default 5); its vertex is
+  N_opt(C), and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so no measured
+  FLOPs/token exists for it; C = 6 N D also keeps a + b = 1 exactly). Power laws as above.
 - Approach 3 (`fit_approach3`): L(N, D) = E + A/N^alpha + B/D^beta by minimising the Huber loss of
   log-space residuals with L-BFGS from a grid of starts; the frontier follows in closed form.
 - Kaplan (`fit_kaplan`): L(C) = (C_c / C)^alpha_C (+ E when irreducible=True) on the compute frontier.

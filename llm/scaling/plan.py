@@ -23,7 +23,7 @@ The ladder's rules, one function each, reusable by any parametric preset (`model
     "Scaling laws"); OLMo's ladder uses 4.7e-3 at 1.08e8 with exponent 1/3 (sweeps/isoflop_cluster);
   - batch size (`ladder_batch`): OLMo's ladder rule, 160 sequences of 2048 tokens at N = 1.08e8,
     growing as N^(2/3), in sequences of data.seq_len, rounded to a multiple of a micro-batch
-    step (micro_batch_size x data-parallel ranks) and at least one.
+    step (the sweeps pass micro_batch_size x devices x nodes) and at least one.
 """
 
 from __future__ import annotations
