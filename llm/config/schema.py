@@ -93,7 +93,7 @@ class PathsSchema:
     root_dir: str = "."
     runs_dir: str = "runs"
     cache_dir: str = ".cache"
-    run_dir: str = "."
+    run_dir: Optional[str] = "."  # None only under `--cfg job --resolve` (no run has started)
 
 
 def _default_tasks() -> dict[str, Any]:
