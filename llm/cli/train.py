@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from llm.resources import CONF_DIR
 
 setup()
 

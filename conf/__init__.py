@@ -1,0 +1,1 @@
+"""Hydra configs, installed as the package `llm.conf` (see setup.py); `llm.resources.CONF_DIR` finds them."""
