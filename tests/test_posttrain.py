@@ -17,11 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from llm import posttraining
 from llm.config import ConfigError, typed, validate
-from llm.config.schema import DataSchema
 from llm.data.posttrain import TokenizedExample, collate_sft, pack
 from llm.model import ModelConfig, Transformer
+from llm.recipes import recipe_for
+from llm.recipes.posttrain import export_merged, load_final_network
+from llm.run import RunDir
+from llm.run.plan import Settings, plan
 from llm.model.lora import LoRALinear, lora_modules
 from llm.model.value import ValueModel
 from llm.stages.init_from import load_parent
@@ -99,24 +101,17 @@ def reward_parent(tmp_path_factory, tokenizer, model_config) -> Path:
 
 
 def build_stage(method: str, parent: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """What llm/train.py does before fitting a post-training run, in this process."""
+    """What llm.train.train does before fitting a post-training run, in this process: the stage's
+    recipe prepares the config, reads the data and builds the module."""
     overrides = [f"posttrain={method}", f"init_from={parent}", *TINY, *METHOD_ARGS[method], *extra]
-    cfg = compose_train(overrides, run_dir)
-    cfg, parent_run, reward_model = posttraining.prepare(cfg, overrides)
+    recipe = recipe_for(compose_train(overrides, run_dir))
+    cfg = recipe.prepare(compose_train(overrides, run_dir), overrides)
     validate(cfg, world_size=1)
-    tokenizer = Tokenizer.load(parent_run.tokenizer_path)
-    model_config = typed(cfg.model, ModelConfig)
-    data = typed(cfg.data, DataSchema, drop=("corpus",))
-    method_class = posttraining.method_class(cfg)
-    datamodule, _, _ = posttraining.build_data(cfg.posttrain.data, method_class.data_kind, tokenizer, data.seq_len,
-                                               data.micro_batch_size, data.val_batches)
-    module = instantiate(cfg.posttrain, _convert_="all")(
-        model_config=model_config, optimizer=instantiate(cfg.optim, _convert_="all"),
-        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism), total_steps=STEPS,
-        tokens_per_step=data.micro_batch_size * data.seq_len, flops_per_token=1.0, gradient_clip=1.0,
-        parent=parent_run, tokenizer=tokenizer)
-    posttraining.attach(module, cfg.posttrain.data, tokenizer, reward_model, run_dir)
-    return {"module": module, "datamodule": datamodule, "parent": parent_run, "model_config": model_config}
+    settings = Settings.of(cfg)
+    data = recipe.data(cfg, settings, RunDir(run_dir))
+    steps = plan(settings, data.tokenizer.vocab_size)
+    module = recipe.module(cfg, settings, steps, data, RunDir(run_dir))
+    return {"module": module, "datamodule": data.datamodule, "parent": recipe.parent, "model_config": steps.model}
 
 
 def fit(module: pl.LightningModule, datamodule: Any, run_dir: Path) -> pl.Trainer:
@@ -241,7 +236,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
     trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == adapters | value_head
-    merged = posttraining.load_final_network(tmp_path, parent_run, built["model_config"], module.lora,
+    merged = load_final_network(RunDir(tmp_path), parent_run, built["model_config"], module.lora,
                                              method == "reward")
     assert not lora_modules(merged) and all(p.requires_grad for p in merged.parameters())
     adapted = dict(module.model.named_modules())
@@ -255,7 +250,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
 
     # The export is an ordinary checkpoint that the next stage's init_from picks from the run directory.
     module.tokenizer.save(tmp_path / "tokenizer.json")  # as llm-train leaves it in every run directory
-    posttraining.export_merged(merged, tmp_path, method, built["model_config"], method == "reward", parent_run)
+    export_merged(merged, RunDir(tmp_path), method, built["model_config"], method == "reward", parent_run)
     child = load_parent(str(tmp_path), tmp_path.parent)
     assert child.ref.path.name == "merged.ckpt" and child.value_head == (method == "reward")
     for key, value in merged.state_dict().items():
@@ -422,9 +417,10 @@ def test_a_method_config_validates_with_the_parents_architecture(parent, tmp_pat
     overrides = ["posttrain=grpo", f"init_from={parent}", "model=small", "model.dropout=0.1"]
     cfg = compose_train(overrides, tmp_path)
     with pytest.raises(ConfigError, match="model=small: the architecture comes from init_from"):
-        posttraining.prepare(cfg, overrides)
+        recipe_for(cfg).prepare(cfg, overrides)
     overrides = overrides[:2] + overrides[3:]  # dropout is not architecture: the command line may set it
-    cfg, parent_run, _ = posttraining.prepare(compose_train(overrides, tmp_path), overrides)
+    cfg = compose_train(overrides, tmp_path)
+    cfg = recipe_for(cfg).prepare(cfg, overrides)
     validate(cfg)
     model = typed(cfg.model, ModelConfig)
     assert (model.n_layers, model.d_model, model.tie_embeddings, model.dropout) == (2, 32, False, 0.1)

@@ -18,7 +18,8 @@ from llm.config.schema import BudgetSchema
 from llm.model import ModelConfig
 from llm.scaling.flops import model_size
 from llm.tracking.metrics import read_metrics
-from llm.train import budget_steps, train
+from llm.run.plan import budget_steps
+from llm.train import train
 from tests.conftest import TINY_RUN, compose_train, run_cli
 
 

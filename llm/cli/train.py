@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
-
 from llm.resources import CONF_DIR
 
 setup()
+log = logging.getLogger("llm.cli.train")
+# Set once Hydra hands a composed config to the app: an exit before that is Hydra refusing the
+# command line (a bad override, a value its type or Enum refuses), which is a config error (exit 2).
+_composed = False
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -25,8 +28,11 @@ def _app(cfg: DictConfig) -> float | None:
 
     from llm.tracking.guard import GuardGaveUp
     from llm.tracking.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from llm.run.run import discard_unstarted
     from llm.train import train
 
+    global _composed
+    _composed = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
@@ -34,7 +40,7 @@ def _app(cfg: DictConfig) -> float | None:
         _preempted(cfg, e)
         sys.exit(PREEMPTED_EXIT_CODE)
     except GuardGaveUp as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         if multirun:
             raise
         sys.exit(1)
@@ -42,7 +48,8 @@ def _app(cfg: DictConfig) -> float | None:
         cause = config_error_in(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        sys.stderr.write(f"error: {cause}\n")
+        discard_unstarted(cfg.paths.run_dir)  # a refused run leaves no directory behind
         if multirun:
             raise cause  # recorded as a failed job; the sweep goes on and exits non-zero at the end
         sys.exit(CONFIG_ERROR_EXIT_CODE)
@@ -58,11 +65,11 @@ def _preempted(cfg: DictConfig, e: Exception) -> None:
 
     if not is_rank_zero() or spawned_rank():
         return  # the process that started the ranks speaks (and requeues) for them
-    print(f"preempted: {e}; continue with: llm-train resume={cfg.paths.run_dir}", file=sys.stderr)
+    log.warning(f"preempted: {e}; continue with: llm-train resume={cfg.paths.run_dir}")
     if OmegaConf.select(cfg, "trainer.preemption.requeue", default=True):
         note = requeue_slurm_job()
         if note:
-            print(note, file=sys.stderr)
+            log.warning(note)
 
 
 def main() -> None:
@@ -70,6 +77,10 @@ def main() -> None:
 
     try:
         _app()
+    except SystemExit as e:
+        if e.code == 1 and not _composed:  # Hydra refused the command line before the run started
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
+        raise
     finally:
         report_sweep()  # after a multirun: index.json and a line per failed job
 

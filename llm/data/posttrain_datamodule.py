@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -81,3 +81,54 @@ class PostTrainDataModule(StreamDataModule):
 
 def _identity(batch: Any) -> Any:
     return batch
+
+
+def build_posttrain_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int, micro_batch_size: int,
+               val_batches: Optional[int]) -> tuple[Any, list[dict], str]:
+    """The method's datamodule, the held-out prompts with answers (for the before/after
+    evaluation; only the tasks have them), and a line saying what was read and kept."""
+    from llm.config import ConfigError
+    from llm.data.formats import ChatTemplate, read_examples
+    from llm.data.posttrain import collator, pack, tokenize_preferences, tokenize_prompts, tokenize_sft
+    from llm.data.tasks import TaskMix
+
+    template = ChatTemplate(data_cfg.chat_turn, data_cfg.generation_prompt)
+    eval_rows: list[dict] = []
+    if data_cfg.source == "tasks":
+        mix = TaskMix(data_cfg.tasks, seed=data_cfg.seed, val_fraction=data_cfg.val_fraction)
+        rows = {"sft": mix.sft_rows, "preference": mix.preference_rows, "prompt": mix.prompt_rows}[kind]
+        train_source, val_source = rows(data_cfg.n_train, "train"), rows(data_cfg.n_val, "val")
+        eval_rows = mix.prompt_rows(data_cfg.eval_prompts, "val")
+    else:
+        train_source, val_source = data_cfg.source, data_cfg.val_source
+    read = dict(kind=kind, format=data_cfg.format, template=template, hf_split=data_cfg.hf_split)
+    train = read_examples(train_source, **read)
+    if val_source is not None:
+        val = read_examples(val_source, **read)
+    else:  # a deterministic held-out share of the one source
+        from llm.data.corpus import hash_fraction
+
+        held_out = [hash_fraction(str(i) + repr(e)) < data_cfg.val_fraction for i, e in enumerate(train)]
+        val = [e for e, h in zip(train, held_out) if h]
+        train = [e for e, h in zip(train, held_out) if not h]
+
+    def tokenize(examples: list, what: str) -> Any:
+        if kind == "sft":
+            result = tokenize_sft(examples, tokenizer, seq_len)
+        elif kind == "preference":
+            result = tokenize_preferences(examples, tokenizer, seq_len)
+        else:
+            result = tokenize_prompts(examples, tokenizer, data_cfg.max_prompt_length)
+        return result.require_some(what)
+
+    train_tok, val_tok = tokenize(train, "posttrain.data.source"), tokenize(val, "held-out rows")
+    train_examples, val_examples = train_tok.examples, val_tok.examples
+    if data_cfg.packing:
+        if kind != "sft":
+            raise ConfigError([f"posttrain.data.packing=true: packing is for SFT rows; {kind} data is not packed"])
+        train_examples, val_examples = pack(train_examples, seq_len), pack(val_examples, seq_len)
+    datamodule = PostTrainDataModule(train_examples, val_examples, collator(kind, tokenizer.pad_id), micro_batch_size,
+                                     seed=data_cfg.seed, val_batches=val_batches)
+    line = (f"{kind} data from {data_cfg.source}: train {train_tok.summary()}; val {val_tok.summary()}"
+            + (f"; packed into {len(train_examples)} rows" if data_cfg.packing else ""))
+    return datamodule, eval_rows, line

@@ -69,3 +69,11 @@ class JsonlLogger(Logger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def last_values(path: Path) -> dict[str, Any]:
+    """The last logged value of every metric (post-training's rewards, KL, accuracies...)."""
+    out: dict[str, Any] = {}
+    for record in read_metrics(path):
+        out.update({k: v for k, v in record.items() if k != "step"})
+    return out

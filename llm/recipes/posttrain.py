@@ -1,0 +1,267 @@
+"""Post-training recipes: SFT, reward modelling and DPO (PostTrain), PPO and GRPO (OnPolicy).
+
+The parent checkpoint (`init_from`) fixes the architecture, weights and tokenizer; the method's
+examples come from TRL-format files, a hub dataset or the built-in tasks; on-policy methods score
+completions with a reward model or the tasks' checker. After training, a LoRA run exports its
+merged model and every language-model stage answers held-out prompts greedily, before and after.
+
+    llm-train posttrain=sft init_from=<pretraining run> budget.steps=300
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from llm.config import ConfigError
+from llm.model import ModelConfig
+from llm.model.lora import LoRAConfig, apply_lora, merge_lora
+from llm.model.value import build_network, load_weights
+from llm.recipes.base import Recipe, StageData
+from llm.run.layout import META, RunDir
+from llm.stages.init_from import RUNTIME_KEYS, Parent, check_architecture, load_parent
+
+if TYPE_CHECKING:
+    from llm.run.plan import Plan, Settings
+
+log = logging.getLogger(__name__)
+
+# The groups whose choice a post-training run inherits from its parent checkpoint.
+ARCHITECTURE_GROUPS = ("tokenizer", "model", "attention", "position")
+
+
+class PostTrain(Recipe):
+    """A stage that starts from a trained model: SFT, reward modelling, DPO."""
+
+    parent: Optional[Parent] = None
+
+    def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+        """The run's config with the parent's architecture and tokenizer in place, so the final
+        validation checks what will really run."""
+        if not cfg.get("init_from"):
+            return cfg  # validation says that post-training needs init_from
+        self.parent = parent = load_parent(cfg.init_from, cfg.paths.runs_dir)
+        check_architecture(parent.model_config, overrides)
+        if parent.value_head and not self.module_class.value_head:
+            raise ConfigError([f"init_from={cfg.init_from!r}: {parent.ref.path} is a reward model (stage "
+                               f"{parent.stage}); posttrain={self.stage} needs a language model to start from"])
+        cfg = cfg.copy()
+        saved = OmegaConf.create(asdict(parent.model_config))
+        for key in RUNTIME_KEYS:  # keys the command line may still set
+            if any(o.lstrip("+").startswith(f"model.{key}=") for o in overrides):
+                OmegaConf.update(saved, key, OmegaConf.select(cfg.model, key))
+        cfg.model = OmegaConf.merge(cfg.model, saved)
+        cfg.tokenizer = OmegaConf.create({"_target_": "llm.tokenizer.build_tokenizer", "_partial_": True,
+                                          "kind": "pretrained", "path": str(parent.tokenizer_path)})
+        return cfg
+
+    def labels(self, choices: dict[str, str]) -> dict[str, str]:
+        """The architecture's choices are the parent's (its run.json when it has one, else what
+        its checkpoint says), not the defaults this run composed."""
+        if self.parent is None:
+            return choices
+        return {**choices, **parent_labels(self.parent)}
+
+    def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
+        from llm.data.posttrain_datamodule import build_posttrain_data
+        from llm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(self.parent.tokenizer_path)
+        data = settings.data
+        datamodule, eval_rows, line = build_posttrain_data(cfg.posttrain.data, self.module_class.data_kind, tokenizer,
+                                                           data.seq_len, data.micro_batch_size, data.val_batches)
+        log.info(line)
+        return StageData(tokenizer, datamodule, {**self.parent.facts(), "posttrain_data": line}, eval_rows)
+
+    def module_arguments(self, data: StageData) -> dict[str, Any]:
+        return {"parent": self.parent, "tokenizer": data.tokenizer}
+
+    def lineage(self) -> Optional[tuple[Path, Optional[Path]]]:
+        return (self.parent.ref.path, self.parent.ref.run_dir) if self.parent is not None else None
+
+    def finish(self, cfg: DictConfig, run_dir: RunDir, data: StageData, summary: dict[str, Any]) -> dict[str, Any]:
+        """Export the merged model of a LoRA run; answer held-out prompts greedily with the parent
+        and with the result; record the last value of every metric."""
+        from llm.config import typed
+        from llm.tracking.metrics import last_values
+
+        lora = LoRAConfig(**OmegaConf.to_container(cfg.posttrain.lora, resolve=True))
+        model_config = typed(cfg.model, ModelConfig)
+        value_head = self.module_class.value_head
+        model = load_final_network(run_dir, self.parent, model_config, lora, value_head)
+        out: dict[str, Any] = {"last_metrics": last_values(run_dir.metrics)}
+        if lora.enabled:
+            out["merged_checkpoint"] = str(export_merged(model, run_dir, self.stage, model_config, value_head,
+                                                         self.parent))
+        if data.eval_rows and not value_head:
+            reward = self.eval_reward(cfg)
+            steps = int(cfg.posttrain.data.eval_max_new_tokens)
+            before = evaluate_answers(self.parent.load(value_head=False).eval(), data.tokenizer, data.eval_rows,
+                                      reward, steps)
+            after = evaluate_answers(model, data.tokenizer, data.eval_rows, reward, steps)
+            out.update({**{f"eval_before/{k}": v for k, v in before.items()},
+                        **{f"eval/{k}": v for k, v in after.items()}, "eval/prompts": len(data.eval_rows)})
+            log.info(f"held-out greedy answers ({len(data.eval_rows)} prompts): exact match {before['accuracy']:.3f} -> "
+                     f"{after['accuracy']:.3f}, mean reward {before['reward']:.3f} -> {after['reward']:.3f}")
+        return out
+
+    def eval_reward(self, cfg: DictConfig) -> Callable[[list[int], list[int], str, dict], float]:
+        """The reward of the held-out evaluation: the tasks' checker."""
+        check = task_reward(cfg.posttrain.data)
+        return lambda prompt, completion, text, row: check(text, row)
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        line = f"val/loss {summary['val/loss']:.4f}"
+        return line + (f" (ppl {summary['val/ppl']:.1f})" if self.stage == "sft" and "val/ppl" in summary else "")
+
+
+class OnPolicy(PostTrain):
+    """PPO and GRPO: prompts in, completions sampled and scored by a reward model
+    (posttrain.reward_model, which also starts PPO's critic) or the tasks' checker."""
+
+    reward_model: Optional[Parent] = None
+
+    def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+        cfg = super().prepare(cfg, overrides)
+        name = cfg.posttrain.get("reward_model")
+        if not name or self.parent is None:
+            return cfg
+        self.reward_model = load_parent(name, cfg.paths.runs_dir, key="posttrain.reward_model")
+        if not self.reward_model.value_head:
+            raise ConfigError([f"posttrain.reward_model={name!r}: {self.reward_model.ref.path} is a "
+                               f"{self.reward_model.stage} language model, not a reward model (posttrain=reward)"])
+        if asdict(self.reward_model.model_config) != asdict(self.parent.model_config):
+            raise ConfigError([f"posttrain.reward_model={name!r}: its architecture differs from init_from's; the "
+                               "critic starts from it, so they must match"])
+        return cfg
+
+    def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
+        if self.reward_model is None and cfg.posttrain.data.source != "tasks":
+            raise ConfigError([f"posttrain.reward_model: required for prompts from {cfg.posttrain.data.source!r} (the "
+                               "built-in reward checks the synthetic tasks' answers); give a reward run"])
+        return super().data(cfg, settings, run_dir)
+
+    def module(self, cfg: DictConfig, settings: Settings, plan: Plan, data: StageData, run_dir: RunDir,
+               schedule: Optional[Any] = None, total_steps: Optional[int] = None) -> pl.LightningModule:
+        """The module with its reward, its critic's starting point and its sample log."""
+        from llm.stages.rollout import Scorer
+        from llm.tracking.samples import SampleLog
+
+        module = super().module(cfg, settings, plan, data, run_dir, schedule, total_steps)
+        if self.reward_model is not None:
+            network = self.reward_model.load(value_head=True).requires_grad_(False).eval()
+            module.scorer = Scorer(data.tokenizer, model=network)
+            module.critic_init = self.reward_model
+        else:
+            module.scorer = Scorer(data.tokenizer, function=task_reward(cfg.posttrain.data))
+        module.samples = SampleLog(run_dir.path, every_n_steps=module.samples_every_n_steps, max_rows=64)
+        return module
+
+    def eval_reward(self, cfg: DictConfig) -> Callable[[list[int], list[int], str, dict], float]:
+        """The reward the run trained on: its reward model's score of prompt + completion when it
+        has one, else the tasks' checker."""
+        if self.reward_model is None:
+            return super().eval_reward(cfg)
+        model = self.reward_model.load(value_head=True).eval()
+
+        @torch.no_grad()
+        def reward(prompt: list[int], completion: list[int], text: str, row: dict) -> float:
+            return float(model(torch.tensor([prompt + completion]))[0, -1])
+        return reward
+
+
+def parent_labels(parent: Parent) -> dict[str, str]:
+    """The architecture groups' choices of a parent: from its run.json, else derived from its
+    checkpoint's model config (a bare checkpoint file)."""
+    if parent.ref.run_dir is not None:
+        run_file = RunDir(parent.ref.run_dir).run_file
+        try:
+            choices = json.loads(run_file.read_text()).get("choices", {})
+            found = {g: str(choices[g]) for g in ARCHITECTURE_GROUPS if isinstance(choices.get(g), str)}
+            if len(found) == len(ARCHITECTURE_GROUPS):
+                return found
+        except (OSError, ValueError, AttributeError):
+            pass  # a damaged run.json: the checkpoint still says what the architecture is
+    m = parent.model_config
+    kv = m.kv_heads
+    attention = "mha" if kv == m.n_heads else "mqa" if kv == 1 else "gqa"
+    return {"tokenizer": "pretrained", "model": f"{m.n_layers}x{m.d_model}", "attention": attention,
+            "position": m.position.kind}
+
+
+def task_reward(data_cfg: Any) -> Callable[[str, dict], float]:
+    """The tasks' checker: 1.0 for an exact answer, else 0.0 (or partial credit)."""
+    from llm.data.tasks import score
+
+    return partial(score, partial=bool(data_cfg.partial_reward))
+
+
+@torch.no_grad()
+def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward: Any, max_new_tokens: int,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Greedy answers to held-out prompts: exact-match accuracy and mean reward, where
+    `reward(prompt ids, completion ids, completion text, row)` is the run's own reward."""
+    from llm.data.tasks import score
+    from llm.generate.decode import generate
+
+    correct, rewards, by_task = [], [], {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [tokenizer.encode(r["prompt"]) for r in chunk]
+        outputs = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        for row, prompt, out in zip(chunk, prompts, outputs):
+            text = tokenizer.decode(out)
+            correct.append(score(text, row))
+            rewards.append(reward(prompt, out, text, row))
+            by_task.setdefault(row.get("task", "all"), []).append(correct[-1])
+    return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards),
+            **{f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())}}
+
+
+def load_final_network(run_dir: RunDir, parent: Parent, model_config: ModelConfig, lora: LoRAConfig,
+                       value_head: bool) -> nn.Module:
+    """The trained network of a finished run as a plain module (sharded checkpoints gathered,
+    LoRA adapters folded into the parent's weights)."""
+    path = run_dir.last_checkpoint
+    if path.is_dir() and (path / META).is_file():
+        from lightning_fabric.utilities.load import _load_distributed_checkpoint
+
+        state = _load_distributed_checkpoint(path)["state_dict"]
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model = build_network(model_config, value_head)
+    if lora.enabled:
+        load_weights(model, parent.state, parent.value_head)
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets,
+                   train_modules=[*lora.train_modules, *(["head"] if value_head else [])])
+        missing = [k for k in model.state_dict() if k not in state and ("lora_a" in k or "lora_b" in k)]
+        if missing:
+            raise ValueError(f"{path}: the LoRA adapters {missing[:3]} are missing")
+        model.load_state_dict(state, strict=False)
+        merge_lora(model)
+    else:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def export_merged(model: nn.Module, run_dir: RunDir, stage: str, model_config: ModelConfig, value_head: bool,
+                  parent: Parent) -> Path:
+    """`checkpoints/merged.ckpt`: an ordinary checkpoint of the merged model, which init_from,
+    llm-generate, llm-eval and llm-hf read like any pretraining checkpoint."""
+    from llm.tracking.checkpoint_io import atomic_torch_save
+
+    out = run_dir.merged_checkpoint
+    atomic_torch_save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 0,
+                       "llm": {"stage": stage, "model_config": asdict(model_config), "value_head": value_head,
+                               "parent": str(parent.ref.path)}}, out)
+    return out
