@@ -72,8 +72,10 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
                "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n),
                "LLM_LAUNCHER_PID": str(os.getpid())}
+        # Rank 0 appends to the run's train.log (what the console shows); the others keep a
+        # rankN.log of their own, which holds only their warnings and errors.
         command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
-                   "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
+                   "hydra.output_subdir=null", f"hydra.job.name={'train' if rank == 0 else f'rank{rank}'}"]
         procs.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     from llm.tracking.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Preempted
 
