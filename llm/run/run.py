@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,6 +44,39 @@ from llm.tracking.throughput import ThroughputMonitor, peak_memory_mib
 log = logging.getLogger(__name__)
 
 HYDRA_OUTPUT = ".hydra"  # what Hydra writes into a job's directory before the run starts
+
+
+@dataclass
+class RunCallbacks:
+    """The callbacks of every run, in the order they must run: the loss guard first (a bad step
+    is never checkpointed), checkpoints, throughput, W&B artifacts (after the checkpoint they log),
+    progress, and preemption last (after the step's work)."""
+
+    guard: LossGuard
+    checkpoints: PeriodicCheckpoint
+    throughput: ThroughputMonitor
+    artifacts: Optional[pl.Callback]
+    all: list[pl.Callback]
+
+    @classmethod
+    def build(cls, settings: Settings, plan: Plan, run_dir: RunDir, run_id: str, spikes_are_faults: bool,
+              branch_starts: tuple[int, ...] = ()) -> RunCallbacks:
+        t = settings.trainer
+        g = t.guard
+        guard = LossGuard(g.enabled, g.warmup_steps, g.window, g.spike_threshold if spikes_are_faults else None,
+                          g.max_rollbacks, g.skip_batches)
+        checkpoints = PeriodicCheckpoint(run_dir.checkpoints, t.checkpoint_every, branch_starts, t.keep_last,
+                                         vet=guard.check_weights)
+        throughput = ThroughputMonitor(plan.tokens_per_step, plan.size.flops_per_token, window=t.log_every)
+        artifacts = None
+        if settings.logger.kind == "wandb" and settings.logger.log_checkpoints:
+            from llm.tracking.wandb import CheckpointArtifacts
+
+            artifacts = CheckpointArtifacts(checkpoints, run_id)
+        progress = progress_callback(t.progress_bar, t.log_every)
+        ordered = [guard, checkpoints, throughput, artifacts, progress,
+                   PreemptionHandler(checkpoints, t.preemption.enabled)]
+        return cls(guard, checkpoints, throughput, artifacts, [c for c in ordered if c is not None])
 
 
 class Run:
@@ -134,23 +168,9 @@ class Run:
                    *self.experiment_loggers(recipe, cfg, settings, plan, facts, module.stage)]
         schedule = module.schedule
         branches = schedule.branch_points(plan.steps) if hasattr(schedule, "branch_points") else []
-        throughput = ThroughputMonitor(plan.tokens_per_step, plan.size.flops_per_token, window=trainer_cfg.log_every)
-        g = trainer_cfg.guard
-        guard = LossGuard(g.enabled, g.warmup_steps, g.window, g.spike_threshold if module.loss_spikes_are_faults else None,
-                          g.max_rollbacks, g.skip_batches)
-        checkpoints = PeriodicCheckpoint(self.dir.checkpoints, trainer_cfg.checkpoint_every,
-                                         tuple(start for start, _ in branches), trainer_cfg.keep_last,
-                                         vet=guard.check_weights)
-        callbacks: list[pl.Callback] = [guard, checkpoints, throughput]  # the guard first: no bad step is checkpointed
-        artifacts = None
-        if settings.logger.kind == "wandb" and settings.logger.log_checkpoints:
-            from llm.tracking.wandb import CheckpointArtifacts
-
-            artifacts = CheckpointArtifacts(checkpoints, self.id)  # after `checkpoints`: logs what it just saved
-            callbacks.append(artifacts)
-        progress = progress_callback(trainer_cfg.progress_bar, trainer_cfg.log_every)
-        callbacks += [progress] if progress is not None else []
-        callbacks.append(PreemptionHandler(checkpoints, trainer_cfg.preemption.enabled))  # last: after the step's work
+        kit = RunCallbacks.build(settings, plan, self.dir, self.id, module.loss_spikes_are_faults,
+                                 tuple(start for start, _ in branches))
+        guard, checkpoints, callbacks = kit.guard, kit.checkpoints, kit.all
         trainer = self.trainer(settings, plan.steps, plan.accumulate, loggers, callbacks, self.dir.path)
         pristine = copy.deepcopy(module)  # not yet configured: what a rollback starts again from
 
@@ -170,8 +190,8 @@ class Run:
             fit_with_rollbacks(fit, guard, data.datamodule, self.dir.path, self.resume_from, self.rank_zero)
             validate_last_step(trainer, module, data, min(trainer_cfg.val_every, plan.steps))
             checkpoints.save(trainer)
-            if artifacts is not None:
-                artifacts.log_saved(trainer)
+            if kit.artifacts is not None:
+                kit.artifacts.log_saved(trainer)
             summary["status"] = "completed"
             for start, end in branches:  # WSD: the shorter runs that share this run's stable phase
                 summary.setdefault("branches", []).append(
@@ -184,7 +204,7 @@ class Run:
                            best_checkpoint=str(self.dir.best_checkpoint) if checkpoints.best_step >= 0 else None)
             tokens = trainer.global_step * plan.tokens_per_step
             summary.update(final_metrics(self.dir.metrics), tokens_seen=tokens, steps_done=trainer.global_step,
-                           tokens_per_s=throughput.mean_tokens_per_s,
+                           tokens_per_s=kit.throughput.mean_tokens_per_s,
                            peak_memory_mib=peak_memory_mib(trainer.strategy.root_device),
                            wall_seconds=round(time.time() - self.started, 1), D=tokens,
                            C=tokens * plan.size.flops_per_token)
