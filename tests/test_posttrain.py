@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from llm.checkpoint import load_parent
 from llm.config import ConfigError, typed, validate
 from llm.data.posttrain import TokenizedExample, collate_sft, pack
 from llm.model import ModelConfig, Transformer
@@ -26,7 +27,6 @@ from llm.run import RunDir
 from llm.run.plan import Settings, plan
 from llm.model.lora import LoRALinear, lora_modules
 from llm.model.value import ValueModel
-from llm.stages.init_from import load_parent
 from llm.tokenizer import Tokenizer, build_tokenizer
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from tests.conftest import REPO, compose_train, run_cli
@@ -348,6 +348,11 @@ def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
     sft_run, summary = completed_run(result, sft_dir)
     assert f"sft data from {train}: train kept 24 of 24 rows; val kept 4 of 4 rows" in summary["posttrain_data"]
     assert "val/loss" in summary["last_metrics"]
+    # The run is labelled with the architecture it trained: the parent's (a bare run.json without
+    # architecture choices, so read from its checkpoint), never the composed default (model=tiny).
+    parent_labels = {"tokenizer": "pretrained", "model": "2x32", "attention": "mha", "position": "rope"}
+    assert {g: summary["choices"][g] for g in parent_labels} == parent_labels
+    assert json.loads((sft_run / "run.json").read_text())["choices"]["model"] == "2x32"
 
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": str(int(r["completion"]) + 1)}
              for r in addition_rows(10, 24)]
@@ -356,6 +361,7 @@ def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
                       f"posttrain.data.val_source={val}"], cwd=dpo_dir)
     _, summary = completed_run(result, dpo_dir)
     assert summary["parent_stage"] == "sft" and summary["parent_run_id"] == sft_run.name
+    assert {g: summary["choices"][g] for g in parent_labels} == parent_labels  # inherited through the sft run
     assert f"preference data from {train}: train kept 20 of 20 rows" in summary["posttrain_data"]
     assert {"rewards/accuracies", "val/rewards/margins"} <= set(summary["last_metrics"])
 
