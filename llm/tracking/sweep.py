@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ def report_sweep() -> None:
     tmp.write_text(json.dumps(records, indent=2, default=str) + "\n")
     os.replace(tmp, sweep_dir / "index.json")
     failed = [r for r in records if r["status"] != "completed"]
-    print(f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed")
-    for r in failed:
-        print(f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}")
+    # The multirun's outcome, the command's last output: on stdout rather than through logging,
+    # whose handlers still write the last job's log file.
+    lines = [f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed"]
+    lines += [f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}" for r in failed]
+    sys.stdout.write("".join(line + "\n" for line in lines))
