@@ -5,7 +5,6 @@ where the process matters (printing, exit codes), the same Hydra app composed in
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 from llm.config import ConfigError
 from llm.evaluate.completion import cut_at_stop
 from llm.evaluate.generation import run_generate
-from llm.tracking.console import StderrHandler
 from tests.conftest import TINY_RUN, compose_train, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
@@ -43,12 +41,7 @@ def run(tmp_path_factory) -> Path:
 def generate(run: Path, overrides: list[str], capsys) -> tuple[list[dict], str, str]:
     """llm-generate composed in-process: (completion records, stdout, stderr)."""
     cfg = compose_train([f"checkpoint={run}", *overrides], root=run.parent.parent, config_name="generate")
-    console = StderrHandler()  # llm-generate's console: messages on stderr (conf/hydra/job_logging/llm_stderr.yaml)
-    logging.getLogger().addHandler(console)
-    try:
-        completions = run_generate(cfg)
-    finally:
-        logging.getLogger().removeHandler(console)
+    completions = run_generate(cfg)
     out = capsys.readouterr()
     return [c.record() for c in completions], out.out, out.err
 
@@ -103,15 +96,10 @@ def test_bad_settings_are_refused_before_loading(run, overrides, phrase, capsys)
 def test_checkpoint_forms_and_their_errors(run, tmp_path, capsys):
     sharded = tmp_path / "fsdp-run" / "checkpoints" / "last.ckpt"
     sharded.mkdir(parents=True)
-    (sharded / "meta.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"sharded FSDP/TP checkpoint.*llm-consolidate"):
-        generate(run, [f"checkpoint={sharded.parent.parent}", "prompt=x"], capsys)
-    # Once `llm-consolidate` has written last.consolidated.ckpt beside it, the run is usable again.
-    (sharded.parent / "last.consolidated.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    (sharded / "meta.pt").write_bytes(b"")  # a sharded checkpoint whose metadata is torn
     (sharded.parent.parent / "tokenizer.json").write_text((run / "tokenizer.json").read_text())
-    (consolidated,), _, stderr = generate(run, [f"checkpoint={sharded.parent.parent}", "prompt=x", "max_new_tokens=8"],
-                                          capsys)
-    assert "last.consolidated.ckpt (step 30" in stderr
+    with pytest.raises(ConfigError, match=r"checkpoint: .*last.ckpt: not a readable checkpoint"):
+        generate(run, [f"checkpoint={sharded.parent.parent}", "prompt=x"], capsys)
     bare = tmp_path / "model.ckpt"
     bare.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     with pytest.raises(ConfigError, match="tokenizer.path: required, as .* is not inside a run directory"):
@@ -119,7 +107,8 @@ def test_checkpoint_forms_and_their_errors(run, tmp_path, capsys):
     from_file, _, _ = generate(run, [f"checkpoint={bare}", f"tokenizer.path={run / 'tokenizer.json'}", "prompt=x",
                                      "max_new_tokens=8"], capsys)
     from_run, _, _ = generate(run, ["prompt=x", "max_new_tokens=8"], capsys)
-    assert from_file == from_run == [consolidated]
+    from_id, _, _ = generate(run, [f"checkpoint={run.name}", "prompt=x", "max_new_tokens=8"], capsys)
+    assert from_file == from_run == from_id
 
 
 def test_batch_mode_equals_one_by_one(run, tmp_path, capsys):

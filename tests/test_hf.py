@@ -25,14 +25,15 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
+from llm.checkpoint import load_network  # noqa: E402
 from llm.cli.hf import main as llm_hf  # noqa: E402
+from llm.config import ConfigError  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.interop import export_checkpoint, export_hf, import_hf  # noqa: E402
 from llm.interop.hf_tokenizer import read_tokenizer  # noqa: E402
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer  # noqa: E402
 from llm.tokenizer import Tokenizer  # noqa: E402
 from llm.tokenizer.kinds import train_bpe  # noqa: E402
-from llm.tracking.checkpoints import load_plain_model  # noqa: E402
 
 TEXT = "def greet(name):\n    return f'hello {name}!'  # ☃ héllo\n\n\tprint(greet('world'))  "
 
@@ -288,7 +289,7 @@ def test_import_gpt2_style_shared_bos_eos(tmp_path):
 
 
 def lightning_like_checkpoint(model: Transformer, path) -> None:
-    """What a training run saves, as far as load_plain_model reads it."""
+    """What a training run saves, as far as load_network reads it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "llm": {"model_config": asdict(model.cfg)}, "global_step": 7}, path)
@@ -305,7 +306,7 @@ def test_cli_export_import_round_trip(tokenizer, tmp_path, capsys):
     assert_same_logits(model, LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval(), tokens())
 
     llm_hf(["import", str(tmp_path / "hf"), str(tmp_path / "imported" / "model.ckpt")])
-    back = load_plain_model(tmp_path / "imported" / "model.ckpt").eval()
+    back = load_network(tmp_path / "imported" / "model.ckpt")
     assert back.cfg == model.cfg
     x = tokens()
     with torch.no_grad():
@@ -321,10 +322,10 @@ def test_cli_export_import_round_trip(tokenizer, tmp_path, capsys):
 def test_export_checkpoint_errors(tmp_path):
     sharded = tmp_path / "run" / "checkpoints" / "last.ckpt"
     sharded.mkdir(parents=True)
-    (sharded / "meta.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="llm-consolidate"):
+    (sharded / "meta.pt").write_bytes(b"")  # a sharded checkpoint whose metadata is torn
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
         export_checkpoint(tmp_path / "run", tmp_path / "hf")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="no such checkpoint file, run directory, or run id"):
         export_checkpoint(tmp_path / "missing", tmp_path / "hf")
     with pytest.raises(SystemExit) as exit_info:  # the CLI: one line and status 2, no traceback
         llm_hf(["export", str(tmp_path / "run"), str(tmp_path / "hf")])

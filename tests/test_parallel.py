@@ -21,7 +21,7 @@ from llm.parallel import FSDP
 from llm.parallel.memory import memory_plan
 from llm.parallel.tensor_parallel import apply_tensor_parallel
 from llm.stages.pretrain import next_token_loss
-from llm.tracking.checkpoints import load_plain_model
+from llm.checkpoint import load_network
 from llm.tracking.metrics import read_metrics
 from tests.conftest import TINY_RUN, run_cli
 
@@ -97,6 +97,36 @@ def test_tensor_parallel_forward_and_backward_equal_the_unsharded_model():
     cases = [(None, "rope", True, "swiglu"), (2, "rope", False, "swiglu"), (None, "alibi", True, "gelu"),
              (2, "alibi", False, "swiglu"), (2, "learned", True, "relu")]
     _run_ranks(_tp_equals_unsharded, cases)
+
+
+def _tp_value_model_equals_unsharded(rank, cases):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from llm.model.value import ValueModel
+
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    for position, tie in cases:
+        torch.manual_seed(0)
+        cfg = tiny(2, position, tie_embeddings=tie)
+        reference, sharded = ValueModel(cfg), ValueModel(cfg)
+        sharded.load_state_dict(reference.state_dict())
+        FSDP(tensor_parallel=WORLD).parallelize(sharded, mesh)  # what parallelism=fsdp_tp applies
+        assert sharded.blocks[0].attn.q.weight.to_local().shape[0] == cfg.n_heads * cfg.head_size // WORLD
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        values = [model(tokens) for model in (reference, sharded)]
+        case = f"value model, {position} tie={tie}"
+        torch.testing.assert_close(values[1], values[0], atol=1e-5, rtol=1e-4, msg=case)
+        for v in values:
+            v.square().mean().backward()
+        for (name, p), q in zip(reference.named_parameters(), sharded.parameters()):
+            grad = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+            torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{case}: {name}")
+
+
+def test_tensor_parallel_value_model_equals_the_unsharded_model():
+    # The reward model and PPO's critic under parallelism=fsdp_tp (posttrain=reward|ppo).
+    _run_ranks(_tp_value_model_equals_unsharded, [("rope", True), ("alibi", False)])
 
 
 def _fsdp_shards(rank):
@@ -207,8 +237,8 @@ def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(single_ru
     # Consolidated into one file, it loads into a plain model equal to the single-process one.
     done = run_cli([str(shards), "-o", str(tmp_path / "full.ckpt")], cwd=tmp_path, command="checkpoint")
     assert done.returncode == 0, done.stderr
-    sharded_model = load_plain_model(tmp_path / "full.ckpt")
-    single_model = load_plain_model(single_runs / "single10" / "checkpoints" / "last.ckpt")
+    sharded_model = load_network(tmp_path / "full.ckpt")
+    single_model = load_network(single_runs / "single10" / "checkpoints" / "last.ckpt")
     tokens = torch.randint(0, 512, (2, 32))
     torch.testing.assert_close(sharded_model(tokens), single_model(tokens), atol=2e-4, rtol=1e-4)
 

@@ -21,10 +21,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from llm.checkpoint import checkpoint_step, newest_loadable_checkpoint
+from llm.checkpoint.save import AtomicCheckpointIO
 from llm.data.blocks import BlockStream
+from llm.run.layout import BEST, LAST
 from llm.stages.pretrain import PretrainModule
-from llm.tracking.checkpoint_io import AtomicCheckpointIO
-from llm.tracking.checkpoints import BEST, LAST, PeriodicCheckpoint, checkpoint_step, newest_loadable_checkpoint
+from llm.tracking.checkpoints import PeriodicCheckpoint
 from llm.tracking.guard import GuardGaveUp
 from llm.tracking.metrics import read_metrics
 from llm.tracking.preemption import PREEMPTED_EXIT_CODE, SIGNALS

@@ -7,43 +7,33 @@
 Exported folders load offline with `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)`. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) and
 gpt2 (learned positions, LayerNorm, GELU/ReLU MLP, MHA); anything else is refused with the
-feature named. Imported checkpoints load with `llm.tracking.checkpoints.load_plain_model`.
-Sharded (FSDP/TP) checkpoints must be gathered with `llm-consolidate` first.
+feature named. Imported checkpoints load with `llm.checkpoint.load_network` (and as checkpoint=,
+init_from= of the other commands); sharded (FSDP/TP) checkpoints export directly.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from dataclasses import asdict
 from pathlib import Path
-
-log = logging.getLogger("llm.cli.hf")  # not __name__: that is __main__ under `python -m`
 
 
 def export(args: argparse.Namespace) -> None:
     from llm.interop import export_checkpoint
 
     out = export_checkpoint(args.source, args.out_dir, args.family)
-    log.info(f"exported -> {out}")
+    print(f"exported -> {out}")
 
 
 def import_(args: argparse.Namespace) -> None:
+    from llm.checkpoint.save import save_network
     from llm.interop import import_hf
-    from llm.tracking.checkpoint_io import atomic_torch_save
 
     model, tokenizer = import_hf(args.folder)
-    # The keys load_plain_model reads: a Lightning-like state dict (prefix `model.`) and our config.
-    checkpoint = {
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "llm": {"model_config": asdict(model.cfg)},
-    }
-    args.out_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(checkpoint, args.out_file)
-    log.info(f"imported -> {args.out_file}")
+    save_network(model, args.out_file)  # an ordinary checkpoint: llm-generate, llm-eval, init_from read it
+    print(f"imported -> {args.out_file}")
     if tokenizer is not None:
         tokenizer.save(args.out_file.parent / "tokenizer.json")
-        log.info(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
+        print(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("import", help="read a transformers folder into a checkpoint file",
                             description="Read a local Llama- or GPT-2-family transformers folder into a "
-                                        "checkpoint file that load_plain_model reads; its tokenizer (with our "
-                                        "special tokens) is written as tokenizer.json beside it.")
+                                        "checkpoint file that llm-generate, llm-eval and init_from read; its tokenizer "
+                                        "(with our special tokens) is written as tokenizer.json beside it.")
     p.add_argument("folder", type=Path, help="a transformers model folder (config.json + weights)")
     p.add_argument("out_file", type=Path, help="the checkpoint file to write, e.g. imported/model.ckpt")
     p.set_defaults(run=import_)
@@ -73,11 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llm.tracking.console import setup_console_logging
-
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_console_logging()
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:  # a user's input: one line, no traceback

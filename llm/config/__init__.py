@@ -1,6 +1,7 @@
 """Config schemas (registered in Hydra's ConfigStore) and the one validation pass."""
 
+from llm.config.methods import METHODS
 from llm.config.schema import SCHEMAS
-from llm.config.validate import ConfigError, typed, validate
+from llm.config.validate import ConfigError, checked, method_config, method_schema, typed, validate
 
-__all__ = ["SCHEMAS", "ConfigError", "typed", "validate"]
+__all__ = ["METHODS", "SCHEMAS", "ConfigError", "checked", "method_config", "method_schema", "typed", "validate"]

@@ -1,8 +1,15 @@
-"""Typed schemas of the config groups, registered in Hydra's ConfigStore under `schema/<group>`.
+"""Typed schemas of the config groups, registered in Hydra's ConfigStore.
 
-Groups whose options build an object through `_target_` (tokenizer, data.corpus, optim,
-schedule, parallelism, posttrain) are checked against the signature of that target instead:
-the callable is the schema. Everything here is plain data; `llm.config.validate` applies it.
+Every group option starts from its schema (train.yaml's defaults list for the plain groups, the
+option's own defaults list for the `_target_` groups), so Hydra refuses unknown keys, values of
+the wrong type and choices outside an enumeration while it composes, naming the allowed values.
+Numeric fields declare their ranges (llm.fields); `llm.config.validate` checks them, and the rules
+that span groups, in one pass. `_target_` schemas keep their `_target_` (and `_partial_`), so
+`hydra.utils.instantiate` builds the same objects as before.
+
+ConfigStore names: `schema/<group>` for groups with one schema (model, data, trainer, budget,
+logger, paths, tokenizer) and `schema/<group>/<option>` for the others (optim, schedule,
+parallelism, corpus, posttrain).
 """
 
 from __future__ import annotations
@@ -12,20 +19,86 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from llm.model.config import ModelConfig
+from llm.config.methods import METHODS, PostTrainDataSchema  # noqa: F401  (PostTrainDataSchema: for callers)
+from llm.fields import Choice, at_least, choices, positive, unit_interval
+from llm.model.config import MAX_LAYERS, MAX_SEQ_LEN, MAX_VOCAB, ModelConfig
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
-LOGGERS = ("wandb", "csv", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are 32-bit
+MAX_BATCH = 2**20
+MAX_RANKS = 2**16
+
+# Lightning's precision names (its integer aliases such as 32 are left out: a Choice is a string).
+Precision = choices("Precision", ("32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "64-true"), __name__)
+PRECISIONS = Precision.values()
+
+
+class Accelerator(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    cuda = "cuda"
+    mps = "mps"
+    tpu = "tpu"
+
+
+class MatmulPrecision(Choice):  # torch.set_float32_matmul_precision
+    highest = "highest"
+    high = "high"  # TF32 on Ampere+
+    medium = "medium"
+
+
+class LoggerKind(Choice):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online when credentials exist, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+LOGGERS, WANDB_MODES = LoggerKind.values(), WandbMode.values()
+
+
+class TokenizerKind(Choice):
+    bpe = "bpe"
+    unigram = "unigram"
+    wordpiece = "wordpiece"
+    byte = "byte"
+    pretrained = "pretrained"
+
+
+class DecayShape(Choice):
+    linear = "linear"
+    sqrt = "sqrt"
+    cosine = "cosine"
+
+
+class CheckpointMode(Choice):  # activation checkpointing
+    none = "none"
+    full = "full"
+    every_n = "every_n"
+
+
+class DType(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# --- plain groups -------------------------------------------------------------------------------
 
 
 @dataclass
 class DataSchema:
-    corpus: Any = None  # a `_target_` node: checked against its constructor's signature
-    seq_len: int = 128
-    micro_batch_size: int = 16
-    global_batch_size: Optional[int] = None  # None: micro_batch_size x data-parallel ranks
-    val_batches: Optional[int] = 8
+    corpus: Any = None  # a `_target_` node, typed by its option's corpus schema (below)
+    seq_len: int = at_least(1, 128, high=MAX_SEQ_LEN)
+    micro_batch_size: int = at_least(1, 16, high=MAX_BATCH)
+    global_batch_size: Optional[int] = at_least(1, None, high=2**30, null="micro_batch_size x data-parallel ranks")
+    val_batches: Optional[int] = at_least(0, 8, null="the whole val split")  # 0: no validation
 
 
 @dataclass
@@ -33,11 +106,12 @@ class GuardSchema:
     """`trainer.guard`: the loss-spike and NaN guard (llm.tracking.guard)."""
 
     enabled: bool = True
-    warmup_steps: int = 20  # steps observed before spikes are judged (a non-finite loss always is)
-    window: int = 50  # span, in steps, of the moving mean and deviation of the loss
-    spike_threshold: Optional[float] = 6.0  # a spike: loss > mean + this x deviation; null: NaN/inf only
-    max_rollbacks: int = 3  # more bad steps than this stop the run
-    skip_batches: list[int] = field(default_factory=list)  # micro-batch indices left out from the start
+    warmup_steps: int = at_least(0, 20)  # steps observed before spikes are judged (a non-finite loss always is)
+    window: int = at_least(1, 50)  # span, in steps, of the moving mean and deviation of the loss
+    # a spike: loss > mean + this x deviation
+    spike_threshold: Optional[float] = positive(6.0, null="only non-finite losses are faults")
+    max_rollbacks: int = at_least(0, 3)  # more bad steps than this stop the run
+    skip_batches: list[int] = at_least(0, factory=list)  # micro-batch indices left out from the start
 
 
 @dataclass
@@ -50,19 +124,20 @@ class PreemptionSchema:
 
 @dataclass
 class TrainerSchema:
-    accelerator: str = "auto"
-    devices: Any = 1
-    num_nodes: int = 1
-    precision: str = "32-true"
-    gradient_clip_val: Optional[float] = 1.0
-    val_every: int = 100  # steps between validations
-    log_every: int = 10  # steps between train metric records
-    checkpoint_every: int = 100  # steps between checkpoints (last.ckpt)
-    keep_last: int = 2  # checkpoints kept (last.ckpt and step-N.ckpt), plus the best by val/loss
+    accelerator: Accelerator = Accelerator.auto
+    devices: int = at_least(1, 1, high=MAX_RANKS)  # processes (devices) per node
+    num_nodes: int = at_least(1, 1, high=MAX_RANKS)
+    precision: Precision = Precision["32-true"]  # type: ignore[valid-type]
+    # gradients clipped to this total norm; a negative one would train by gradient ascent
+    gradient_clip_val: Optional[float] = at_least(0, 1.0, null="no clipping (nor does 0)")
+    val_every: int = at_least(1, 100)  # steps between validations
+    log_every: int = at_least(1, 10)  # steps between train metric records
+    checkpoint_every: int = at_least(1, 100)  # steps between checkpoints (last.ckpt)
+    keep_last: int = at_least(1, 2)  # checkpoints kept (last.ckpt and step-N.ckpt), plus the best by val/loss
     guard: GuardSchema = field(default_factory=GuardSchema)
     preemption: PreemptionSchema = field(default_factory=PreemptionSchema)
     progress_bar: bool = True
-    matmul_precision: str = "high"  # torch.set_float32_matmul_precision (TF32 on Ampere+)
+    matmul_precision: MatmulPrecision = MatmulPrecision.high
     deterministic: bool = False
 
 
@@ -70,18 +145,18 @@ class TrainerSchema:
 class BudgetSchema:
     """How long to train: exactly one of steps, tokens, flops, tokens_per_param."""
 
-    steps: Optional[int] = None
-    tokens: Optional[float] = None
-    flops: Optional[float] = None
-    tokens_per_param: Optional[float] = None
+    steps: Optional[int] = at_least(1, None, null="not this budget")
+    tokens: Optional[float] = positive(None, null="not this budget")
+    flops: Optional[float] = positive(None, null="not this budget")
+    tokens_per_param: Optional[float] = positive(None, null="not this budget")
 
 
 @dataclass
 class LoggerSchema:
-    kind: str = "wandb"
+    kind: LoggerKind = LoggerKind.wandb
     project: str = "llm"
     entity: Optional[str] = None
-    mode: str = "auto"
+    mode: WandbMode = WandbMode.auto
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     notes: Optional[str] = None
@@ -93,37 +168,150 @@ class PathsSchema:
     root_dir: str = "."
     runs_dir: str = "runs"
     cache_dir: str = ".cache"
-    run_dir: Optional[str] = "."  # None only under `--cfg job --resolve` (no run has started)
-
-
-def _default_tasks() -> dict[str, Any]:
-    return {"addition": {"max_digits": 2}, "sorting": {"max_length": 4}, "copying": {"max_length": 5},
-            "counting": {"max_length": 6}}
+    run_dir: str = "."
 
 
 @dataclass
-class PostTrainDataSchema:
-    """`posttrain.data`: the examples of a post-training method (TRL's formats, or the tasks)."""
+class RunSchema:
+    """The top-level keys of conf/train.yaml besides the groups (checked in validate)."""
 
-    source: str = "tasks"  # tasks (the embedded synthetic tasks) | path/to/rows.jsonl | hf:NAME
-    val_source: Optional[str] = None  # held-out rows; null: the val split of the tasks / val_fraction of source
-    format: Optional[str] = None  # null: detected from the keys of the rows
-    hf_split: str = "train"
-    val_fraction: float = 0.1
-    tasks: dict[str, Any] = field(default_factory=_default_tasks)  # task -> difficulty knobs
-    n_train: int = 4096  # task rows drawn for training
-    n_val: int = 256  # held-out task rows
-    seed: int = 0
-    packing: bool = False  # SFT: several examples per row, attention kept inside each
-    chat_turn: str = "{role}: {content}\n"  # how one message of a `messages` row is rendered
-    generation_prompt: Optional[str] = None  # appended after a chat prompt, e.g. "assistant: "
-    max_prompt_length: int = 64  # prompt-only rows (PPO/GRPO): longer prompts are dropped
-    partial_reward: bool = False  # the tasks' checker gives partial credit instead of 0/1
-    eval_prompts: int = 256  # held-out prompts answered greedily before and after training
-    eval_max_new_tokens: int = 16
+    seed: int = at_least(0, 1337, high=MAX_SEED)
+    resume: Optional[str] = None
+    dry_run: bool = False
+    init_from: Optional[str] = None
+    experiment_name: Optional[str] = None
 
 
-# Plain (non-`_target_`) nodes and their schemas; `llm.config.validate` merges each into its schema.
+# --- `_target_` groups --------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerSchema:
+    _target_: str = "llm.tokenizer.build_tokenizer"
+    _partial_: bool = True
+    kind: TokenizerKind = TokenizerKind.bpe
+    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="not trained (byte, pretrained)")
+    min_frequency: int = at_least(0, 2)  # pairs seen fewer times are not merged
+    path: Optional[str] = None  # kind=pretrained: a tokenizer.json or the folder holding one
+    max_training_bytes: Optional[int] = at_least(1, None, null="the whole training split")
+
+
+@dataclass
+class AdamWSchema:
+    """AdamW (torch.optim.AdamW); weight decay applies to matrices only (llm.stages.optim)."""
+
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = positive(3e-3, high=1.0)  # Adam moves each weight by about lr per step
+    betas: list[float] = unit_interval(high_open=True, factory=lambda: [0.9, 0.95])
+    eps: float = positive(1e-8)
+    weight_decay: float = at_least(0, 0.1)
+    fused: Optional[bool] = None  # null: fused where the device supports it
+
+
+@dataclass
+class ConstantSchema:
+    _target_: str = "llm.stages.schedule.Constant"
+    # warmup: a fraction of the run (< 1) or a number of steps (>= 1)
+    warmup: float = at_least(0, 0.05)
+
+
+@dataclass
+class CosineSchema(ConstantSchema):
+    _target_: str = "llm.stages.schedule.Cosine"
+    min_lr_ratio: float = unit_interval(0.1)  # the last step's lr / lr
+
+
+@dataclass
+class WSDSchema(ConstantSchema):
+    _target_: str = "llm.stages.schedule.WSD"
+    decay_fraction: float = unit_interval(0.2)
+    min_lr_ratio: float = unit_interval(0.0)
+    decay_shape: DecayShape = DecayShape.linear
+    # extra decays ending at these fractions of the run (one (N, D) point each)
+    branches: list[float] = unit_interval(low_open=True, high_open=True, factory=list)
+
+
+@dataclass
+class SingleSchema:
+    _target_: str = "llm.parallel.Single"
+    activation_checkpointing: CheckpointMode = CheckpointMode.none
+    checkpoint_every_n: int = at_least(1, 2, high=MAX_LAYERS)  # every_n: every n-th block
+    compile: bool = False
+
+
+@dataclass
+class DDPSchema(SingleSchema):
+    _target_: str = "llm.parallel.DDP"
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class FSDPSchema(SingleSchema):
+    """fsdp, fsdp_tp and hsdp: FSDP2 over the data-parallel ranks, optionally TP and replicas."""
+
+    _target_: str = "llm.parallel.FSDP"
+    tensor_parallel: int = at_least(1, 1, high=MAX_RANKS)
+    replicate: Optional[int] = at_least(1, None, high=MAX_RANKS, null="no replicas (plain FSDP)")
+    reshard_after_forward: bool = True
+    param_dtype: DType = DType.float32
+    reduce_dtype: DType = DType.float32
+    cpu_offload: bool = False
+
+
+# `data.corpus` options.
+@dataclass
+class StdlibCorpusSchema:
+    _target_: str = "llm.data.StdlibCorpus"
+    val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
+    max_bytes: Optional[int] = at_least(1, 8_000_000, null="all of it")
+    root: Optional[str] = None  # null: this Python's standard library
+
+
+@dataclass
+class TextCorpusSchema:
+    _target_: str = "llm.data.TextCorpus"
+    paths: Any = "???"  # a glob or a list of them (??? : required)
+    val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
+    max_bytes: Optional[int] = at_least(1, None, null="all of it")
+
+
+@dataclass
+class HFCorpusSchema:
+    _target_: str = "llm.data.HFCorpus"
+    name: str = "???"  # required
+    column: str = "text"
+    split: str = "train"
+    config_name: Optional[str] = None
+    val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
+    streaming: bool = False
+    max_documents: Optional[int] = at_least(1, 100_000, null="all of them")
+
+
+@dataclass
+class SyntheticCorpusSchema:
+    _target_: str = "llm.data.SyntheticCorpus"
+    n_symbols: int = at_least(2, 16, high=62)  # letters and digits
+    branching: int = at_least(2, 3, high=62)  # successors per symbol (<= n_symbols)
+    n_documents: int = at_least(1, 200, high=2**24)
+    doc_length: int = at_least(1, 2048, high=2**24)
+    val_documents: int = at_least(1, 20, high=2**24)
+    seed: int = at_least(0, 0, high=MAX_SEED)
+
+
+@dataclass
+class TaskCorpusSchema:
+    _target_: str = "llm.data.tasks.TaskCorpus"
+    tasks: dict[str, Any] = field(default_factory=dict)  # task -> its knobs (checked by building the task)
+    seed: int = at_least(0, 0, high=MAX_SEED)
+    val_fraction: float = unit_interval(0.1, low_open=True, high_open=True)
+    weights: dict[str, float] = field(default_factory=dict)  # task -> relative frequency; {}: uniform
+    n_documents: int = at_least(1, 200, high=2**24)
+    val_documents: int = at_least(1, 20, high=2**24)
+    samples_per_document: int = at_least(1, 64, high=2**20)
+
+
+# Plain (non-`_target_`) nodes and their schemas.
 SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataSchema,
@@ -133,22 +321,33 @@ SCHEMAS: dict[str, type] = {
     "paths": PathsSchema,
 }
 
-# `_target_` nodes, checked against the target's signature.
-TARGET_NODES = ("tokenizer", "data.corpus", "optim", "schedule", "parallelism", "posttrain")
+# `_target_` nodes: the schema of each target our options build (llm.config.validate types a node
+# by its `_target_`; an unknown target is checked against its signature instead).
+TARGET_GROUPS: dict[str, dict[str, type]] = {
+    "tokenizer": {"tokenizer": TokenizerSchema},
+    "optim": {"adamw": AdamWSchema},
+    "schedule": {"constant": ConstantSchema, "cosine": CosineSchema, "wsd": WSDSchema},
+    "parallelism": {"single": SingleSchema, "ddp": DDPSchema, "fsdp": FSDPSchema},
+    "data.corpus": {"stdlib": StdlibCorpusSchema, "text": TextCorpusSchema, "hf": HFCorpusSchema,
+                    "synthetic": SyntheticCorpusSchema, "tasks": TaskCorpusSchema},
+    "posttrain": METHODS,
+}
+TARGET_NODES = tuple(TARGET_GROUPS)
+TARGET_SCHEMAS: dict[str, type] = {s._target_: s for group in TARGET_GROUPS.values() for s in group.values()}
 
-TOP_LEVEL_KEYS = (*SCHEMAS, "sweep", *(k for k in TARGET_NODES if "." not in k), "seed", "resume", "experiment_name", "dry_run",
-                  "init_from")
+TOP_LEVEL_KEYS = (*SCHEMAS, "sweep", *(k for k in TARGET_NODES if "." not in k), "seed", "resume", "experiment_name",
+                  "dry_run", "init_from")
 
 
 def register() -> None:
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(group="schema", name=group, node=schema)
-    from llm.model.lora import LoRAConfig
-
-    # Sections of the posttrain options (which are `_target_` nodes, checked by signature).
-    store.store(group="schema", name="posttrain_data", node=PostTrainDataSchema)
-    store.store(group="schema", name="posttrain_lora", node=LoRAConfig)
+    store.store(group="schema", name="tokenizer", node=TokenizerSchema)
+    for group, options in TARGET_GROUPS.items():
+        if group != "tokenizer":
+            for name, schema in options.items():  # e.g. schema/corpus/stdlib, schema/posttrain/ppo
+                store.store(group=f"schema/{group.split('.')[-1]}", name=name, node=schema)
 
 
 register()

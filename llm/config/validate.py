@@ -1,6 +1,9 @@
 """One validation pass over the composed config, before any data is read.
 
-Every problem names the key, the value and what is allowed; all problems are reported at once.
+First every group is typed by its schema (llm.config.schema, llm.config.methods): unknown keys,
+wrong types, choices outside an enumeration and numbers outside their declared ranges
+(llm.fields). Then the rules that span keys and groups. Every problem names the key, the value and
+what is allowed; all problems of a stage are reported at once.
 """
 
 from __future__ import annotations
@@ -9,24 +12,32 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llm import fields
+from llm.config.methods import METHODS, OnPolicyConfig, PostTrainConfig, PretrainConfig, SFTConfig
 from llm.config.schema import (
-    LOGGERS,
-    PRECISIONS,
     SCHEMAS,
     TARGET_NODES,
+    TARGET_SCHEMAS,
     TOP_LEVEL_KEYS,
-    WANDB_MODES,
+    AdamWSchema,
+    BudgetSchema,
+    DataSchema,
+    RunSchema,
+    SingleSchema,
+    SyntheticCorpusSchema,
+    TokenizerSchema,
+    TrainerSchema,
 )
-from llm.model.config import KERNELS, MLPS, NORM_PLACEMENTS, NORMS, POSITIONS, ModelConfig
+from llm.model.config import ModelConfig
 
-TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece", "byte", "pretrained")
 BYTE_VOCAB = 256 + 3  # raw bytes + BOS/EOS/PAD
 HYDRA_KEYWORDS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+ABSOLUTE_POSITIONS = ("learned", "sinusoidal")  # position tables of model.max_seq_len rows
 
 
 class ConfigError(ValueError):
@@ -38,7 +49,7 @@ class ConfigError(ValueError):
         super().__init__(f"Invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
 
 
-def _allowed(options) -> str:
+def _allowed(options: Any) -> str:
     return ", ".join(str(o) for o in options)
 
 
@@ -48,24 +59,7 @@ def _unknown(key: str, name: str, allowed: list[str]) -> str:
     return f"{key}: unknown key.{hint} Allowed keys: {_allowed(sorted(allowed))}"
 
 
-def check_schema(node: Any, schema: type, prefix: str) -> list[str]:
-    """Unknown keys (recursively), then types, of a plain node against its dataclass schema."""
-    if not isinstance(node, DictConfig):
-        return [f"{prefix}={node!r}: expected a mapping with keys {_allowed(f.name for f in dataclasses.fields(schema))}"]
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    problems = [_unknown(f"{prefix}.{name}", str(name), list(fields)) for name in node.keys() if name not in fields]
-    # Nested sections (model.attention, model.position) are the fields built by a dataclass factory.
-    for name, f in fields.items():
-        if name in node and isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
-            problems += check_schema(node[name], f.default_factory, f"{prefix}.{name}")
-    if problems:
-        return problems
-    try:
-        OmegaConf.merge(OmegaConf.structured(schema), node)
-    except OmegaConfBaseException as e:
-        key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
-        return [f"{key}: {str(e).splitlines()[0]}"]
-    return []
+# --- typing a node by its schema -----------------------------------------------------------------
 
 
 def plain(node: DictConfig, drop: tuple[str, ...] = ()) -> DictConfig:
@@ -75,23 +69,111 @@ def plain(node: DictConfig, drop: tuple[str, ...] = ()) -> DictConfig:
     return OmegaConf.create({k: v for k, v in container.items() if k not in drop})
 
 
-def typed(node: DictConfig, schema: type, drop: tuple[str, ...] = ()) -> Any:
-    """The node as an instance of its schema dataclass (after `check_schema` passed)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain(node, drop)))
-
-
-def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys whose value is `???` (the Hydra app's own `hydra` node aside)."""
-    found = []
-    for key in node.keys():
-        full = f"{prefix}{key}"
-        if full == "hydra":
+def _assign_each(target: DictConfig, values: DictConfig, prefix: str) -> list[str]:
+    """Set every key of `values` on the structured `target`, one at a time, so that every unknown
+    key and wrong type is reported (OmegaConf stops at the first). Nested schemas recurse; any
+    other value replaces the default whole (a dict of tasks is not merged into the default tasks)."""
+    problems = []
+    known = set(target.keys())  # (`in` says False for a key whose value is ???)
+    for name in values.keys():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in known:
+            if name not in HYDRA_KEYWORDS:
+                problems.append(_unknown(key, str(name), [str(k) for k in target.keys()]))
             continue
-        if OmegaConf.is_missing(node, key):
-            found.append(full)
-        elif isinstance(node._get_node(key), DictConfig):
-            found += missing_keys(node[key], f"{full}.")
-    return found
+        value = values[name]
+        nested = target._get_node(name)
+        if isinstance(nested, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(nested)) \
+                and isinstance(value, DictConfig):
+            problems += _assign_each(nested, value, key)
+            continue
+        try:
+            target[name] = value
+        except OmegaConfBaseException as e:
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            problems.append(f"{key}={shown!r}: {str(e).splitlines()[0]}")
+    return problems
+
+
+def schema_problems(node: Any, schema: type, prefix: str, drop: tuple[str, ...] = ()) -> tuple[Any, list[str]]:
+    """(instance, problems): the node as an instance of its schema (Choices as plain strings), and
+    every unknown key, wrong type, bad choice and out-of-range number, one line each."""
+    if not isinstance(node, DictConfig):
+        names = [f.name for f in dataclasses.fields(schema)]
+        return None, [f"{prefix}={node!r}: expected a mapping with keys {_allowed(names)}"]
+    try:
+        values = plain(node, drop)
+    except OmegaConfBaseException as e:
+        key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
+        return None, [f"{key}: {str(e).splitlines()[0]}"]
+    target = OmegaConf.structured(schema)
+    problems = _assign_each(target, values, prefix)
+    if problems:
+        return None, problems
+    try:
+        instance = OmegaConf.to_object(target)
+    except OmegaConfBaseException as e:  # a required key left at ??? (reported by `validate` first)
+        return None, [f"{prefix}.{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}"]
+    return fields.plain_choices(instance), fields.problems(instance, prefix)
+
+
+def typed(node: DictConfig, schema: type, drop: tuple[str, ...] = ()) -> Any:
+    """The node as an instance of its schema dataclass, Choices as plain strings; ConfigError
+    naming every key whose type, choice or range is wrong."""
+    instance, problems = schema_problems(node, schema, _prefix_of(node), drop)
+    if problems:
+        raise ConfigError(problems)
+    return instance
+
+
+def _prefix_of(node: Any) -> str:
+    """A node's dotted key in its config (`trainer`, `posttrain.data`), or '' for a root."""
+    try:
+        key = node._get_full_key(None)
+    except (AttributeError, OmegaConfBaseException):
+        return ""
+    return str(key or "")
+
+
+def checked(schema: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """`values` (plain Python, e.g. a constructor's arguments) as an instance of `schema`, with the
+    same checks as a composed config; ConfigError naming every bad key."""
+    instance, problems = schema_problems(OmegaConf.create(dict(values)), schema, prefix)
+    if problems:
+        raise ConfigError(problems)
+    return instance
+
+
+def method_schema(target: str) -> type:
+    """The config dataclass of the post-training method (or pretraining) that `target` builds."""
+    for schema in METHODS.values():
+        if schema._target_ == target:
+            return schema
+    allowed = ", ".join(f"{name} ({s._target_})" for name, s in METHODS.items())
+    raise ConfigError([f"posttrain._target_={target!r}: not a training method; allowed: {allowed}"])
+
+
+def method_config(cfg: DictConfig) -> Any:
+    """The run's typed `posttrain` config: an SFTConfig, DPOConfig, PPOConfig, ... (PretrainConfig
+    for posttrain=none), nested data and lora sections included."""
+    return typed(cfg.posttrain, method_schema(str(cfg.posttrain._target_)))
+
+
+def method_arguments(schema: type, kwargs: dict[str, Any], **own: Any) -> Any:
+    """For a stage constructor: its own arguments (`own`) plus the method keys among `kwargs`
+    (`data`, `lora`, shared on-policy keys), checked against the method's config; ConfigError
+    naming every bad key. `kwargs`' data and lora are replaced by their checked plain dicts.
+    Returns the typed config."""
+    names = {f.name for f in dataclasses.fields(schema)}
+    values = {k: v for k, v in kwargs.items() if k in names and not (k in ("data", "lora") and v is None)}
+    config = checked(schema, {**values, **own}, "posttrain")
+    for section in ("data", "lora"):
+        if section in kwargs:
+            kwargs[section] = dataclasses.asdict(getattr(config, section))
+    return config
+
+
+# --- `_target_` nodes whose target has no schema (a user's own class) ---------------------------
 
 
 def _import(target: str) -> Callable:
@@ -103,10 +185,13 @@ def _import(target: str) -> Callable:
 
 
 def check_target(node: Any, key: str) -> list[str]:
-    """A `_target_` node: the target imports, and every key is one of its parameters."""
+    """A `_target_` node: typed by its schema when the target is one of our options', else the
+    target imports and every key is one of its parameters."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return [f"{key}: expected a mapping with a `_target_` (the class or function it builds)"]
     target = node["_target_"]
+    if target in TARGET_SCHEMAS:
+        return schema_problems(node, TARGET_SCHEMAS[target], key)[1]
     try:
         fn = _import(target)
     except (ImportError, AttributeError) as e:
@@ -118,55 +203,27 @@ def check_target(node: Any, key: str) -> list[str]:
     return [_unknown(f"{key}.{n}", str(n), allowed) for n in node.keys() if n not in HYDRA_KEYWORDS and n not in allowed]
 
 
-def _choice(problems: list[str], key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        problems.append(f"{key}={value!r}: not allowed. Choose one of: {_allowed(allowed)}")
+def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is `???` (the Hydra app's own `hydra` node aside)."""
+    found: set[str] = set()
+    for key in node.keys():
+        if f"{prefix}{key}" == "hydra":
+            continue
+        if OmegaConf.is_missing(node, key):
+            found.add(f"{prefix}{key}")
+        elif isinstance(node._get_node(key), DictConfig):
+            try:
+                found |= OmegaConf.missing_keys(node[key])  # full keys
+            except OmegaConfBaseException:  # a broken interpolation: the typing pass reports it
+                pass
+    return sorted(found)
+
+
+# --- the pass ------------------------------------------------------------------------------------
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_model(m: ModelConfig, problems: list[str], seq_len: int) -> None:
-    _choice(problems, "model.norm", m.norm, NORMS)
-    _choice(problems, "model.norm_placement", m.norm_placement, NORM_PLACEMENTS)
-    _choice(problems, "model.mlp", m.mlp, MLPS)
-    _choice(problems, "model.position.kind", m.position.kind, POSITIONS)
-    _choice(problems, "model.attention.kernel", m.attention.kernel, KERNELS)
-    for key, value in (("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads)):
-        if value < 1:
-            problems.append(f"{key}={value}: must be a positive integer")
-    if m.n_heads < 1 or m.d_model < 1:
-        return
-    if m.head_dim is None and m.d_model % m.n_heads:
-        problems.append(
-            f"model.n_heads={m.n_heads}: must divide model.d_model={m.d_model} "
-            f"(allowed: {_allowed(_divisors(m.d_model))}), or set model.head_dim"
-        )
-    kv = m.attention.n_kv_heads
-    if kv is not None and (kv < 1 or m.n_heads % kv):
-        problems.append(
-            f"model.attention.n_kv_heads={kv}: must divide model.n_heads={m.n_heads} "
-            f"(allowed: {_allowed(_divisors(m.n_heads))}; 1 = MQA, {m.n_heads} = MHA)"
-        )
-    if m.position.kind == "rope" and m.head_size % 2:
-        problems.append(f"model.head_dim={m.head_size}: RoPE rotates pairs of channels, so the head dim must be even")
-    if m.position.kind == "sinusoidal" and m.d_model % 2:
-        problems.append(f"model.d_model={m.d_model}: the sinusoidal table needs an even model width")
-    if m.position.kind in ("learned", "sinusoidal") and seq_len > m.max_seq_len:
-        problems.append(
-            f"data.seq_len={seq_len}: longer than the {m.position.kind} position table "
-            f"(model.max_seq_len={m.max_seq_len}); allowed: <= {m.max_seq_len}"
-        )
-    if m.attention.window is not None and m.attention.window < 1:
-        problems.append(f"model.attention.window={m.attention.window}: must be >= 1, or null for full attention")
-    if m.attention.kernel == "flash" and (m.position.kind == "alibi" or m.attention.window):
-        problems.append(
-            "model.attention.kernel='flash': the flash kernel takes no additive mask, so it cannot do "
-            f"{'ALiBi' if m.position.kind == 'alibi' else 'a sliding window'}; allowed: sdpa, flex"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        problems.append(f"model.dropout={m.dropout}: must be in [0, 1)")
 
 
 def tokenizer_vocab_size(tokenizer: DictConfig, load: bool = False) -> Optional[int]:
@@ -190,6 +247,68 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def total_ranks(cfg: DictConfig) -> int:
+    """Processes in the run: devices per node x nodes."""
+    devices = cfg.trainer.devices
+    per_node = devices if isinstance(devices, int) and devices > 0 else 1
+    nodes = cfg.trainer.num_nodes
+    return per_node * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
+
+
+@dataclasses.dataclass
+class Typed:
+    """The typed groups of a config (what the cross-group rules read)."""
+
+    model: ModelConfig
+    data: DataSchema
+    trainer: TrainerSchema
+    budget: BudgetSchema
+    tokenizer: Optional[TokenizerSchema]
+    optim: Any
+    parallelism: Any
+    corpus: Any
+    method: Any
+    run: RunSchema
+
+
+def type_groups(cfg: DictConfig) -> tuple[Optional[Typed], list[str]]:
+    """Every group typed by its schema, or the problems of those that are not."""
+    problems: list[str] = []
+    typed_groups: dict[str, Any] = {}
+    for group, schema in SCHEMAS.items():
+        if group not in cfg:
+            problems.append(f"{group}: missing (select an option of the `{group}` group)")
+            continue
+        typed_groups[group], found = schema_problems(cfg[group], schema, group, ("corpus",) if group == "data" else ())
+        problems += found
+    for key in TARGET_NODES:
+        node = OmegaConf.select(cfg, key)
+        if node is None:
+            problems.append(f"{key}: missing")
+            continue
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        schema = TARGET_SCHEMAS.get(str(target))
+        if schema is None:  # no schema: the signature of the target is the schema
+            problems += check_target(node, key)
+            typed_groups[key] = None
+            continue
+        typed_groups[key], found = schema_problems(node, schema, key)
+        problems += found
+    try:  # resolved here: init_from may interpolate paths.runs_dir
+        run_keys = OmegaConf.create({f.name: cfg[f.name] for f in dataclasses.fields(RunSchema) if f.name in cfg})
+    except OmegaConfBaseException as e:
+        run_keys, problems = None, [*problems, f"{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}"]
+    if run_keys is not None:
+        typed_groups["run"], found = schema_problems(run_keys, RunSchema, "")
+        problems += found
+    if problems:
+        return None, problems
+    return Typed(model=typed_groups["model"], data=typed_groups["data"], trainer=typed_groups["trainer"],
+                 budget=typed_groups["budget"], tokenizer=typed_groups["tokenizer"], optim=typed_groups["optim"],
+                 parallelism=typed_groups["parallelism"], corpus=typed_groups["data.corpus"],
+                 method=typed_groups["posttrain"], run=typed_groups["run"]), []
+
+
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Check the whole composed config; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -200,67 +319,99 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         problems.append(f"{key}: required but not set (`???`); give it on the command line: {key}=...")
     if problems:
         raise ConfigError(problems)
-    for group, schema in SCHEMAS.items():
-        if group not in cfg:
-            problems.append(f"{group}: missing (select an option of the `{group}` group)")
-            continue
-        node = cfg[group]
-        if isinstance(node, DictConfig):
-            try:
-                node = plain(node, drop=("corpus",) if group == "data" else ())
-            except OmegaConfBaseException as e:
-                problems.append(f"{group}.{getattr(e, 'full_key', '')}: {str(e).splitlines()[0]}")
-                continue
-        problems += check_schema(node, schema, group)
-    for key in TARGET_NODES:
-        node = OmegaConf.select(cfg, key)
-        problems += check_target(node, key) if node is not None else [f"{key}: missing"]
-    if problems:  # types are wrong: the cross-field rules below would only add noise
+    t, problems = type_groups(cfg)
+    if t is None or problems:  # a value is wrong on its own: rules across keys would only add noise
+        raise ConfigError(problems)
+    world = world_size or total_ranks(cfg)
+    problems += model_problems(t.model, t.data.seq_len)
+    problems += device_problems(t)
+    problems += tokenizer_problems(cfg, t)
+    problems += layout_problems(cfg, t, world)
+    problems += budget_problems(t.budget)
+    problems += optim_problems(t.optim)
+    problems += data_problems(cfg, t)
+    problems += method_problems(cfg, t, world)
+    if problems:
         raise ConfigError(problems)
 
-    model: ModelConfig = typed(cfg.model, ModelConfig)
-    data = typed(cfg.data, SCHEMAS["data"], drop=("corpus",))
-    trainer, budget, logger = (typed(cfg[g], SCHEMAS[g]) for g in ("trainer", "budget", "logger"))
-    check_model(model, problems, data.seq_len)
-    _choice(problems, "trainer.precision", trainer.precision, PRECISIONS)
-    _choice(problems, "logger.kind", logger.kind, LOGGERS)
-    _choice(problems, "logger.mode", logger.mode, WANDB_MODES)
-    tok_kind = cfg.tokenizer.get("kind")
-    _choice(problems, "tokenizer.kind", tok_kind, TOKENIZER_KINDS)
 
-    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())
+def model_problems(m: ModelConfig, seq_len: int) -> list[str]:
+    """The architecture's own arithmetic: heads, kv heads, position tables, kernels."""
+    problems = []
+    if m.head_dim is None and m.d_model % m.n_heads:
+        problems.append(f"model.n_heads={m.n_heads}: must divide model.d_model={m.d_model} "
+                        f"(allowed: {_allowed(_divisors(m.d_model))}), or set model.head_dim")
+    kv = m.attention.n_kv_heads
+    if kv is not None and m.n_heads % kv:
+        problems.append(f"model.attention.n_kv_heads={kv}: must divide model.n_heads={m.n_heads} "
+                        f"(allowed: {_allowed(_divisors(m.n_heads))}; 1 = MQA, {m.n_heads} = MHA)")
+    if m.position.kind == "rope" and m.head_size % 2:
+        problems.append(f"model.head_dim={m.head_size}: RoPE rotates pairs of channels, so the head dim must be even")
+    if m.position.kind == "sinusoidal" and m.d_model % 2:
+        problems.append(f"model.d_model={m.d_model}: the sinusoidal table needs an even model width")
+    if m.position.kind in ABSOLUTE_POSITIONS and seq_len > m.max_seq_len:
+        problems.append(f"data.seq_len={seq_len}: longer than the {m.position.kind} position table "
+                        f"(model.max_seq_len={m.max_seq_len}); allowed: <= {m.max_seq_len}")
+    if m.attention.kernel == "flash" and (m.position.kind == "alibi" or m.attention.window):
+        problems.append("model.attention.kernel='flash': the flash kernel takes no additive mask, so it cannot do "
+                        f"{'ALiBi' if m.position.kind == 'alibi' else 'a sliding window'}; allowed: sdpa, flex")
+    return problems
+
+
+def _on_cpu(trainer: TrainerSchema) -> bool:
+    return trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())
+
+
+def device_problems(t: Typed) -> list[str]:
+    """What needs CUDA: 16-bit FSDP collectives, the flash and flex attention kernels."""
+    problems = []
+    if not _on_cpu(t.trainer):
+        return problems
     for key in ("param_dtype", "reduce_dtype"):
-        value = cfg.parallelism.get(key)
-        if value not in (None, "float32") and on_cpu:
+        value = getattr(t.parallelism, key, None)
+        if value not in (None, "float32"):
             problems.append(f"parallelism.{key}={value!r}: FSDP mixed precision needs CUDA (gloo's 16-bit "
                             "collectives deadlock on CPUs); allowed here: float32")
-    if model.attention.kernel in ("flash", "flex") and on_cpu:
-        problems.append(
-            f"model.attention.kernel={model.attention.kernel!r}: needs a CUDA device "
-            f"(trainer.accelerator={trainer.accelerator!r}); allowed here: sdpa"
-        )
+    if t.model.attention.kernel in ("flash", "flex"):
+        problems.append(f"model.attention.kernel={t.model.attention.kernel!r}: needs a CUDA device "
+                        f"(trainer.accelerator={t.trainer.accelerator!r}); allowed here: sdpa")
+    return problems
 
-    # Vocabulary: a fixed model vocabulary must hold every token id the tokenizer can emit.
-    tok_vocab = tokenizer_vocab_size(cfg.tokenizer)
-    if model.vocab_size is not None and tok_vocab and tok_vocab > model.vocab_size:
-        problems.append(
-            f"model.vocab_size={model.vocab_size}: smaller than the tokenizer's vocabulary ({tok_vocab}); "
-            f"allowed: >= {tok_vocab}, or null to take it from the tokenizer"
-        )
-    if "Synthetic" in str(cfg.data.corpus.get("_target_")) and tok_kind != "byte":
-        problems.append(
-            f"tokenizer.kind={tok_kind!r}: data=synthetic emits one character per symbol, so its entropy "
-            "floor is per token only with tokenizer=byte; allowed: byte"
-        )
 
-    # Layout: world = devices x nodes = data-parallel ranks x tensor-parallel ranks.
-    world = world_size or total_ranks(cfg)
-    tp = int(cfg.parallelism.get("tensor_parallel", 1) or 1)
-    replicate = cfg.parallelism.get("replicate")
-    if world > 1 and "Single" in str(cfg.parallelism.get("_target_")):
+def tokenizer_problems(cfg: DictConfig, t: Typed) -> list[str]:
+    """A trained tokenizer's vocabulary; the model's vocabulary holds every id the tokenizer emits."""
+    problems = []
+    tok = t.tokenizer
+    if tok is not None and tok.kind in ("bpe", "unigram", "wordpiece"):
+        from llm.tokenizer.kinds import MIN_VOCAB
+
+        low = MIN_VOCAB[tok.kind]
+        if tok.vocab_size is None or tok.vocab_size < low:
+            problems.append(f"tokenizer.vocab_size={tok.vocab_size}: a {tok.kind} tokenizer needs at least {low} "
+                            f"tokens (its alphabet and special tokens); allowed: >= {low}")
+    if tok is not None and tok.kind == "pretrained" and not tok.path:
+        problems.append("tokenizer.path=None: tokenizer=pretrained reads a tokenizer.json; give tokenizer.path=...")
+    tok_vocab = tokenizer_vocab_size(cfg.tokenizer) if not problems else None
+    vocab = t.model.vocab_size
+    if vocab is not None and tok_vocab and tok_vocab > vocab:
+        problems.append(f"model.vocab_size={vocab}: smaller than the tokenizer's vocabulary ({tok_vocab}); "
+                        f"allowed: >= {tok_vocab}, or null to take it from the tokenizer")
+    if isinstance(t.corpus, SyntheticCorpusSchema) and tok is not None and tok.kind != "byte":
+        problems.append(f"tokenizer.kind={tok.kind!r}: data=synthetic emits one character per symbol, so its entropy "
+                        "floor is per token only with tokenizer=byte; allowed: byte")
+    return problems
+
+
+def layout_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
+    """world = devices x nodes = data-parallel ranks x tensor-parallel ranks; the batch arithmetic."""
+    problems = []
+    p, data, model = t.parallelism, t.data, t.model
+    tp = getattr(p, "tensor_parallel", 1) or 1
+    replicate = getattr(p, "replicate", None)
+    if world > 1 and type(p) is SingleSchema:
         problems.append(f"parallelism=single: runs one process, but trainer.devices x trainer.num_nodes = {world}; "
                         "allowed: parallelism=ddp, fsdp, fsdp_tp or hsdp, or trainer.devices=1")
-    if tp < 1 or world % tp:
+    if world % tp:
         problems.append(f"parallelism.tensor_parallel={tp}: must divide the {world} ranks (trainer.devices x "
                         f"trainer.num_nodes); allowed: {_allowed(_divisors(world))}")
         tp = 1
@@ -270,61 +421,131 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
                 problems.append(f"parallelism.tensor_parallel={tp}: must divide {key}={heads} (each rank takes whole "
                                 f"heads); allowed: {_allowed([d for d in _divisors(heads) if world % d == 0])}")
     ranks = world // tp
-    if replicate is not None and (replicate < 1 or ranks % replicate):
+    if replicate is not None and ranks % replicate:
         problems.append(f"parallelism.replicate={replicate}: must divide the {ranks} data-parallel ranks; "
                         f"allowed: {_allowed(_divisors(ranks))}")
-
-    # Batch arithmetic: global batch = micro batch x data-parallel ranks x accumulation.
-    if data.seq_len < 1:
-        problems.append(f"data.seq_len={data.seq_len}: must be >= 1")
-    if data.micro_batch_size < 1:
-        problems.append(f"data.micro_batch_size={data.micro_batch_size}: must be >= 1")
-    elif data.global_batch_size is not None and data.global_batch_size % (data.micro_batch_size * ranks):
-        unit = data.micro_batch_size * ranks
-        problems.append(
-            f"data.global_batch_size={data.global_batch_size}: must be a multiple of data.micro_batch_size x "
-            f"data-parallel ranks = {data.micro_batch_size} x {ranks} = {unit} (e.g. {unit}, {2 * unit}, {4 * unit})"
-        )
+    unit = data.micro_batch_size * ranks  # global batch = micro batch x data-parallel ranks x accumulation
+    if data.global_batch_size is not None and data.global_batch_size % unit:
+        problems.append(f"data.global_batch_size={data.global_batch_size}: must be a multiple of data.micro_batch_size "
+                        f"x data-parallel ranks = {data.micro_batch_size} x {ranks} = {unit} (e.g. {unit}, {2 * unit}, "
+                        f"{4 * unit})")
     if data.val_batches is not None and 0 < data.val_batches < ranks:  # Lightning stops a rank with none
         problems.append(f"data.val_batches={data.val_batches}: the {ranks} data-parallel ranks take validation "
-                        f"batches in turn and each needs one; allowed: >= {ranks}, or null (the whole split)")
-
-    set_fields = [f.name for f in dataclasses.fields(budget) if getattr(budget, f.name) is not None]
-    if len(set_fields) != 1:
-        problems.append(
-            f"budget: exactly one of steps, tokens, flops, tokens_per_param must be set (got {set_fields or 'none'}); "
-            "e.g. budget=steps budget.steps=500"
-        )
-    for name in set_fields:
-        if getattr(budget, name) <= 0:
-            problems.append(f"budget.{name}={getattr(budget, name)}: must be > 0")
-    for key in ("val_every", "log_every", "checkpoint_every"):
-        if getattr(trainer, key) < 1:
-            problems.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1 (steps)")
-    problems += _reliability_problems(trainer)
-    if "lr" in cfg.optim and not cfg.optim.lr > 0:
-        problems.append(f"optim.lr={cfg.optim.lr}: must be > 0")
-    if problems:
-        raise ConfigError(problems)
+                        f"batches in turn and each needs one; allowed: >= {ranks}, 0 (no validation) or null "
+                        "(the whole split)")
+    return problems
 
 
-def _reliability_problems(trainer: Any) -> list[str]:
-    """Checkpoint retention and the loss guard (llm.tracking.checkpoints, llm.tracking.guard)."""
+def budget_problems(budget: BudgetSchema) -> list[str]:
+    given = {f.name: getattr(budget, f.name) for f in dataclasses.fields(budget) if getattr(budget, f.name) is not None}
+    if len(given) == 1:
+        return []
+    shown = ", ".join(f"budget.{k}={v!r}" for k, v in given.items()) or "none"
+    return [f"budget: exactly one of steps, tokens, flops, tokens_per_param must be set (got {shown}); "
+            "e.g. budget=steps budget.steps=500, or budget.steps=null budget.tokens=1e6"]
+
+
+def optim_problems(optim: Any) -> list[str]:
+    if not isinstance(optim, AdamWSchema):
+        return []
     problems = []
-    guard = trainer.guard
-    if trainer.keep_last < 1:
-        problems.append(f"trainer.keep_last={trainer.keep_last}: must be >= 1 (last.ckpt is always kept)")
-    if guard.max_rollbacks < 0:
-        problems.append(f"trainer.guard.max_rollbacks={guard.max_rollbacks}: must be >= 0 (0: stop at the first bad step)")
-    if guard.warmup_steps < 0:
-        problems.append(f"trainer.guard.warmup_steps={guard.warmup_steps}: must be >= 0 (steps)")
-    if guard.window < 1:
-        problems.append(f"trainer.guard.window={guard.window}: must be >= 1 (steps)")
-    if guard.spike_threshold is not None and not guard.spike_threshold > 0:
-        problems.append(f"trainer.guard.spike_threshold={guard.spike_threshold}: must be > 0 (moving deviations), "
-                        "or null to judge only non-finite losses")
-    if any(i < 0 for i in guard.skip_batches):
-        problems.append(f"trainer.guard.skip_batches={list(guard.skip_batches)}: micro-batch indices must be >= 0")
+    if len(optim.betas) != 2:
+        problems.append(f"optim.betas={optim.betas}: AdamW takes two (beta1, beta2), e.g. [0.9, 0.95]")
+    if optim.lr * optim.weight_decay >= 1:
+        problems.append(f"optim.weight_decay={optim.weight_decay}: with optim.lr={optim.lr} each step would scale the "
+                        f"weights by 1 - lr x weight_decay = {1 - optim.lr * optim.weight_decay:.3g}; allowed: "
+                        f"< {1 / optim.lr:.3g} (1 / lr)")
+    return problems
+
+
+def _task_problems(tasks: Any, key: str) -> list[str]:
+    """Each task's knobs, checked by building the task (llm.data.tasks owns their meaning)."""
+    from llm.data.tasks import make_task
+
+    problems = []
+    for name, knobs in dict(tasks or {}).items():
+        try:
+            make_task(str(name), **dict(knobs or {}))
+        except (TypeError, ValueError, KeyError) as e:
+            problems.append(f"{key}.{name}={dict(knobs or {})}: {e}")
+    if tasks is not None and not tasks:
+        problems.append(f"{key}={{}}: give at least one task (addition, sorting, copying, counting)")
+    return problems
+
+
+def data_problems(cfg: DictConfig, t: Typed) -> list[str]:
+    problems = []
+    corpus = t.corpus
+    if isinstance(corpus, SyntheticCorpusSchema) and corpus.branching > corpus.n_symbols:
+        problems.append(f"data.corpus.branching={corpus.branching}: at most data.corpus.n_symbols="
+                        f"{corpus.n_symbols} successors per symbol; allowed: 2..{corpus.n_symbols}")
+    if hasattr(corpus, "tasks"):
+        found = _task_problems(corpus.tasks, "data.corpus.tasks")
+        if not found and corpus.weights:
+            from llm.data.tasks import TaskMix
+
+            try:
+                TaskMix(corpus.tasks, weights=corpus.weights)
+            except ValueError as e:
+                found.append(f"data.corpus.weights={dict(corpus.weights)}: {e}")
+        problems += found
+    return problems
+
+
+def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
+    """Post-training: where it starts from, what its data and adapters allow."""
+    method = t.method
+    problems = []
+    if isinstance(method, PretrainConfig) or method is None:
+        if t.run.init_from:
+            problems.append(f"init_from={t.run.init_from!r}: only a post-training method starts from a trained model "
+                            "(posttrain=none pretrains from scratch); allowed: null, or choose posttrain=sft, reward, "
+                            "dpo, ppo or grpo")
+        return problems
+    if not isinstance(method, PostTrainConfig):
+        return problems
+    stage = {schema: name for name, schema in METHODS.items()}[type(method)]
+    if not t.run.init_from:
+        problems.append(f"init_from: posttrain={stage} starts from a trained model; give "
+                        "init_from=<run directory | run id | checkpoint file> (e.g. a pretraining run)")
+    tp = getattr(t.parallelism, "tensor_parallel", 1) or 1
+    if method.lora.enabled and tp > 1:
+        problems.append(f"posttrain.lora.enabled=true with parallelism.tensor_parallel={tp}: LoRA adapters have no "
+                        "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
+    data = method.data
+    if data.packing and not isinstance(method, SFTConfig):
+        problems.append(f"posttrain.data.packing=true: packing is for SFT rows; posttrain={stage} does not pack; "
+                        "allowed: false")
+    if data.format is not None:
+        from llm.data.formats import KINDS
+
+        module_kind = {"sft": "sft", "reward": "preference", "dpo": "preference"}.get(stage, "prompt")
+        if data.format not in KINDS[module_kind]:
+            problems.append(f"posttrain.data.format={data.format!r}: posttrain={stage} reads {module_kind} rows; "
+                            f"allowed: {_allowed(KINDS[module_kind])}, or null (detected from the rows)")
+    if data.source == "tasks":
+        problems += _task_problems(data.tasks, "posttrain.data.tasks")
+    if isinstance(method, OnPolicyConfig):
+        problems += _on_policy_problems(method, stage, t)
+    return problems
+
+
+def _on_policy_problems(method: Any, stage: str, t: Typed) -> list[str]:
+    problems = []
+    if method.reward_model is None and method.data.source != "tasks":
+        problems.append(f"posttrain.reward_model: required for prompts from {method.data.source!r} (the built-in "
+                        "reward checks the synthetic tasks' answers); give posttrain.reward_model=<reward run>")
+    rows = t.data.micro_batch_size  # completions per rollout and rank (PPO: one per prompt)
+    if stage == "ppo" and method.num_mini_batches > rows:
+        problems.append(f"posttrain.num_mini_batches={method.num_mini_batches}: a rollout holds data.micro_batch_size="
+                        f"{rows} completions per rank, split into minibatches; allowed: 1..{rows}")
+    m = t.model
+    longest = method.data.max_prompt_length + method.max_new_tokens
+    if m.position.kind in ABSOLUTE_POSITIONS and longest > m.max_seq_len:
+        problems.append(f"posttrain.max_new_tokens={method.max_new_tokens}: a prompt of up to "
+                        f"posttrain.data.max_prompt_length={method.data.max_prompt_length} tokens plus the completion "
+                        f"must fit the {m.position.kind} position table (model.max_seq_len={m.max_seq_len}); allowed: "
+                        f"<= {max(1, m.max_seq_len - method.data.max_prompt_length)}")
     return problems
 
 
@@ -356,9 +577,3 @@ def check_input_files(cfg: DictConfig) -> None:
     if problems:
         raise ConfigError(problems)
 
-
-def total_ranks(cfg: DictConfig) -> int:
-    """Processes in the run: devices per node x nodes."""
-    devices = cfg.trainer.devices
-    per_node = devices if isinstance(devices, int) and devices > 0 else 1
-    return per_node * int(cfg.trainer.num_nodes)

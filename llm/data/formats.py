@@ -20,7 +20,6 @@ and exits with status 2; a dataset with no usable row is an error too.
 
 from __future__ import annotations
 
-import json
 import string
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from llm.config import ConfigError
+from llm.files import json_lines
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -181,18 +181,11 @@ def read_jsonl(path: str | Path) -> list[Row]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DatasetError([f"{path}: no such file"])
-    rows, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(Row(f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})")
+    lines = json_lines(path)
+    problems = [f"{path}:{line.number}: not valid JSON ({line.error})" for line in lines if line.error is not None]
     if problems:
         raise DatasetError(_capped(problems))
-    return rows
+    return [Row(f"{path}:{line.number}", line.value) for line in lines]
 
 
 def load_rows(source: str | Path | Iterable[Mapping[str, Any]], hf_split: str = "train",

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from llm.data.atomic import atomic_file
+from llm.files import atomic_write
 from llm.data.corpus import Corpus, check_split
-
-log = logging.getLogger(__name__)
 
 CHUNK_DOCUMENTS = 256  # documents per encode_batch call: parallel in Rust, bounded memory here
 
@@ -86,7 +83,7 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
     doc_offsets: list[int] = []
     n_tokens = n_bytes = 0
-    with atomic_file(bin_path) as f:
+    with atomic_write(bin_path) as f:
         for chunk in _chunks(corpus.documents(split), CHUNK_DOCUMENTS):
             n_bytes += sum(len(text.encode("utf-8")) for text in chunk)
             for ids in tokenizer.encode_batch(chunk):
@@ -104,10 +101,10 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
              "n_documents": len(doc_offsets), "doc_offsets": doc_offsets,
              "corpus": corpus.name, "split": split, "corpus_fingerprint": corpus.fingerprint(),
              "tokenizer_hash": tokenizer.content_hash()}
-    with atomic_file(index_path) as f:
+    with atomic_write(index_path) as f:
         f.write(json.dumps(index).encode("utf-8"))
-    log.info(f"token cache: {corpus.name}/{split}: {len(doc_offsets):,} documents -> "
-             f"{n_tokens:,} tokens ({bin_path})")
+    print(f"token cache: {corpus.name}/{split}: {len(doc_offsets):,} documents -> "
+          f"{n_tokens:,} tokens ({bin_path})")
     return TokenCache(bin_path, index)
 
 

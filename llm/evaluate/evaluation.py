@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +16,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from llm.checkpoint import CheckpointRef, load_network, load_tokenizer, resolve, tokenizer_file
 from llm.config import ConfigError
 from llm.config.validate import check_target, missing_keys
-from llm.evaluate.checkpoint import (
-    CheckpointRef,
-    load_model,
-    load_tokenizer,
-    resolve_checkpoint,
-    resolve_device,
-    tokenizer_file,
-)
 from llm.evaluate.completion import Completer, DecodeSettings
+from llm.evaluate.device import resolve_device
 from llm.evaluate.options import EvalSettings, check_eval, collect, typed_settings
 from llm.evaluate.perplexity import HeldOut, held_out, perplexity
 from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, write_eval_json
@@ -36,21 +28,20 @@ from llm.evaluate.tasks import Task, read_tasks, task_accuracy
 from llm.generate.decode import ABSOLUTE_POSITIONS
 from llm.generate.quantize import model_bytes, quantize_int8
 from llm.tracking.samples import SampleLog
-from llm.train import ALLOWED_TARGETS, RUN_FILE
+from llm.run.layout import RUN_FILE, RunDir
+from llm.run.resume import ALLOWED_TARGETS
 
 if TYPE_CHECKING:
     from llm.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 8  # batch size when neither batch_size nor a run's data.micro_batch_size says
 
 
 def saved_run_config(ref: CheckpointRef, cfg: DictConfig) -> Optional[DictConfig]:
     """The run's own config (run.json, unresolved), with this command's paths for interpolations."""
-    if ref.run_dir is None or not (ref.run_dir / RUN_FILE).is_file():
+    if ref.run_dir is None or not RunDir(ref.run_dir).run_file.is_file():
         return None
-    saved = OmegaConf.create(json.loads((ref.run_dir / RUN_FILE).read_text())["config"])
+    saved = OmegaConf.create(json.loads(RunDir(ref.run_dir).run_file.read_text())["config"])
     saved.paths = cfg.paths
     return saved
 
@@ -117,7 +108,7 @@ def plan_eval(cfg: DictConfig) -> EvalPlan:
     """Check every setting (all problems at once, as one ConfigError) before anything is loaded."""
     s: EvalSettings = typed_settings(cfg, EvalSettings)
     problems = check_eval(s, cfg.logger.kind)
-    ref: Optional[CheckpointRef] = collect(problems, resolve_checkpoint, s.checkpoint, cfg.paths.runs_dir, "checkpoint")
+    ref: Optional[CheckpointRef] = collect(problems, resolve, s.checkpoint, cfg.paths.runs_dir, "checkpoint")
     tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     saved = saved_run_config(ref, cfg) if ref else None
     corpus = collect(problems, data_corpus, cfg, saved) if ref and s.perplexity else None
@@ -164,7 +155,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     device = resolve_device(s.device)
     tokenizer = load_tokenizer(plan.tokenizer)
-    model = load_model(ref, device)
+    model = load_network(ref, device, value_head=False)
     seq_len = plan.seq_len or model.cfg.max_seq_len
     problems = []
     if model.cfg.position.kind in ABSOLUTE_POSITIONS and seq_len > model.cfg.max_seq_len:
@@ -211,20 +202,19 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
     data = report["data"]
     where = (f"{data['corpus']}/val, {data['batches']} batches of {data['batch_size']} x {data['seq_len']} tokens"
              if data else "tasks only")
-    # The table is the command's output (stdout); what was written where are messages (logging).
-    lines = [f"eval of {ref.path} (step {step}) on {where}", table(results)]
+    print(f"eval of {ref.path} (step {step}) on {where}")
+    print(table(results))
     if "int8" in results:
         change, fp32, int8 = report["int8_vs_fp32"], results["fp32"], results["int8"]
         if "ppl" in fp32:
-            lines.append(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
-                         f"loss {change['loss_delta']:+.2e} nats/token")
-        lines.append(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
-                     f"({change['bytes_ratio']:.2f}x smaller)")
-    sys.stdout.write("\n".join(lines) + "\n")
-    log.info(f"written: {write_eval_json(plan.out_dir, report)}")
+            print(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
+                  f"loss {change['loss_delta']:+.2e} nats/token")
+        print(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
+              f"({change['bytes_ratio']:.2f}x smaller)")
+    print(f"written: {write_eval_json(plan.out_dir, report)}")
     if plan.settings.log_metrics and ref.run_dir is not None and metrics:
-        append_metrics(ref.run_dir / "metrics.jsonl", step, metrics)
-        log.info(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
+        append_metrics(RunDir(ref.run_dir).metrics, step, metrics)
+        print(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
     sample_log = SampleLog(plan.out_dir, key="eval/samples") if samples else None
     if plan.wandb_mode is not None:
         log_wandb(logger, plan.wandb_mode, ref.run_id, plan.out_dir, step, metrics,
@@ -233,7 +223,7 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
     elif sample_log:
         sample_log.log(step, samples, force=True)
     if sample_log:
-        log.info(f"samples: {len(samples)} task completions -> {sample_log.path}")
+        print(f"samples: {len(samples)} task completions -> {sample_log.path}")
 
 
 def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:

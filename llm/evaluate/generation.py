@@ -10,7 +10,6 @@ the generated text.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -20,23 +19,20 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from llm.checkpoint import CheckpointRef, load_network, load_tokenizer, resolve, tokenizer_file
 from llm.config import ConfigError
-from llm.evaluate.checkpoint import (
-    CheckpointRef,
-    load_model,
-    load_tokenizer,
-    resolve_checkpoint,
-    resolve_device,
-    tokenizer_file,
-)
 from llm.evaluate.completion import Completer, Completion, DecodeSettings, TextStream
+from llm.evaluate.device import resolve_device
 from llm.evaluate.jsonl import read_records, write_records
 from llm.evaluate.options import GenerateSettings, check_generate, collect, typed_settings
+from llm.run.layout import RunDir
 
 if TYPE_CHECKING:
     from llm.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)  # llm-generate's logging goes to stderr (conf/hydra/job_logging/llm_stderr.yaml)
+
+def info(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)
 
 
 def run_generate(cfg: DictConfig) -> list[Completion]:
@@ -44,10 +40,10 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     s: GenerateSettings = typed_settings(cfg, GenerateSettings)
     problems = check_generate(s)
     runs_dir = cfg.paths.runs_dir
-    ref: Optional[CheckpointRef] = collect(problems, resolve_checkpoint, s.checkpoint, runs_dir, "checkpoint")
+    ref: Optional[CheckpointRef] = collect(problems, resolve, s.checkpoint, runs_dir, "checkpoint")
     draft_ref = None
     if s.strategy == "speculative" and s.draft_checkpoint is not None:
-        draft_ref = collect(problems, resolve_checkpoint, s.draft_checkpoint, runs_dir, "draft_checkpoint")
+        draft_ref = collect(problems, resolve, s.draft_checkpoint, runs_dir, "draft_checkpoint")
     tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     prompts = [s.prompt] if s.prompt is not None else None
     if s.prompts_file is not None and Path(s.prompts_file).expanduser().is_file():
@@ -64,8 +60,8 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
         raise ConfigError([f"draft_checkpoint={s.draft_checkpoint!r}: its vocabulary ({draft.cfg.padded_vocab_size}) "
                            f"differs from the checkpoint's ({model.cfg.padded_vocab_size}); the draft must share the "
                            "target's tokenizer"])
-    if draft_ref is not None and draft_ref.run_dir is not None and (draft_ref.run_dir / "tokenizer.json").is_file():
-        if load_tokenizer(draft_ref.run_dir / "tokenizer.json").content_hash() != tokenizer.content_hash():
+    if draft_ref is not None and draft_ref.run_dir is not None and RunDir(draft_ref.run_dir).tokenizer.is_file():
+        if load_tokenizer(RunDir(draft_ref.run_dir).tokenizer).content_hash() != tokenizer.content_hash():
             raise ConfigError([f"draft_checkpoint={s.draft_checkpoint!r}: trained with another tokenizer than "
                                f"{tok_path}; the draft must share the target's tokenizer"])
 
@@ -83,24 +79,23 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     started = time.perf_counter()
     completions = completer.complete(prompts, stream)
     seconds = time.perf_counter() - started
-    # The completions are the command's output: stdout, and nothing else there.
     if s.prompt is not None:
         if stream is not None:
             stream.close(completions[0].completion)
         else:
-            sys.stdout.write(completions[0].completion + "\n")
+            print(completions[0].completion, flush=True)
     elif s.output_file is None:
-        sys.stdout.writelines(json.dumps(c.record(), ensure_ascii=False) + "\n" for c in completions)
-    sys.stdout.flush()
+        for c in completions:
+            print(json.dumps(c.record(), ensure_ascii=False), flush=True)
     if s.output_file is not None:
-        log.info(f"written: {write_records(s.output_file, (c.record() for c in completions))} "
+        info(f"written: {write_records(s.output_file, (c.record() for c in completions))} "
              f"({len(completions)} completion{'s' * (len(completions) != 1)})")
     n_tokens = sum(c.n_tokens for c in completions)
-    log.info(f"generated {n_tokens:,} tokens for {len(completions)} prompt{'s' * (len(completions) != 1)} in "
+    info(f"generated {n_tokens:,} tokens for {len(completions)} prompt{'s' * (len(completions) != 1)} in "
          f"{seconds:.2f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s, strategy={s.strategy})")
     if s.strategy == "speculative":
         st = completer.stats
-        log.info(f"speculative: acceptance rate {st.acceptance_rate:.3f} ({st.accepted:,} of {st.drafted:,} draft tokens "
+        info(f"speculative: acceptance rate {st.acceptance_rate:.3f} ({st.accepted:,} of {st.drafted:,} draft tokens "
              f"accepted; {st.tokens_per_round:.2f} tokens per target pass, k={s.speculative_k})")
     return completions
 
@@ -109,7 +104,7 @@ def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quanti
     """The model of `ref` on `device`, checked against the tokenizer, quantized if asked."""
     from llm.generate.quantize import model_bytes, quantize_int8
 
-    model = load_model(ref, device)
+    model = load_network(ref, device, key, value_head=False)
     if model.cfg.padded_vocab_size < tokenizer.vocab_size:
         raise ConfigError([f"{key}={str(ref.path)!r}: the model's vocabulary ({model.cfg.padded_vocab_size}) is "
                            f"smaller than the tokenizer's ({tokenizer.vocab_size}); give the tokenizer it was "
@@ -120,5 +115,5 @@ def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quanti
         before = model_bytes(model)
         quantize_int8(model)
         line += f"; int8 weights: {before / 2**20:.2f} MiB -> {model_bytes(model) / 2**20:.2f} MiB"
-    log.info(line)
+    info(line)
     return model

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from llm.files import write_json
 from llm.interop import gpt2, llama
 from llm.interop.common import POSITION_NAMES, Tensors
 from llm.interop.hf_tokenizer import read_tokenizer, write_tokenizer_files
@@ -84,7 +85,7 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     # The "format" metadata is what transformers checks to accept a safetensors file as PyTorch's.
     save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, out, cfg.max_seq_len)
     return out
@@ -163,26 +164,17 @@ def import_hf(path: str | Path) -> tuple[Transformer, Optional[Tokenizer]]:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, family: Optional[str] = None) -> Path:
-    """Export a training checkpoint: a run directory (its checkpoints/last.ckpt and tokenizer.json)
-    or a checkpoint file (with the tokenizer.json beside it or in its run directory, if any)."""
-    from llm.tracking.checkpoints import META, last_checkpoint, load_plain_model
+    """Export a trained language model: anything `llm.checkpoint.resolve` accepts (a run
+    directory, a checkpoint file, a sharded checkpoint directory, ...), with the run's tokenizer
+    (or the tokenizer.json beside the file) when there is one. ConfigError for a reference that
+    names no loadable language model."""
+    from llm.checkpoint import load_network, load_tokenizer, resolve, tokenizer_file
+    from llm.config import ConfigError
 
-    source = Path(checkpoint)
-    if source.is_dir() and (source / "checkpoints").is_dir():
-        file = last_checkpoint(source)
-        if file is None:
-            raise FileNotFoundError(f"{source} is a run directory without a checkpoint (checkpoints/last.ckpt)")
-    elif source.exists():
-        file = source
-    else:
-        raise FileNotFoundError(f"no such run directory or checkpoint file: {source}")
-    if file.is_dir() and not (file / META).is_file():
-        raise FileNotFoundError(f"{file} is neither a run directory nor a checkpoint")
-    if file.is_dir():
-        raise ValueError(f"{file} is a sharded (FSDP/TP) checkpoint directory: run `llm-consolidate {file}` "
-                         "first and export the file it writes")
-    model = load_plain_model(file)
-    tokenizer_files = [p / "tokenizer.json" for p in (file.parent, file.parent.parent)]
-    tokenizer_file = next((p for p in tokenizer_files if p.is_file()), None)
-    tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file else None
+    ref = resolve(str(checkpoint), ".", key="source")
+    model = load_network(ref, key="source", value_head=False)
+    try:
+        tokenizer = load_tokenizer(tokenizer_file(ref))
+    except ConfigError:  # none to be found: the folder gets the weights only
+        tokenizer = None
     return export_hf(model, out_dir, tokenizer, family)

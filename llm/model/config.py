@@ -10,52 +10,97 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-NORMS = ("rmsnorm", "layernorm")
-NORM_PLACEMENTS = ("pre", "post")
-MLPS = ("swiglu", "gelu", "relu")
-POSITIONS = ("rope", "alibi", "learned", "sinusoidal", "none")
-KERNELS = ("sdpa", "flash", "flex")
+from llm.fields import Choice, at_least, plain_choices, positive, unit_interval
+
+
+class Norm(Choice):
+    rmsnorm = "rmsnorm"
+    layernorm = "layernorm"
+
+
+class NormPlacement(Choice):
+    pre = "pre"
+    post = "post"
+
+
+class MLP(Choice):
+    swiglu = "swiglu"
+    gelu = "gelu"
+    relu = "relu"
+
+
+class PositionKind(Choice):
+    rope = "rope"
+    alibi = "alibi"
+    learned = "learned"
+    sinusoidal = "sinusoidal"
+    none = "none"
+
+
+class AttentionKernel(Choice):
+    sdpa = "sdpa"  # any device
+    flash = "flash"  # CUDA, no bias or window
+    flex = "flex"  # CUDA, FlexAttention
+
+
+NORMS, NORM_PLACEMENTS, MLPS = Norm.values(), NormPlacement.values(), MLP.values()
+POSITIONS, KERNELS = PositionKind.values(), AttentionKernel.values()
+
+# Sanity caps, far beyond any model that fits a cluster: a typo such as n_layers=1e6 is refused
+# instead of allocating until the machine runs out of memory.
+MAX_LAYERS, MAX_WIDTH, MAX_HEADS = 1024, 2**16, 1024
+MAX_SEQ_LEN, MAX_VOCAB = 2**22, 2**24
 
 
 @dataclass
 class AttentionConfig:
     """Multi-head (n_kv_heads = n_heads), multi-query (1) or grouped-query (a divisor) attention."""
 
-    n_kv_heads: Optional[int] = None  # None: as many as query heads (MHA)
-    window: Optional[int] = None  # sliding-window size in tokens; None attends to the whole prefix
-    kernel: str = "sdpa"  # sdpa (any device) | flash (CUDA, no bias/window) | flex (CUDA, FlexAttention)
+    n_kv_heads: Optional[int] = at_least(1, None, high=MAX_HEADS, null="as many as query heads (MHA)")
+    window: Optional[int] = at_least(1, None, null="attend to the whole prefix")  # sliding window, in tokens
+    kernel: AttentionKernel = AttentionKernel.sdpa
     bias: bool = False  # biases on the q/k/v/o projections
+
+    def __post_init__(self) -> None:
+        plain_choices(self)  # plain strings from here on (checkpoints store this config)
 
 
 @dataclass
 class PositionConfig:
-    kind: str = "rope"
-    rope_base: float = 10000.0
+    kind: PositionKind = PositionKind.rope
+    rope_base: float = positive(10000.0)
+
+    def __post_init__(self) -> None:
+        plain_choices(self)
 
 
 @dataclass
 class ModelConfig:
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    head_dim: Optional[int] = None  # None: d_model // n_heads
-    max_seq_len: int = 256
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer, padded to pad_vocab_to
-    pad_vocab_to: int = 64
+    n_layers: int = at_least(1, 4, high=MAX_LAYERS)
+    d_model: int = at_least(1, 128, high=MAX_WIDTH)
+    n_heads: int = at_least(1, 4, high=MAX_HEADS)
+    head_dim: Optional[int] = at_least(1, None, high=MAX_WIDTH, null="d_model // n_heads")
+    max_seq_len: int = at_least(1, 256, high=MAX_SEQ_LEN)
+    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="the tokenizer's, padded to pad_vocab_to")
+    pad_vocab_to: int = at_least(1, 64, high=MAX_VOCAB)  # 1: no padding
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
-    norm: str = "rmsnorm"
-    norm_placement: str = "pre"
-    norm_eps: float = 1e-5
-    mlp: str = "swiglu"
-    mlp_hidden: Optional[int] = None  # None: 4 d_model (gelu/relu) or ~8/3 d_model (swiglu)
-    mlp_multiple_of: int = 32
+    norm: Norm = Norm.rmsnorm
+    norm_placement: NormPlacement = NormPlacement.pre
+    norm_eps: float = positive(1e-5)
+    mlp: MLP = MLP.swiglu
+    mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="4 d_model (gelu/relu) or ~8/3 d_model (swiglu)")
+    mlp_multiple_of: int = at_least(1, 32, high=MAX_WIDTH)
     bias: bool = False  # biases in the MLP
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = unit_interval(0.0, high_open=True)
+    init_std: float = positive(0.02, high=1.0)
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 n_layers), as GPT-2
-    size: Optional[float] = None  # model=ladder: the target non-embedding parameters the shape was chosen for
+    # model=ladder: the target non-embedding parameters the shape was chosen for
+    size: Optional[float] = positive(None, null="a preset's fixed shape")
+
+    def __post_init__(self) -> None:
+        plain_choices(self)
 
     @classmethod
     def from_dict(cls, saved: dict) -> ModelConfig:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm.fields import at_least, positive, unit_interval
+
 ADAPTER_NAMES = ("lora_a", "lora_b")
 ALL_LINEAR = "all-linear"  # every linear layer but the output heads (PEFT's meaning)
 OUTPUT_HEADS = ("lm_head", "head")  # the language model's and the value model's (llm.model.value)
@@ -34,9 +36,9 @@ OUTPUT_HEADS = ("lm_head", "head")  # the language model's and the value model's
 class LoRAConfig:
     """The `posttrain.lora` config section: whether and where to put adapters."""
 
-    rank: int = 8
-    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    dropout: float = 0.0  # on the adapter's input only
+    rank: int = at_least(1, 8, high=2**16)
+    alpha: float = positive(16.0)  # the adapter's output is scaled by alpha / rank
+    dropout: float = unit_interval(0.0, high_open=True)  # on the adapter's input only
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # names, suffixes, globs or "all-linear"
     enabled: bool = False
     # Modules trained in full beside the adapters, e.g. [head]: a reward model's new value head.

@@ -30,17 +30,21 @@ def block_plan(gated_mlp: bool) -> dict:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard a Transformer, or a ValueModel (reward model, critic: its transformer is `backbone`,
+    its scalar head stays replicated), over `tp_mesh`."""
     tp = tp_mesh.size()
-    cfg = model.cfg
+    transformer = getattr(model, "backbone", model)
+    cfg = transformer.cfg
     if cfg.n_heads % tp or cfg.kv_heads % tp:
         raise ValueError(f"tensor_parallel={tp} must divide model.n_heads={cfg.n_heads} and "
                          f"n_kv_heads={cfg.kv_heads}")
-    for block in model.blocks:
+    for block in transformer.blocks:
         inner = getattr(block, "_checkpoint_wrapped_module", block)  # through an activation-checkpoint wrapper
         parallelize_module(inner, tp_mesh, block_plan(cfg.mlp == "swiglu"))
-    if not cfg.tie_embeddings:  # a tied head shares the replicated embedding's weight
-        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-    slopes = model.position.slopes()
+    # A tied head shares the replicated embedding's weight; a value model has no LM head.
+    if transformer.lm_head is not None and not cfg.tie_embeddings:
+        parallelize_module(transformer, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    slopes = transformer.position.slopes()
     if slopes is not None:  # ALiBi: each rank keeps the slopes of its own heads
         rank = tp_mesh.get_local_rank()
-        model.position.head_slopes = torch.chunk(slopes, tp)[rank].clone()
+        transformer.position.head_slopes = torch.chunk(slopes, tp)[rank].clone()

@@ -22,6 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from llm.files import read_jsonl
+from llm.run.layout import SUMMARY_FILE, RunDir
+
 N_KINDS = ("total", "non_embedding")
 LOSS_KEYS = ("val/loss", "best_val/loss")
 CSV_REQUIRED = ("N", "D", "loss")
@@ -97,7 +100,7 @@ def load_runs(sources: list[str], n_kind: str = "total", loss_key: str = "val/lo
 # ---------------------------------------------------------------- run directories
 
 def _add_directory(out: RunSet, root: Path, n_kind: str, loss_key: str) -> None:
-    files = sorted(root.rglob("summary.json"))
+    files = sorted(root.rglob(SUMMARY_FILE))
     if not files:
         raise ValueError(f"{root}: no summary.json below this directory (is it a run or sweep directory?)")
     for file in files:
@@ -154,7 +157,7 @@ def _launch_budget(summary: dict, run_dir: Optional[Path]) -> Optional[float]:
     budget = _number(summary.get("budget_flops", summary.get("budget")))
     if budget is not None:
         return budget
-    run_file = run_dir / "run.json" if run_dir else None
+    run_file = RunDir(run_dir).run_file if run_dir else None
     if run_file and run_file.exists():
         try:
             config = json.loads(run_file.read_text()).get("config", {})
@@ -169,15 +172,11 @@ def curve_from_run(run_dir: Path, summary: dict, n_kind: str, source: str) -> Op
     tokens_per_step = _number(summary.get("tokens_per_step"))
     fpt = _number(summary.get("flops_per_token"))
     N = _number(summary.get("N" if n_kind == "total" else "N_non_embedding"))
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics
     if not (tokens_per_step and fpt and N and metrics.exists()):
         return None
     steps, losses = [], []
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
+    for record in read_jsonl(metrics):  # a torn last line of a killed run is skipped
         step, loss = _number(record.get("step")), _number(record.get("val/loss"))
         if step and step > 0 and loss is not None:
             steps.append(step)

@@ -10,7 +10,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from llm.stages.objectives import DPO_LOSSES, dpo_loss, token_logprobs
+from llm.config.methods import DPOConfig
+from llm.config.validate import method_arguments
+from llm.stages.objectives import dpo_loss, token_logprobs
 from llm.stages.posttrain import SupervisedModule
 
 
@@ -21,11 +23,11 @@ class DPOModule(SupervisedModule):
 
     def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  rpo_alpha: Optional[float] = None, **kwargs: Any):
+        config = method_arguments(DPOConfig, kwargs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                  rpo_alpha=rpo_alpha)
         super().__init__(*args, **kwargs)
-        if loss_type not in DPO_LOSSES:
-            raise ValueError(f"posttrain.loss_type={loss_type!r}: choose one of {', '.join(DPO_LOSSES)}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.rpo_alpha = rpo_alpha
+        self.beta, self.loss_type, self.label_smoothing = config.beta, config.loss_type, config.label_smoothing
+        self.rpo_alpha = config.rpo_alpha
 
     def logps(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed completion log-probs of the chosen and the rejected rows (in one forward), and

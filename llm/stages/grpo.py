@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from llm.config.methods import GRPOConfig
+from llm.config.validate import method_arguments
 from llm.stages.objectives import grpo_advantages, grpo_loss, token_logprobs
 from llm.stages.posttrain import PostTrainModule
 from llm.stages.rollout import Rollout, sample_rollout
@@ -75,11 +77,14 @@ class GRPOModule(OnPolicyModule):
     def __init__(self, *args: Any, num_generations: int = 8, beta: float = 0.0, epsilon: float = 0.2,
                  epsilon_high: Optional[float] = None, scale_rewards: str = "group", loss_aggregation: str = "token",
                  num_iterations: int = 1, **kwargs: Any):
+        c = method_arguments(GRPOConfig, kwargs, num_generations=num_generations, beta=beta, epsilon=epsilon,
+                             epsilon_high=epsilon_high, scale_rewards=scale_rewards, loss_aggregation=loss_aggregation,
+                             num_iterations=num_iterations)
         super().__init__(*args, **kwargs)
-        self.num_generations, self.beta = num_generations, beta
-        self.epsilon, self.epsilon_high = epsilon, epsilon_high
-        self.scale_rewards, self.loss_aggregation, self.num_iterations = scale_rewards, loss_aggregation, num_iterations
-        self.needs_reference = beta > 0
+        self.num_generations, self.beta = c.num_generations, c.beta
+        self.epsilon, self.epsilon_high = c.epsilon, c.epsilon_high
+        self.scale_rewards, self.loss_aggregation, self.num_iterations = c.scale_rewards, c.loss_aggregation, c.num_iterations
+        self.needs_reference = c.beta > 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.rollout is None or self.rollout_uses >= self.num_iterations:

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from llm.config.methods import PPOConfig
+from llm.config.validate import method_arguments
 from llm.model.value import ValueModel
 from llm.stages.grpo import OnPolicyModule
 from llm.stages.objectives import (AdaptiveKLController, FixedKLController, gae, kl_estimate, kl_penalized_rewards,
@@ -26,12 +28,17 @@ class PPOModule(OnPolicyModule):
                  kl_estimator: str = "k1", adaptive_kl: bool = False, kl_target: float = 6.0, kl_horizon: int = 10000,
                  cliprange: float = 0.2, cliprange_value: float = 0.2, vf_coef: float = 0.1, gamma: float = 1.0,
                  lam: float = 0.95, whiten_rewards: bool = False, **kwargs: Any):
+        c = method_arguments(PPOConfig, kwargs, num_ppo_epochs=num_ppo_epochs, num_mini_batches=num_mini_batches,
+                             kl_coef=kl_coef, kl_estimator=kl_estimator, adaptive_kl=adaptive_kl, kl_target=kl_target,
+                             kl_horizon=kl_horizon, cliprange=cliprange, cliprange_value=cliprange_value,
+                             vf_coef=vf_coef, gamma=gamma, lam=lam, whiten_rewards=whiten_rewards)
         super().__init__(*args, **kwargs)
-        self.num_ppo_epochs, self.num_mini_batches = num_ppo_epochs, num_mini_batches
-        self.kl = AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
-        self.kl_estimator = kl_estimator
-        self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
-        self.gamma, self.lam, self.whiten_rewards = gamma, lam, whiten_rewards
+        self.num_ppo_epochs, self.num_mini_batches = c.num_ppo_epochs, c.num_mini_batches
+        self.kl = (AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                   else FixedKLController(c.kl_coef))
+        self.kl_estimator = c.kl_estimator
+        self.cliprange, self.cliprange_value, self.vf_coef = c.cliprange, c.cliprange_value, c.vf_coef
+        self.gamma, self.lam, self.whiten_rewards = c.gamma, c.lam, c.whiten_rewards
         self.critic: Optional[nn.Module] = None
         self.critic_init: Any = None  # llm.stages.init_from.Parent of a reward model, set by the run
 

@@ -8,6 +8,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from llm.config.methods import RewardConfig
+from llm.config.validate import method_arguments
 from llm.model.value import last_token_values
 from llm.stages.objectives import reward_loss
 from llm.stages.posttrain import SupervisedModule
@@ -20,9 +22,11 @@ class RewardModule(SupervisedModule):
 
     def __init__(self, *args: Any, margin: Optional[float] = None, center_rewards_coefficient: Optional[float] = None,
                  **kwargs: Any):
+        config = method_arguments(RewardConfig, kwargs, margin=margin,
+                                  center_rewards_coefficient=center_rewards_coefficient)
         super().__init__(*args, **kwargs)
-        self.margin = margin
-        self.center_rewards_coefficient = center_rewards_coefficient
+        self.margin = config.margin
+        self.center_rewards_coefficient = config.center_rewards_coefficient
 
     def rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """One forward over chosen and rejected rows together: (r_chosen, r_rejected), each (B,)."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import tokenizers
+
+from llm.files import write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -56,19 +57,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json atomically, so a reader never sees half a file."""
-        path = _resolve(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.backend.to_str(pretty=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a tokenizer is meant to be shared
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_text(_resolve(path), self.backend.to_str(pretty=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from llm.tracking.checkpoints import checkpoint_step, newest_loadable_checkpoint
+from llm.checkpoint import checkpoint_step, newest_loadable_checkpoint
 
 
 class GuardTripped(Exception):

@@ -10,20 +10,7 @@ from typing import Any, Optional
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSON-lines file (none if it is absent); a torn last line (killed mid-write)
-    is ignored."""
-    records = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+from llm.files import read_jsonl
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -10,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from llm.files import write_json  # noqa: F401 (re-exported until llm/train.py imports it from llm.files)
 
 GROUPS = ("tokenizer", "model", "attention", "position", "data", "optim", "schedule", "trainer",
           "budget", "parallelism", "posttrain", "logger", "experiment")
@@ -55,13 +56,6 @@ def _git_state(where: Path) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"commit": commit, "dirty": dirty} if commit else {}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def resolved_config(cfg: DictConfig, resolve: bool = True) -> dict:

@@ -15,9 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from llm.tracking.metrics import read_jsonl
-
-SAMPLES_FILE = "samples.jsonl"
+from llm.files import read_jsonl
+from llm.run.layout import SAMPLES_FILE
 
 
 def read_samples(path: str | Path) -> list[dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,9 @@ from typing import Optional
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from llm.files import read_jsonl, write_json
+from llm.run.layout import RunDir
 
 
 _current_sweep: Optional[Path] = None  # set when a multirun starts in this process
@@ -34,7 +36,7 @@ class SweepIndex(Callback):
                   "status": "completed" if job_return.status == JobStatus.COMPLETED else "failed"}
         if job_return.status == JobStatus.FAILED:
             record["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-        summary = run_dir / "summary.json"
+        summary = RunDir(run_dir).summary
         if summary.exists():
             data = json.loads(summary.read_text())
             record.update({k: data.get(k) for k in ("run_id", "val/loss", "N", "D", "C")})
@@ -53,13 +55,9 @@ def report_sweep() -> None:
     index = sweep_dir / "index.jsonl" if sweep_dir else None
     if index is None or not index.exists():
         return
-    records = sorted((json.loads(l) for l in index.read_text().splitlines() if l.strip()), key=lambda r: r["job"])
-    tmp = sweep_dir / ".index.json.tmp"
-    tmp.write_text(json.dumps(records, indent=2, default=str) + "\n")
-    os.replace(tmp, sweep_dir / "index.json")
+    records = sorted(read_jsonl(index), key=lambda r: r["job"])
+    write_json(sweep_dir / "index.json", records)
     failed = [r for r in records if r["status"] != "completed"]
-    # The multirun's outcome, the command's last output: on stdout rather than through logging,
-    # whose handlers still write the last job's log file.
-    lines = [f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed"]
-    lines += [f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}" for r in failed]
-    sys.stdout.write("".join(line + "\n" for line in lines))
+    print(f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}")

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import netrc
 import os
 import re
@@ -26,8 +25,6 @@ from pytorch_lightning.loggers import WandbLogger
 
 from llm.config import ConfigError
 from llm.tracking.run import redact_secrets
-
-log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "model"
 # Metrics plotted against tokens seen; post-training and eval metrics against optimizer steps.
@@ -130,7 +127,7 @@ def start_run(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str, gr
                      resume="allow", config=config, reinit="finish_previous")
     define_axes(run)
     if mode == "offline":
-        log.info(f"W&B is offline; to upload this run later: {sync_command(run)}")
+        print(f"W&B is offline; to upload this run later: {sync_command(run)}")
     return run
 
 
@@ -214,7 +211,7 @@ class CheckpointArtifacts(Callback):
     def log_saved(self, trainer: Any) -> None:
         import wandb
 
-        from llm.tracking.checkpoints import LAST
+        from llm.run.layout import LAST
 
         step = self.checkpoints.saved_step
         if step <= self.logged_step or not trainer.is_global_zero or wandb.run is None:
@@ -241,11 +238,12 @@ class ParentCheckpoint:
 def parent_checkpoint(checkpoint: str | Path, parent_run_dir: Optional[str | Path] = None) -> ParentCheckpoint:
     """The parent of a stage that starts from `checkpoint` (a file or sharded directory inside a run's
     checkpoints/ directory, or anywhere with `parent_run_dir` given). Reads the parent's run.json."""
-    from llm.tracking.checkpoints import checkpoint_step
+    from llm.checkpoint import checkpoint_step
+    from llm.run.layout import RunDir
 
     checkpoint = Path(checkpoint).resolve()
     run_dir = Path(parent_run_dir) if parent_run_dir else checkpoint.parent.parent
-    run_file = run_dir / "run.json"
+    run_file = RunDir(run_dir).run_file
     if not run_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no run.json in {run_dir}; give the parent's run directory")
     saved = json.loads(run_file.read_text())
@@ -272,14 +270,14 @@ def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | P
         return parent
     run.config.update({"parent": parent.as_config()}, allow_val_change=True)
     if not parent.logged:
-        log.warning(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
-                    "recorded in the config only")
+        print(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
+              "recorded in the config only")
     elif run.settings.mode == "offline":
-        log.info(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
+        print(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
     else:
         try:
             run.use_artifact(parent.artifact, type=ARTIFACT_TYPE)
         except Exception as e:  # e.g. the parent ran offline and was never synced
-            log.warning(f"lineage: cannot use artifact {parent.artifact} ({type(e).__name__}: {e}); "
-                        "recorded in the config only")
+            print(f"lineage: cannot use artifact {parent.artifact} ({type(e).__name__}: {e}); "
+                  "recorded in the config only")
     return parent

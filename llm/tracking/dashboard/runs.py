@@ -5,17 +5,15 @@ by the config groups whose choice differs between them."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from llm.run.layout import SUMMARY_FILE, RunDir
 from llm.tracking.metrics import read_metrics
 from llm.tracking.run import run_id
 from llm.tracking.wandb import run_name
 
-
-log = logging.getLogger(__name__)
 
 class SelectionError(ValueError):
     """No runs, or a filter or grouping key that cannot apply: the CLI exits with code 2."""
@@ -102,8 +100,9 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_local_run(run_dir: Path) -> Run:
     """A run from its directory: summary.json, run.json (config, choices), metrics.jsonl."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    saved = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    files = RunDir(run_dir)
+    summary = json.loads(files.summary.read_text())
+    saved = json.loads(files.run_file.read_text()) if files.run_file.is_file() else {}
     config = _resolved_config(run_dir) or saved.get("config", {})
     flat = flatten(config)
     choices = dict(summary.get("choices") or saved.get("choices") or {})
@@ -113,7 +112,7 @@ def load_local_run(run_dir: Path) -> Run:
     return Run(run_id=rid, name=run_name(rid, choices),
                status=str(summary.get("status", "unknown")), group=group, job_type=str(summary.get("stage", "pretrain")),
                choices=choices, config=flat, summary=summary, tags=tags, run_dir=run_dir,
-               history=read_metrics(run_dir / "metrics.jsonl"))
+               history=read_metrics(files.metrics))
 
 
 def _resolved_config(run_dir: Path) -> Optional[dict]:
@@ -141,7 +140,7 @@ def find_local_runs(paths: list[str | Path]) -> list[Run]:
             raise SelectionError(f"{path}: no such directory")
         if not path.is_dir():
             raise SelectionError(f"{path}: not a directory (give a run or sweep directory)")
-        for summary in sorted(path.rglob("summary.json")):
+        for summary in sorted(path.rglob(SUMMARY_FILE)):
             run_dir = summary.parent.resolve()
             if run_dir in seen:
                 continue
@@ -149,7 +148,7 @@ def find_local_runs(paths: list[str | Path]) -> list[Run]:
             try:
                 runs.append(load_local_run(run_dir))
             except (OSError, json.JSONDecodeError) as e:
-                log.warning(f"skipped {run_dir}: unreadable ({e})")
+                print(f"skipped {run_dir}: unreadable ({e})")
     return runs
 
 

@@ -1,0 +1,168 @@
+"""One typed config per post-training method (as TRL has one per trainer): the `posttrain` node.
+
+Each keeps the `_target_` of its LightningModule and `_partial_: true` (the run adds the model
+config, optimizer, schedule and parent), so `hydra.utils.instantiate(cfg.posttrain)` builds the
+module as before. `posttrain=none` is pretraining. The stage constructors check their arguments
+against the same dataclasses (llm.config.validate.method_arguments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from llm.fields import Choice, at_least, bounded, finite, positive, unit_interval
+from llm.model.config import MAX_SEQ_LEN
+from llm.model.lora import LoRAConfig
+
+
+class DataFormat(Choice):  # TRL's dataset formats (llm.data.formats)
+    text = "text"
+    prompt_completion = "prompt_completion"
+    messages = "messages"
+    preference = "preference"
+    implicit_preference = "implicit_preference"
+    prompt_only = "prompt_only"
+
+
+class DPOLoss(Choice):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
+
+
+class KLEstimator(Choice):  # per-token estimators of KL(policy || reference) (Schulman's k1, k3)
+    k1 = "k1"
+    k3 = "k3"
+
+
+class RewardScaling(Choice):  # GRPO: what the advantages are divided by
+    group = "group"
+    batch = "batch"
+    none = "none"
+
+
+class LossAggregation(Choice):  # GRPO: mean over all tokens, or per sequence then over sequences
+    token = "token"
+    sequence = "sequence"
+
+
+def _default_tasks() -> dict[str, Any]:
+    return {"addition": {"max_digits": 2}, "sorting": {"max_length": 4}, "copying": {"max_length": 5},
+            "counting": {"max_length": 6}}
+
+
+@dataclass
+class PostTrainDataSchema:
+    """`posttrain.data`: the examples of a post-training method (TRL's formats, or the tasks)."""
+
+    source: str = "tasks"  # tasks (the embedded synthetic tasks) | path/to/rows.jsonl | hf:NAME
+    val_source: Optional[str] = None  # held-out rows; null: the val split of the tasks / val_fraction of source
+    format: Optional[DataFormat] = None  # null: detected from the keys of the rows
+    hf_split: str = "train"
+    val_fraction: float = unit_interval(0.1, low_open=True, high_open=True)
+    tasks: dict[str, Any] = field(default_factory=_default_tasks)  # task -> difficulty knobs
+    n_train: int = at_least(1, 4096, high=2**24)  # task rows drawn for training
+    n_val: int = at_least(1, 256, high=2**24)  # held-out task rows
+    seed: int = at_least(0, 0, high=2**32 - 1)
+    packing: bool = False  # SFT: several examples per row, attention kept inside each
+    chat_turn: str = "{role}: {content}\n"  # how one message of a `messages` row is rendered
+    generation_prompt: Optional[str] = None  # appended after a chat prompt, e.g. "assistant: "
+    max_prompt_length: int = at_least(1, 64, high=MAX_SEQ_LEN)  # prompt-only rows (PPO/GRPO): longer ones are dropped
+    partial_reward: bool = False  # the tasks' checker gives partial credit instead of 0/1
+    eval_prompts: int = at_least(0, 256, high=2**20)  # held-out prompts answered greedily before and after; 0: none
+    eval_max_new_tokens: int = at_least(1, 16, high=2**16)
+
+
+@dataclass
+class PretrainConfig:
+    """posttrain=none: next-token cross-entropy on the corpus."""
+
+    _target_: str = "llm.stages.pretrain.PretrainModule"
+    _partial_: bool = True
+
+
+@dataclass
+class PostTrainConfig:
+    """What every post-training method has: its data and its (optional) LoRA adapters."""
+
+    _target_: str = ""
+    _partial_: bool = True
+    data: PostTrainDataSchema = field(default_factory=PostTrainDataSchema)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class SFTConfig(PostTrainConfig):
+    """Supervised fine-tuning: loss on completion tokens only."""
+
+    _target_: str = "llm.stages.sft.SFTModule"
+
+
+@dataclass
+class RewardConfig(PostTrainConfig):
+    """Reward model: a scalar head, Bradley-Terry loss on preference pairs."""
+
+    _target_: str = "llm.stages.reward.RewardModule"
+    margin: Optional[float] = finite(None, null="no margin")  # the chosen reward must beat the rejected one by it
+    center_rewards_coefficient: Optional[float] = at_least(0, None, null="rewards are not centred")  # e.g. 0.01
+
+
+@dataclass
+class DPOConfig(PostTrainConfig):
+    """Direct Preference Optimisation against a frozen copy of the starting model."""
+
+    _target_: str = "llm.stages.dpo.DPOModule"
+    beta: float = positive(0.1)
+    loss_type: DPOLoss = DPOLoss.sigmoid
+    label_smoothing: float = bounded(0.0, low=0, high=0.5, high_open=True)  # conservative DPO: the labels' noise rate
+    rpo_alpha: Optional[float] = at_least(0, None, null="no NLL term")  # e.g. 1.0: RPO's NLL on the chosen answers
+
+
+@dataclass
+class OnPolicyConfig(PostTrainConfig):
+    """What PPO and GRPO share: sampled completions, scored by a reward model or the tasks' checker."""
+
+    reward_model: Optional[str] = None  # <reward run>: score with it instead of the tasks' checker
+    max_new_tokens: int = at_least(1, 16, high=2**16)
+    temperature: float = positive(1.0)  # sampling temperature (> 0: the policy's log-probs divide by it)
+    samples_every_n_steps: int = at_least(1, 50)  # sampled completions -> samples.jsonl and a W&B Table
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    """PPO-style RLHF: actor, critic, frozen reference and a reward (TRL's PPOTrainer recipe)."""
+
+    _target_: str = "llm.stages.ppo.PPOModule"
+    num_ppo_epochs: int = at_least(1, 4, high=1024)
+    num_mini_batches: int = at_least(1, 1, high=2**16)  # <= data.micro_batch_size
+    kl_coef: float = at_least(0, 0.05)
+    kl_estimator: KLEstimator = KLEstimator.k1
+    adaptive_kl: bool = False
+    kl_target: float = positive(6.0)
+    kl_horizon: int = at_least(1, 10000)
+    cliprange: float = positive(0.2)
+    cliprange_value: float = positive(0.2)
+    vf_coef: float = at_least(0, 0.1)
+    gamma: float = unit_interval(1.0)
+    lam: float = unit_interval(0.95)
+    whiten_rewards: bool = False
+
+
+@dataclass
+class GRPOConfig(OnPolicyConfig):
+    """Group Relative Policy Optimisation: num_generations samples per prompt."""
+
+    _target_: str = "llm.stages.grpo.GRPOModule"
+    num_generations: int = at_least(2, 8, high=4096)  # a group needs 2 samples for a deviation
+    beta: float = at_least(0, 0.0)  # > 0: k3 KL penalty to a frozen reference
+    epsilon: float = positive(0.2, high=1.0)  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = positive(None, null="epsilon")  # DAPO suggests 0.28
+    scale_rewards: RewardScaling = RewardScaling.group
+    loss_aggregation: LossAggregation = LossAggregation.token
+    num_iterations: int = at_least(1, 1, high=1024)  # optimizer steps per rollout
+
+
+# posttrain option -> its config.
+METHODS: dict[str, type] = {"none": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
+                            "ppo": PPOConfig, "grpo": GRPOConfig}

@@ -1,0 +1,107 @@
+"""Files that readers can trust: one atomic writer and one JSON-lines reader.
+
+Everything the framework leaves on disk for another process (checkpoints, run.json, summary.json,
+eval.json, token caches, tokenizer.json, completions) is written through `atomic_write`: a
+temporary file beside the target, fsync, an optional check of what was written, rename. A reader,
+or a resume after a crash, sees the old file or the whole new one, never a torn one.
+
+Appended files (metrics.jsonl, samples.jsonl) may end in a torn line after a kill; `read_jsonl`
+skips lines that are not JSON, and `json_lines` says which ones, for readers that must refuse them.
+
+This module imports nothing of the project, so every layer (tokenizer, data, checkpoints, runs)
+may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Optional
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, check: Optional[Callable[[Path], None]] = None) -> Iterator[BinaryIO]:
+    """Write `path` through a binary file object: the bytes go to a uniquely named temporary file
+    beside it, which on a clean exit is fsynced, checked (`check(temp path)` may raise to refuse
+    it), made readable by all (0644), renamed over `path`, and the rename made durable.
+
+    On any exception the temporary file is removed and `path` is left as it was. Two processes
+    writing the same file at once cannot interleave their bytes: the last rename wins whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # hidden; resume clears torn ones
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))  # e.g. a checkpoint reads back whole before it replaces the previous one
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run files and caches are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (a power loss after it cannot bring back the old file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) atomically."""
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON atomically (values JSON cannot hold are written as str)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a JSON-lines file: its number (from 1) and value, or why it is not JSON."""
+
+    number: int
+    value: Any = None
+    error: Optional[str] = None  # e.g. "Expecting value at column 1"
+
+
+def json_lines(path: str | os.PathLike) -> list[JsonLine]:
+    """Every non-blank line of the file, parsed; FileNotFoundError when there is no file."""
+    lines = []
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append(JsonLine(number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                lines.append(JsonLine(number, error=f"{e.msg} at column {e.colno}"))
+    return lines
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file that the framework appends to (metrics, samples, sweep
+    index): none when the file is absent, and lines that are not JSON (the torn last line of a
+    killed writer) skipped."""
+    if not Path(path).expanduser().is_file():
+        return []
+    return [line.value for line in json_lines(path) if line.error is None]
