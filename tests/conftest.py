@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -46,6 +47,20 @@ def run_cli(args: list[str], cwd: Path, command: str = "train", timeout: float =
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, "-m", f"llm.cli.{command}", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """An entry point run in this process configures logging (Hydra's job logging, the argparse
+    commands' console): the next test starts without its handlers, as a fresh process would."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

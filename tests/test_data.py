@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import types
@@ -233,12 +234,13 @@ def _cache_files(cache_dir: Path) -> dict[str, Path]:
     return {p.suffix: p for p in (cache_dir / "tokens").iterdir()}
 
 
-def test_token_cache_round_trip(tmp_path, capsys):
+def test_token_cache_round_trip(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="llm")
     corpus = StdlibCorpus(max_bytes=150_000)
     tok = build_tokenizer(corpus, tmp_path, kind="bpe", vocab_size=512)
-    capsys.readouterr()
+    caplog.clear()
     cache = build_token_cache(corpus, tok, "val", tmp_path)
-    assert "tokens" in capsys.readouterr().out
+    assert "tokens" in caplog.text
     docs = list(corpus.documents("val"))
     assert cache.dtype == np.uint16 and cache.tokens.dtype == np.uint16
     assert cache.n_documents == len(docs) and cache.n_tokens == len(cache.tokens)
@@ -253,29 +255,31 @@ def test_token_cache_round_trip(tmp_path, capsys):
         cache.tokens[0] = 1  # read-only
 
 
-def test_token_cache_reuse_and_corruption(tmp_path, small_corpus, capsys):
+def test_token_cache_reuse_and_corruption(tmp_path, small_corpus, caplog):
+    caplog.set_level(logging.INFO, logger="llm")
     tok = build_tokenizer(small_corpus, tmp_path, kind="byte")
     first = build_token_cache(small_corpus, tok, "train", tmp_path)
     reference = np.array(first.tokens)
     assert reference.size == 30 * 501
     files = _cache_files(tmp_path)
     mtimes = {p: p.stat().st_mtime_ns for p in files.values()}
-    capsys.readouterr()
+    caplog.clear()
 
     again = build_token_cache(small_corpus, tok, "train", tmp_path)
-    assert capsys.readouterr().out == ""
+    assert caplog.text == ""  # reused: nothing built, nothing said
     assert {p: p.stat().st_mtime_ns for p in files.values()} == mtimes
     np.testing.assert_array_equal(again.tokens, reference)
 
     with open(files[".bin"], "r+b") as f:  # an interrupted write: too short
         f.truncate(files[".bin"].stat().st_size - 10)
     rebuilt = build_token_cache(small_corpus, tok, "train", tmp_path)
-    assert "tokens" in capsys.readouterr().out
+    assert "tokens" in caplog.text
     np.testing.assert_array_equal(rebuilt.tokens, reference)
 
+    caplog.clear()
     files[".json"].unlink()  # a .bin without an index is not trusted
     rebuilt = build_token_cache(small_corpus, tok, "train", tmp_path)
-    assert "tokens" in capsys.readouterr().out
+    assert "tokens" in caplog.text
     np.testing.assert_array_equal(rebuilt.tokens, reference)
     assert sorted(p.suffix for p in (tmp_path / "tokens").iterdir()) == [".bin", ".json"]
 

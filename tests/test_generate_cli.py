@@ -5,6 +5,7 @@ where the process matters (printing, exit codes), the same Hydra app composed in
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from llm.config import ConfigError
 from llm.evaluate.completion import cut_at_stop
 from llm.evaluate.generation import run_generate
+from llm.tracking.console import StderrHandler
 from tests.conftest import TINY_RUN, compose_train, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
@@ -41,7 +43,12 @@ def run(tmp_path_factory) -> Path:
 def generate(run: Path, overrides: list[str], capsys) -> tuple[list[dict], str, str]:
     """llm-generate composed in-process: (completion records, stdout, stderr)."""
     cfg = compose_train([f"checkpoint={run}", *overrides], root=run.parent.parent, config_name="generate")
-    completions = run_generate(cfg)
+    console = StderrHandler()  # llm-generate's console: messages on stderr (conf/hydra/job_logging/llm_stderr.yaml)
+    logging.getLogger().addHandler(console)
+    try:
+        completions = run_generate(cfg)
+    finally:
+        logging.getLogger().removeHandler(console)
     out = capsys.readouterr()
     return [c.record() for c in completions], out.out, out.err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import struct
@@ -224,8 +225,10 @@ def test_ddp_run_creates_exactly_one_wandb_run(tmp_path):
     assert result.stdout.count("wandb sync") == 1
 
 
-def test_use_parent_artifact_records_the_parent_offline(sweep, tmp_path, capsys):
+def test_use_parent_artifact_records_the_parent_offline(sweep, tmp_path, caplog):
     import wandb
+
+    caplog.set_level(logging.INFO, logger="llm")
 
     parent = sweep["jobs"][0]
     child = wandb.init(project="llm", mode="offline", dir=str(tmp_path), job_type="sft")
@@ -235,7 +238,7 @@ def test_use_parent_artifact_records_the_parent_offline(sweep, tmp_path, capsys)
         child.finish()
     rid = sweep["summaries"][0]["run_id"]
     assert ref.artifact == f"llm/model-{rid}:step-4" and ref.logged and ref.step == 4
-    assert "W&B links inputs only online" in capsys.readouterr().out
+    assert "W&B links inputs only online" in caplog.text
     (child_dir,) = offline_runs(tmp_path)
     assert OfflineRun(child_dir).config["parent"] == {"run_id": rid, "checkpoint": str((parent / "checkpoints" / "last.ckpt").resolve()),
                                                      "step": 4, "artifact": ref.artifact}

@@ -4,9 +4,12 @@ options, each a real `llm-train` run, compared with `single` in the same invocat
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def run_option(option: str, devices: int, overrides: list[str], steps: int, out_dir: Path) -> dict:
@@ -27,7 +30,7 @@ def benchmark_parallel(options: list[str], overrides: list[str], steps: int, out
     """tokens/s and peak memory per rank of each option with `ranks` processes, relative to single."""
     rows = [run_option("single", 1, overrides, steps, out_dir)]
     for option in options:
-        print(f"parallelism={option} on {ranks} ranks ...", flush=True)
+        log.info(f"parallelism={option} on {ranks} ranks ...")
         rows.append(run_option(option, ranks, overrides, steps, out_dir))
     for row in rows:
         row["vs_single"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]

@@ -5,6 +5,7 @@ in one process so machine noise hits both. Figures are tokens/s, MFU and peak me
 from __future__ import annotations
 
 import gc
+import logging
 import statistics
 import time
 from typing import Any, Callable
@@ -24,6 +25,8 @@ from llm.stages.optim import build_optimizer
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.metrics import JsonlLogger
 from llm.tracking.throughput import ThroughputMonitor, peak_flops, peak_memory_mib
+
+log = logging.getLogger(__name__)
 
 
 def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -111,7 +114,7 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
     for r in range(repeats):
         # Alternate which goes first (ABBA), so a drift of the machine during the run hits both.
         order = (run_bare, run_framework) if r % 2 == 0 else (run_framework, run_bare)
-        print(f"round {r + 1}/{repeats}: {' then '.join(f.__name__[4:] for f in order)} ...", flush=True)
+        log.info(f"round {r + 1}/{repeats}: {' then '.join(f.__name__[4:] for f in order)} ...")
         for loop in order:
             gc.collect()
             loop()

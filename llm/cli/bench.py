@@ -9,6 +9,7 @@ PyTorch loop over the same model and batches in the same process.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from llm.cli.common import setup
 from llm.cli.train import CONF_DIR
 
 setup()
+log = logging.getLogger("llm.cli.bench")  # not __name__: that is __main__ under `python -m`
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
@@ -32,7 +34,7 @@ def _app(cfg: DictConfig) -> None:
     try:
         validate(run_cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     out_dir = Path(cfg.paths.run_dir)
     if bench.parallel:
@@ -41,23 +43,29 @@ def _app(cfg: DictConfig) -> None:
         overrides = [o for o in _task_overrides() if not o.startswith(("bench.", "parallelism", "trainer.devices"))]
         rows = benchmark_parallel(list(bench.parallel), overrides, bench.warmup + bench.steps, out_dir)
         (out_dir / "bench_parallel.json").write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"\n{'parallelism':12}{'ranks':>6}{'tokens/s':>12}{'vs single':>11}{'peak MiB/rank':>15}")
-        for r in rows:
-            print(f"{r['option']:12}{r['ranks']:>6}{r['tokens_per_s']:>12,.0f}{r['vs_single']:>11.2f}"
-                  f"{r['peak_memory_mib_per_rank']:>15,.0f}")
-        print(f"written: {out_dir / 'bench_parallel.json'}")
+        lines = [f"{'parallelism':12}{'ranks':>6}{'tokens/s':>12}{'vs single':>11}{'peak MiB/rank':>15}"]
+        lines += [f"{r['option']:12}{r['ranks']:>6}{r['tokens_per_s']:>12,.0f}{r['vs_single']:>11.2f}"
+                  f"{r['peak_memory_mib_per_rank']:>15,.0f}" for r in rows]
+        _output(lines)
+        log.info(f"written: {out_dir / 'bench_parallel.json'}")
         return
     result = benchmark(run_cfg, steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats, log_dir=str(out_dir))
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nmodel: {result['params']:,} parameters, {result['flops_per_token']:.3g} FLOPs/token, "
-          f"{result['tokens_per_step']:,} tokens/step, {result['threads']} threads")
-    print(f"{'':12}{'tokens/s':>12}{'MFU':>8}")
-    for name in ("bare", "framework"):
-        print(f"{name:12}{result[f'{name}_tokens_per_s']:>12,.0f}{result[f'{name}_mfu']:>8.1%}")
-    print(f"ratio framework / bare: {result['ratio']:.3f} best of {result['repeats']} rounds, "
-          f"{result['median_ratio']:.3f} of medians   (peak RSS {result['peak_rss_mib']:,.0f} MiB, "
-          f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
-    print(f"written: {out_dir / 'bench.json'}")
+    lines = [f"model: {result['params']:,} parameters, {result['flops_per_token']:.3g} FLOPs/token, "
+             f"{result['tokens_per_step']:,} tokens/step, {result['threads']} threads",
+             f"{'':12}{'tokens/s':>12}{'MFU':>8}"]
+    lines += [f"{name:12}{result[f'{name}_tokens_per_s']:>12,.0f}{result[f'{name}_mfu']:>8.1%}" for name in ("bare", "framework")]
+    lines.append(f"ratio framework / bare: {result['ratio']:.3f} best of {result['repeats']} rounds, "
+                 f"{result['median_ratio']:.3f} of medians   (peak RSS {result['peak_rss_mib']:,.0f} MiB, "
+                 f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
+    _output(lines)
+    log.info(f"written: {out_dir / 'bench.json'}")
+
+
+def _output(lines: list[str]) -> None:
+    """The benchmark's table: the command's output, on stdout after a blank line (not a log message)."""
+    sys.stdout.write("\n" + "\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def _task_overrides() -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -81,10 +80,14 @@ NOISE = (
 
 
 def quiet_libraries() -> None:
-    """Keep the terminal for our own progress lines: Lightning's tips and known-harmless
-    warnings about choices we made on purpose (no loader workers, endless data stream)."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Keep the terminal for our own messages: libraries log from WARNING up (Lightning's "GPU
+    available" and "LOCAL_RANK" lines, its tips), known-harmless warnings about choices we made on
+    purpose (no loader workers, endless data stream) are dropped, and in a multi-process run only
+    rank zero logs information (llm.tracking.console)."""
+    from llm.tracking.console import keep_libraries_at_warning, speak_on_rank_zero
+
+    keep_libraries_at_warning()
+    speak_on_rank_zero()
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -122,5 +125,5 @@ def exit_on_config_error(run: Callable[[Any], Any], cfg: Any) -> Any:
         cause = config_error_in(e)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        sys.stderr.write(f"error: {cause}\n")  # the command's answer to a bad input, as argparse's
         sys.exit(CONFIG_ERROR_EXIT_CODE)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
+
+log = logging.getLogger("llm.cli.dashboard")  # not __name__: that is __main__ under `python -m`
 
 EPILOG = """Sources:
   DIR                       a run or sweep directory: every summary.json below it is one run
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # the command's answer to a bad source, filter or key
     return 2
 
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         runs = [r for r in found if filters.keeps(r)]
         if args.completed:
             runs = [r for r in runs if r.status in ("completed", "finished")]
-        print(f"runs: {len(found)} found in {', '.join(args.sources)}; {len(runs)} selected (filters: {filters.describe()})")
+        log.info(f"runs: {len(found)} found in {', '.join(args.sources)}; {len(runs)} selected (filters: {filters.describe()})")
         if not runs:
             hint = "" if found else " (no summary.json below the directories: are they run or sweep directories?)"
             return fail(f"no runs to show{hint}")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     except SelectionError as e:
         return fail(str(e))
     grouping = ", ".join(group_by) or "run (no choice differs between the runs)"
-    print(f"grouped by {grouping}")
+    log.info(f"grouped by {grouping}")
     title = args.title or (filters.group or (runs[0].group if len({r.group for r in runs}) == 1 else None)
                            or "Run comparison")
 
@@ -102,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
             fit = json.loads(fit_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             return fail(f"--fit {fit_path}: cannot read ({e})")
-        print(f"scaling fit: {fit_path}")
+        log.info(f"scaling fit: {fit_path}")
     from llm.tracking.dashboard import write_page
 
     out = Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html"
     write_page(runs, out, group_by or None, fit, title)
-    print(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB; open it in a browser, it needs no network)")
+    log.info(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB; open it in a browser, it needs no network)")
     if args.report:
         entity, _, project = args.report.rpartition("/")
         if not project:
@@ -127,15 +130,19 @@ def publish_report(entity: Optional[str], project: str, runs: list, group_by: li
         report = build_report(entity, project, runs, group_by, filters, title, exact_runs=exact_runs)
         url = save_report(report)
     except Exception as e:  # credentials, network, server: say what to do
-        print(f"error: cannot save the W&B report ({type(e).__name__}: {e}); log in with `wandb login` "
-              "(or set WANDB_API_KEY) and check the network; the offline page needs neither", file=sys.stderr)
+        sys.stderr.write(f"error: cannot save the W&B report ({type(e).__name__}: {e}); log in with `wandb login` "
+                         "(or set WANDB_API_KEY) and check the network; the offline page needs neither\n")
         return 1
-    print(f"report: {url}")
+    sys.stdout.write(f"report: {url}\n")  # the command's output: where the report is
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    sys.exit(run(build_parser().parse_args(argv)))
+    from llm.tracking.console import setup_console_logging
+
+    args = build_parser().parse_args(argv)
+    setup_console_logging()
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":

@@ -14,14 +14,17 @@ init_from= of the other commands); sharded (FSDP/TP) checkpoints export directly
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+log = logging.getLogger("llm.cli.hf")  # not __name__: that is __main__ under `python -m`
 
 
 def export(args: argparse.Namespace) -> None:
     from llm.interop import export_checkpoint
 
     out = export_checkpoint(args.source, args.out_dir, args.family)
-    print(f"exported -> {out}")
+    log.info(f"exported -> {out}")
 
 
 def import_(args: argparse.Namespace) -> None:
@@ -30,10 +33,10 @@ def import_(args: argparse.Namespace) -> None:
 
     model, tokenizer = import_hf(args.folder)
     save_network(model, args.out_file)  # an ordinary checkpoint: llm-generate, llm-eval, init_from read it
-    print(f"imported -> {args.out_file}")
+    log.info(f"imported -> {args.out_file}")
     if tokenizer is not None:
         tokenizer.save(args.out_file.parent / "tokenizer.json")
-        print(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
+        log.info(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from llm.tracking.console import setup_console_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_console_logging()
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:  # a user's input: one line, no traceback

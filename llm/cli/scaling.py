@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
+
+log = logging.getLogger("llm.cli.scaling")  # not __name__: that is __main__ under `python -m`
 
 FIT_HELP = """Fit scaling laws to finished runs and write fit.json plus PNG plots.
 
@@ -137,14 +140,11 @@ def run_fit(args: argparse.Namespace) -> int:
     try:
         runs = load_runs(args.sources, args.n_kind, "val/loss" if args.loss == "final" else "best_val/loss")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"data: {len(runs.points)} runs/points, {len(runs.curves)} loss curves from {len(args.sources)} source(s); "
-          f"N = {args.n_kind} parameters")
+        return error(e)
+    output(f"data: {len(runs.points)} runs/points, {len(runs.curves)} loss curves from {len(args.sources)} source(s); "
+           f"N = {args.n_kind} parameters")
     if runs.skipped:
-        print(f"skipped {len(runs.skipped)} run(s):")
-        for run, why in runs.skipped.items():
-            print(f"  {run}: {why}")
+        output(f"skipped {len(runs.skipped)} run(s):", *(f"  {run}: {why}" for run, why in runs.skipped.items()))
 
     results, skipped = fit_all(runs, args.approaches, n_bootstrap=args.bootstrap, seed=args.seed,
                                budget_tolerance=args.budget_tolerance, kaplan_irreducible=args.kaplan_irreducible,
@@ -152,14 +152,14 @@ def run_fit(args: argparse.Namespace) -> int:
     for approach in args.approaches:
         title = "Kaplan" if approach == "kaplan" else f"Approach {approach}"
         if approach in skipped:
-            print(f"\n{title}: skipped: {skipped[approach]}")
+            output("", f"{title}: skipped: {skipped[approach]}")
             continue
         r = results[approach]
-        print(f"\n{title}: {r.form}\n  ({r.n_points} points, {r.n_bootstrap} bootstrap resamples)")
-        print(f"  {'parameter':<10}{'value':>12}   95% interval")
+        output("", f"{title}: {r.form}", f"  ({r.n_points} points, {r.n_bootstrap} bootstrap resamples)",
+               f"  {'parameter':<10}{'value':>12}   95% interval")
         for name, e in r.params.items():
             interval = f"[{_fmt(e.low)}, {_fmt(e.high)}]" if e.low is not None else "-"
-            print(f"  {name:<10}{_fmt(e.value):>12}   {interval}")
+            output(f"  {name:<10}{_fmt(e.value):>12}   {interval}")
 
     out = Path(args.out) if args.out else default_out(args.sources)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +175,10 @@ def run_fit(args: argparse.Namespace) -> int:
         "skipped": skipped, "plots": plots,
     }
     (out / "fit.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
-    print(f"\nwritten: {out / 'fit.json'}" + "".join(f"\n         {p}" for p in plots))
+    output("")
+    log.info(f"written: {out / 'fit.json'}" + "".join(f"\n         {p}" for p in plots))
     if not results:
-        print("error: no approach could run on these data (reasons above)", file=sys.stderr)
+        error("no approach could run on these data (reasons above)")
         return 1
     return 0
 
@@ -190,37 +191,49 @@ def run_plan(args: argparse.Namespace) -> int:
     from llm.scaling.plan import config_overrides, plan, shape_for_params
 
     if args.fit and not Path(args.fit).is_file():
-        print(f"error: --fit {args.fit}: no such file", file=sys.stderr)
-        return 2
+        return error(f"--fit {args.fit}: no such file")
     try:
         result = plan(flops=args.flops, tokens=args.tokens, params=args.params, fit=args.fit)
     except (ValueError, KeyError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     kind = result["n_kind"]
     shape = shape_for_params(result["N"], kind, args.vocab_size)
     size = model_size(ModelConfig(**shape, vocab_size=args.vocab_size), args.seq_len)
     overrides = config_overrides(result["N"], result["D"], kind, args.vocab_size)
     if args.json:
-        print(json.dumps({**result, "shape": shape, "model_size": size.as_dict(), "overrides": overrides}, indent=2))
+        output(json.dumps({**result, "shape": shape, "model_size": size.as_dict(), "overrides": overrides}, indent=2))
         return 0
-    print(f"law: {result['law']}")
-    print(f"  compute  C = {result['C']:.4g} FLOPs")
-    print(f"  params   N = {result['N']:.4g} ({kind.replace('_', '-')})")
-    print(f"  tokens   D = {result['D']:.4g} ({result['tokens_per_param']:.3g} tokens per parameter)")
+    output(f"law: {result['law']}",
+           f"  compute  C = {result['C']:.4g} FLOPs",
+           f"  params   N = {result['N']:.4g} ({kind.replace('_', '-')})",
+           f"  tokens   D = {result['D']:.4g} ({result['tokens_per_param']:.3g} tokens per parameter)")
     if result["loss"] is not None:
-        print(f"  expected loss: {result['loss']:.4f}")
-    print(f"model shape: {' '.join(f'{k}={v}' for k, v in shape.items())} -> {size.params:.4g} parameters "
-          f"({size.non_embedding:.4g} non-embedding, vocab {args.vocab_size}); "
-          f"{size.flops_per_token:.4g} FLOPs/token at seq_len {args.seq_len}, "
-          f"so D tokens cost {size.flops_per_token * result['D']:.4g} FLOPs by llm-train's accounting")
-    print("llm-train overrides:")
-    print("  " + " ".join(overrides))
+        output(f"  expected loss: {result['loss']:.4f}")
+    output(f"model shape: {' '.join(f'{k}={v}' for k, v in shape.items())} -> {size.params:.4g} parameters "
+           f"({size.non_embedding:.4g} non-embedding, vocab {args.vocab_size}); "
+           f"{size.flops_per_token:.4g} FLOPs/token at seq_len {args.seq_len}, "
+           f"so D tokens cost {size.flops_per_token * result['D']:.4g} FLOPs by llm-train's accounting",
+           "llm-train overrides:",
+           "  " + " ".join(overrides))
     return 0
 
 
+# The fit's tables and the plan are the command's output (stdout, e.g. `llm-scaling plan ... --json
+# > plan.json`); messages go through logging, and errors to stderr.
+def output(*lines: str) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+def error(message: object) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return 2
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    from llm.tracking.console import setup_console_logging
+
     args = build_parser().parse_args(argv)
+    setup_console_logging()
     sys.exit(run_fit(args) if args.command == "fit" else run_plan(args))
 
 

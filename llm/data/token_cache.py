@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -12,6 +13,8 @@ import numpy as np
 
 from llm.files import atomic_write
 from llm.data.corpus import Corpus, check_split
+
+log = logging.getLogger(__name__)
 
 CHUNK_DOCUMENTS = 256  # documents per encode_batch call: parallel in Rust, bounded memory here
 
@@ -103,8 +106,8 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
              "tokenizer_hash": tokenizer.content_hash()}
     with atomic_write(index_path) as f:
         f.write(json.dumps(index).encode("utf-8"))
-    print(f"token cache: {corpus.name}/{split}: {len(doc_offsets):,} documents -> "
-          f"{n_tokens:,} tokens ({bin_path})")
+    log.info(f"token cache: {corpus.name}/{split}: {len(doc_offsets):,} documents -> "
+             f"{n_tokens:,} tokens ({bin_path})")
     return TokenCache(bin_path, index)
 
 

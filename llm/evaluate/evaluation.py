@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ from llm.run.resume import ALLOWED_TARGETS
 
 if TYPE_CHECKING:
     from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 8  # batch size when neither batch_size nor a run's data.micro_batch_size says
 
@@ -202,19 +206,20 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
     data = report["data"]
     where = (f"{data['corpus']}/val, {data['batches']} batches of {data['batch_size']} x {data['seq_len']} tokens"
              if data else "tasks only")
-    print(f"eval of {ref.path} (step {step}) on {where}")
-    print(table(results))
+    # The table is the command's output (stdout); what was written where are messages (logging).
+    lines = [f"eval of {ref.path} (step {step}) on {where}", table(results)]
     if "int8" in results:
         change, fp32, int8 = report["int8_vs_fp32"], results["fp32"], results["int8"]
         if "ppl" in fp32:
-            print(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
-                  f"loss {change['loss_delta']:+.2e} nats/token")
-        print(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
-              f"({change['bytes_ratio']:.2f}x smaller)")
-    print(f"written: {write_eval_json(plan.out_dir, report)}")
+            lines.append(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
+                         f"loss {change['loss_delta']:+.2e} nats/token")
+        lines.append(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
+                     f"({change['bytes_ratio']:.2f}x smaller)")
+    sys.stdout.write("\n".join(lines) + "\n")
+    log.info(f"written: {write_eval_json(plan.out_dir, report)}")
     if plan.settings.log_metrics and ref.run_dir is not None and metrics:
         append_metrics(RunDir(ref.run_dir).metrics, step, metrics)
-        print(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
+        log.info(f"metrics: {', '.join(metrics)} -> {RunDir(ref.run_dir).metrics} (step {step})")
     sample_log = SampleLog(plan.out_dir, key="eval/samples") if samples else None
     if plan.wandb_mode is not None:
         log_wandb(logger, plan.wandb_mode, ref.run_id, plan.out_dir, step, metrics,
@@ -223,7 +228,7 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
     elif sample_log:
         sample_log.log(step, samples, force=True)
     if sample_log:
-        print(f"samples: {len(samples)} task completions -> {sample_log.path}")
+        log.info(f"samples: {len(samples)} task completions -> {sample_log.path}")
 
 
 def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:

@@ -10,6 +10,7 @@ the generated text.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -30,9 +31,7 @@ from llm.run.layout import RunDir
 if TYPE_CHECKING:
     from llm.tokenizer import Tokenizer
 
-
-def info(*args: object) -> None:
-    print(*args, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)  # llm-generate's logging goes to stderr (conf/hydra/job_logging/llm_stderr.yaml)
 
 
 def run_generate(cfg: DictConfig) -> list[Completion]:
@@ -79,23 +78,24 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     started = time.perf_counter()
     completions = completer.complete(prompts, stream)
     seconds = time.perf_counter() - started
+    # The completions are the command's output: stdout, and nothing else there.
     if s.prompt is not None:
         if stream is not None:
             stream.close(completions[0].completion)
         else:
-            print(completions[0].completion, flush=True)
+            sys.stdout.write(completions[0].completion + "\n")
     elif s.output_file is None:
-        for c in completions:
-            print(json.dumps(c.record(), ensure_ascii=False), flush=True)
+        sys.stdout.writelines(json.dumps(c.record(), ensure_ascii=False) + "\n" for c in completions)
+    sys.stdout.flush()
     if s.output_file is not None:
-        info(f"written: {write_records(s.output_file, (c.record() for c in completions))} "
+        log.info(f"written: {write_records(s.output_file, (c.record() for c in completions))} "
              f"({len(completions)} completion{'s' * (len(completions) != 1)})")
     n_tokens = sum(c.n_tokens for c in completions)
-    info(f"generated {n_tokens:,} tokens for {len(completions)} prompt{'s' * (len(completions) != 1)} in "
+    log.info(f"generated {n_tokens:,} tokens for {len(completions)} prompt{'s' * (len(completions) != 1)} in "
          f"{seconds:.2f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s, strategy={s.strategy})")
     if s.strategy == "speculative":
         st = completer.stats
-        info(f"speculative: acceptance rate {st.acceptance_rate:.3f} ({st.accepted:,} of {st.drafted:,} draft tokens "
+        log.info(f"speculative: acceptance rate {st.acceptance_rate:.3f} ({st.accepted:,} of {st.drafted:,} draft tokens "
              f"accepted; {st.tokens_per_round:.2f} tokens per target pass, k={s.speculative_k})")
     return completions
 
@@ -115,5 +115,5 @@ def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quanti
         before = model_bytes(model)
         quantize_int8(model)
         line += f"; int8 weights: {before / 2**20:.2f} MiB -> {model_bytes(model) / 2**20:.2f} MiB"
-    info(line)
+    log.info(line)
     return model

@@ -4,12 +4,15 @@ metrics.jsonl at the checkpoint's step, and optionally a W&B run."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from llm.files import write_json
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "ppl", "bits_per_byte", "accuracy")  # logged as eval/<key>; an int8 copy as eval/int8/<key>
 
@@ -79,4 +82,4 @@ def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step
         while_open()
     run.finish()
     if mode == "offline":
-        print(f"W&B is offline; to upload: wandb sync {Path(run.dir).parent}")
+        log.info(f"W&B is offline; to upload: wandb sync {Path(run.dir).parent}")

@@ -10,6 +10,7 @@ pretraining module's.
 from __future__ import annotations
 
 import copy
+import logging
 from abc import ABC, abstractmethod
 import warnings
 from dataclasses import asdict
@@ -21,6 +22,8 @@ from llm.model.lora import LoRAConfig, apply_lora
 from llm.model.value import build_network
 from llm.stages.objectives import IGNORE_INDEX
 from llm.stages.pretrain import PretrainModule
+
+log = logging.getLogger(__name__)
 
 
 # The frozen reference is in eval mode on purpose (no dropout); Lightning warns about any module that is.
@@ -73,8 +76,8 @@ class PostTrainModule(PretrainModule):
             self.reference.to(self.device)
         if self.global_rank == 0:
             total = sum(p.numel() for p in self.model.parameters())
-            print(f"{self.stage}: training {self.trainable_params:,} of {total:,} parameters"
-                  + (f" (LoRA rank {self.lora.rank} on {', '.join(self.lora.targets)})" if self.lora.enabled else ""))
+            log.info(f"{self.stage}: training {self.trainable_params:,} of {total:,} parameters"
+                     + (f" (LoRA rank {self.lora.rank} on {', '.join(self.lora.targets)})" if self.lora.enabled else ""))
 
     def train(self, mode: bool = True) -> PostTrainModule:
         super().train(mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import tokenizers
 
 from llm.tokenizer.kinds import MIN_VOCAB, TRAINERS, byte_backend
 from llm.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, load_backend
+
+log = logging.getLogger(__name__)
 
 KINDS = ("bpe", "unigram", "wordpiece", "byte", "pretrained")
 
@@ -71,8 +74,8 @@ def build_tokenizer(
                              vocab_size, min_frequency)
     tokenizer = Tokenizer(backend)
     tokenizer.save(cache_path)
-    print(f"trained {kind} tokenizer on {corpus.name} ({tokenizer.vocab_size} tokens, "
-          f"{time.perf_counter() - start:.1f}s) -> {cache_path}")
+    log.info(f"trained {kind} tokenizer on {corpus.name} ({tokenizer.vocab_size} tokens, "
+             f"{time.perf_counter() - start:.1f}s) -> {cache_path}")
     return tokenizer
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ def report_sweep() -> None:
     records = sorted(read_jsonl(index), key=lambda r: r["job"])
     write_json(sweep_dir / "index.json", records)
     failed = [r for r in records if r["status"] != "completed"]
-    print(f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed")
-    for r in failed:
-        print(f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}")
+    # The multirun's outcome, the command's last output: on stdout rather than through logging,
+    # whose handlers still write the last job's log file.
+    lines = [f"sweep {sweep_dir}: {len(records) - len(failed)} completed, {len(failed)} failed"]
+    lines += [f"  failed job {r['job']} ({' '.join(r['overrides'])}): {r.get('error', '')[:300]}" for r in failed]
+    sys.stdout.write("".join(line + "\n" for line in lines))

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import netrc
 import os
 import re
@@ -25,6 +26,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from llm.config import ConfigError
 from llm.tracking.run import redact_secrets
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "model"
 # Metrics plotted against tokens seen; post-training and eval metrics against optimizer steps.
@@ -127,7 +130,7 @@ def start_run(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str, gr
                      resume="allow", config=config, reinit="finish_previous")
     define_axes(run)
     if mode == "offline":
-        print(f"W&B is offline; to upload this run later: {sync_command(run)}")
+        log.info(f"W&B is offline; to upload this run later: {sync_command(run)}")
     return run
 
 
@@ -270,14 +273,14 @@ def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | P
         return parent
     run.config.update({"parent": parent.as_config()}, allow_val_change=True)
     if not parent.logged:
-        print(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
-              "recorded in the config only")
+        log.warning(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
+                    "recorded in the config only")
     elif run.settings.mode == "offline":
-        print(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
+        log.info(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
     else:
         try:
             run.use_artifact(parent.artifact, type=ARTIFACT_TYPE)
         except Exception as e:  # e.g. the parent ran offline and was never synced
-            print(f"lineage: cannot use artifact {parent.artifact} ({type(e).__name__}: {e}); "
-                  "recorded in the config only")
+            log.warning(f"lineage: cannot use artifact {parent.artifact} ({type(e).__name__}: {e}); "
+                        "recorded in the config only")
     return parent

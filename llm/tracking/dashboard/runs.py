@@ -5,6 +5,7 @@ by the config groups whose choice differs between them."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +14,8 @@ from llm.run.layout import SUMMARY_FILE, RunDir
 from llm.tracking.metrics import read_metrics
 from llm.tracking.run import run_id
 from llm.tracking.wandb import run_name
+
+log = logging.getLogger(__name__)
 
 
 class SelectionError(ValueError):
@@ -148,7 +151,7 @@ def find_local_runs(paths: list[str | Path]) -> list[Run]:
             try:
                 runs.append(load_local_run(run_dir))
             except (OSError, json.JSONDecodeError) as e:
-                print(f"skipped {run_dir}: unreadable ({e})")
+                log.warning(f"skipped {run_dir}: unreadable ({e})")
     return runs
 
 
