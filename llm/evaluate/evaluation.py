@@ -219,7 +219,7 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
     log.info(f"written: {write_eval_json(plan.out_dir, report)}")
     if plan.settings.log_metrics and ref.run_dir is not None and metrics:
         append_metrics(RunDir(ref.run_dir).metrics, step, metrics)
-        log.info(f"metrics: {', '.join(metrics)} -> {ref.run_dir / 'metrics.jsonl'} (step {step})")
+        log.info(f"metrics: {', '.join(metrics)} -> {RunDir(ref.run_dir).metrics} (step {step})")
     sample_log = SampleLog(plan.out_dir, key="eval/samples") if samples else None
     if plan.wandb_mode is not None:
         log_wandb(logger, plan.wandb_mode, ref.run_id, plan.out_dir, step, metrics,

@@ -15,8 +15,8 @@ from llm.tracking.metrics import read_metrics
 from llm.tracking.run import run_id
 from llm.tracking.wandb import run_name
 
-
 log = logging.getLogger(__name__)
+
 
 class SelectionError(ValueError):
     """No runs, or a filter or grouping key that cannot apply: the CLI exits with code 2."""
