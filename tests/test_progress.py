@@ -138,3 +138,18 @@ def test_the_run_log_holds_what_the_console_showed(tmp_path):
     # Libraries speak only from WARNING up: none of Lightning's INFO lines.
     for noise in ("GPU available", "TPU available", "LOCAL_RANK", "Tip:", "`Trainer.fit` stopped"):
         assert noise not in result.stdout + result.stderr
+
+
+def test_two_ranks_speak_once(tmp_path):
+    """DDP on 2 gloo processes: rank 0 appends to train.log what the console shows; rank 1 logs no
+    information, so each progress line appears once."""
+    args = [a for a in TINY_RUN if not a.startswith("trainer.progress_bar")]
+    result = run_cli([*args, "parallelism=ddp", "trainer.devices=2", "data.global_batch_size=16", "budget.steps=4",
+                      "trainer.log_every=2", "trainer.val_every=2", "trainer.progress_bar=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    logged = (run_dir / "train.log").read_text()
+    for pattern in (r"step 2/4 \| loss", r"step 2/4 \| val/loss", r"step 4/4 \| loss", r"step 4/4 \| val/loss", r"done: "):
+        assert len(re.findall(f"^{pattern}", result.stdout, re.M)) == 1, (pattern, result.stdout)
+        assert len(re.findall(pattern, logged)) == 1, (pattern, logged)
+    assert "step" not in "".join(p.read_text() for p in run_dir.glob("rank*.log"))  # other ranks: warnings at most
