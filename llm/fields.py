@@ -28,10 +28,14 @@ RANGE = "range"  # the metadata key of a declared range
 
 
 class Choice(str, Enum):
-    """One of a fixed set of strings (member name == value, as OmegaConf matches names)."""
+    """One of a fixed set of strings (member name == value, as OmegaConf matches names). It prints
+    as the string does, also with !r, so messages read `kind='rope'` whatever holds the value."""
 
     def __str__(self) -> str:
         return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
@@ -102,7 +106,9 @@ class Range:
         high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if not (low_bad or high_bad):
             return None
-        if low_bad:
+        if self.low is not None and self.high is not None:
+            requirement = "in " + self.allowed().split(";")[0]
+        elif low_bad:
             requirement = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         else:
             requirement = f"{'<' if self.high_open else '<='} {_num(self.high)}"

@@ -81,6 +81,9 @@ def _assign_each(target: DictConfig, values: DictConfig, prefix: str) -> list[st
             if name not in HYDRA_KEYWORDS:
                 problems.append(_unknown(key, str(name), [str(k) for k in target.keys()]))
             continue
+        if OmegaConf.is_missing(values, name):
+            problems.append(f"{key}: required but not set (`???`); give it on the command line: {key}=...")
+            continue
         value = values[name]
         nested = target._get_node(name)
         if isinstance(nested, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(nested)) \
@@ -190,8 +193,8 @@ def check_target(node: Any, key: str) -> list[str]:
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return [f"{key}: expected a mapping with a `_target_` (the class or function it builds)"]
     target = node["_target_"]
-    if target in TARGET_SCHEMAS:
-        return schema_problems(node, TARGET_SCHEMAS[target], key)[1]
+    if target in TARGET_SCHEMAS:  # (keys left at ??? are the caller's to report, with its advice)
+        return [p for p in schema_problems(node, TARGET_SCHEMAS[target], key)[1] if "required but not set" not in p]
     try:
         fn = _import(target)
     except (ImportError, AttributeError) as e:

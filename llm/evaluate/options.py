@@ -14,7 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llm import fields
 from llm.config import ConfigError
+from llm.fields import at_least, bounded
 
 T = TypeVar("T")
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
@@ -48,20 +50,20 @@ class GenerateSettings:
     prompts_file: Optional[str] = None
     output_file: Optional[str] = None
     add_bos: bool = False
-    max_new_tokens: int = 64
+    max_new_tokens: int = at_least(1, 64)
     strategy: str = "greedy"
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    beam_width: int = 4
+    temperature: float = at_least(0, 1.0)  # 0: greedy
+    top_k: Optional[int] = at_least(1, None, null="no top-k filter")
+    top_p: Optional[float] = bounded(None, low=0, low_open=True, high=1, null="no nucleus filter")
+    beam_width: int = at_least(1, 4)
     draft_checkpoint: Optional[str] = None
-    speculative_k: int = 4
+    speculative_k: int = at_least(1, 4)  # draft tokens proposed per verification
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     quantize: str = "none"
     stream: bool = False
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int = at_least(1, 8)
 
     def __post_init__(self) -> None:
         self.stop = [unescape(s) for s in self.stop]
@@ -75,11 +77,11 @@ class EvalSettings:
     checkpoint: Optional[str] = None
     tokenizer: TokenizerKey = field(default_factory=TokenizerKey)
     perplexity: bool = True
-    seq_len: Optional[int] = None
-    batch_size: Optional[int] = None
-    max_batches: Optional[int] = None
+    seq_len: Optional[int] = at_least(1, None, null="the run's data.seq_len")
+    batch_size: Optional[int] = at_least(1, None, null="the run's data.micro_batch_size")
+    max_batches: Optional[int] = at_least(1, None, null="the whole split")
     tasks_file: Optional[str] = None
-    task_max_new_tokens: int = 32
+    task_max_new_tokens: int = at_least(1, 32)
     task_stop: list[str] = field(default_factory=list)
     add_bos: bool = False
     quantize: str = "none"
@@ -116,13 +118,6 @@ def typed_settings(cfg: DictConfig, schema: type) -> Any:
 def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         problems.append(f"{key}={value!r}: not allowed. Choose one of: {', '.join(allowed)}")
-
-
-def _at_least(problems: list[str], key: str, value: Optional[float], low: float, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if value is None or value < low:
-        problems.append(f"{key}={value!r}: must be >= {low:g}" + (" (or null)" if optional else ""))
 
 
 def check_device(problems: list[str], device: str, quantize: str) -> None:
@@ -164,16 +159,9 @@ def check_generate(s: GenerateSettings) -> list[str]:
         problems.append(f"prompt={s.prompt!r}, prompts_file={s.prompts_file!r}: give exactly one of them ({both}); "
                         "prompt='text' completes one prompt, prompts_file=<file.jsonl> one per line")
     _check_file(problems, "prompts_file", s.prompts_file)
-    _at_least(problems, "max_new_tokens", s.max_new_tokens, 1)
-    _at_least(problems, "temperature", s.temperature, 0)
+    problems += fields.problems(s)  # every number against its declared range
     if s.strategy == "sample" and s.temperature == 0:
         problems.append("temperature=0: strategy=sample needs temperature > 0 (temperature 0 is strategy=greedy)")
-    _at_least(problems, "top_k", s.top_k, 1, optional=True)
-    if s.top_p is not None and not 0 < s.top_p <= 1:
-        problems.append(f"top_p={s.top_p!r}: must be in (0, 1] (or null)")
-    _at_least(problems, "beam_width", s.beam_width, 1)
-    _at_least(problems, "speculative_k", s.speculative_k, 1)
-    _at_least(problems, "batch_size", s.batch_size, 1)
     _check_stops(problems, "stop", s.stop)
     if s.strategy == "speculative" and s.draft_checkpoint is None:
         problems.append("draft_checkpoint: required with strategy=speculative; give draft_checkpoint=<run directory | "
@@ -196,10 +184,7 @@ def check_eval(s: EvalSettings, logger_kind: str) -> list[str]:
         problems.append("perplexity=false, tasks_file=None: nothing to evaluate; set perplexity=true or give "
                         "tasks_file=<file.jsonl> with prompt and answer fields")
     _check_file(problems, "tasks_file", s.tasks_file)
-    _at_least(problems, "seq_len", s.seq_len, 1, optional=True)
-    _at_least(problems, "batch_size", s.batch_size, 1, optional=True)
-    _at_least(problems, "max_batches", s.max_batches, 1, optional=True)
-    _at_least(problems, "task_max_new_tokens", s.task_max_new_tokens, 1)
+    problems += fields.problems(s)  # every number against its declared range
     _check_stops(problems, "task_stop", s.task_stop)
     check_device(problems, s.device, s.quantize)
     return problems
