@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from llm.checkpoint import (
     resolve,
     tokenizer_file,
 )
-from llm.checkpoint.consolidate import consolidate
 from llm.checkpoint.save import verify_readable, atomic_torch_save, save_network
 from llm.cli.checkpoint import main as llm_consolidate
 from llm.config import ConfigError
@@ -34,7 +32,7 @@ from llm.files import atomic_write, json_lines, read_jsonl, write_json
 from llm.model import ModelConfig, Transformer
 from llm.model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from llm.model.value import ValueModel
-from llm.run.layout import LAST, MERGED, RunDir
+from llm.run.layout import LAST, RunDir
 from llm.tokenizer import build_tokenizer
 from tests.conftest import TINY_RUN, run_cli
 
