@@ -499,7 +499,9 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     """Post-training: where it starts from, what its data and adapters allow."""
     method = t.method
     problems = []
-    if isinstance(method, PretrainConfig) or method is None:
+    if method is None:  # a target of the user's own: its signature was the check
+        return problems
+    if isinstance(method, PretrainConfig):
         if t.run.init_from:
             problems.append(f"init_from={t.run.init_from!r}: only a post-training method starts from a trained model "
                             "(posttrain=none pretrains from scratch); allowed: null, or choose posttrain=sft, reward, "
