@@ -264,10 +264,25 @@ def check(combination: Combination, root: Path, cache: Path, parents: dict[int, 
     except Exception as e:
         cause = config_error_in(e)
         what = f"refused only when run ({cause})" if cause is not None else traceback.format_exc(limit=-8)
-        return Outcome(combination, "crashed", what, "run")
+        return Outcome(combination, "crashed", what + ranks_error(root), "run")
     if summary.get("status") != "completed":
         return Outcome(combination, "crashed", f"summary status {summary.get('status')!r}: {summary.get('error')}", "run")
     return Outcome(combination, "completed")
+
+
+def ranks_error(root: Path) -> str:
+    """The error the ranks of a multi-process run recorded in its summary (the launcher only
+    knows their exit codes)."""
+    import json
+
+    from llm.run.layout import RunDir
+
+    summary = RunDir(root / "run").summary
+    try:
+        error = json.loads(summary.read_text()).get("error") if summary.is_file() else None
+    except ValueError:
+        return ""
+    return f"\nsummary.json error: {error[-3000:]}" if error else ""
 
 
 def make_parent(row: int, root: Path, cache: Path) -> Path:
