@@ -22,7 +22,8 @@ from llm.config import ConfigError, typed, validate
 from llm.data.posttrain import TokenizedExample, collate_sft, pack
 from llm.model import ModelConfig, Transformer
 from llm.recipes import recipe_for
-from llm.recipes.posttrain import export_merged, load_final_network
+from llm.checkpoint import load_trained_network
+from llm.checkpoint.save import save_network
 from llm.run import RunDir
 from llm.run.plan import Settings, plan
 from llm.model.lora import LoRALinear, lora_modules
@@ -226,7 +227,9 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
     adapters = {n for n in before if n.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
     value_head = {"head.weight", "head.bias"} if method == "reward" else set()
     assert adapters and {n for n, p in module.model.named_parameters() if p.requires_grad} == adapters | value_head
-    assert changed(before, module.model) == adapters | value_head  # the base weights did not move
+    # The base weights did not move. (A reward head's bias gets no gradient from the Bradley-Terry
+    # loss, which sees only r_chosen - r_rejected: whether Adam nudges it depends on rounding.)
+    assert changed(before, module.model) - {"head.bias"} == adapters | value_head - {"head.bias"}
     if method == "ppo":
         assert changed(critic, module.critic) == set(critic)  # the critic is not adapted: it trains whole
     if module.reference is not None:
@@ -236,7 +239,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
     trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == adapters | value_head
-    merged = load_final_network(RunDir(tmp_path), parent_run, built["model_config"], module.lora,
+    merged = load_trained_network(tmp_path, parent_run, built["model_config"], module.lora,
                                              method == "reward")
     assert not lora_modules(merged) and all(p.requires_grad for p in merged.parameters())
     adapted = dict(module.model.named_modules())
@@ -250,7 +253,7 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
 
     # The export is an ordinary checkpoint that the next stage's init_from picks from the run directory.
     module.tokenizer.save(tmp_path / "tokenizer.json")  # as llm-train leaves it in every run directory
-    export_merged(merged, RunDir(tmp_path), method, built["model_config"], method == "reward", parent_run)
+    save_network(merged, RunDir(tmp_path).merged_checkpoint, {"stage": method, "value_head": method == "reward"})
     child = load_parent(str(tmp_path), tmp_path.parent)
     assert child.ref.path.name == "merged.ckpt" and child.value_head == (method == "reward")
     for key, value in merged.state_dict().items():

@@ -24,11 +24,12 @@ from torch import nn
 
 from llm.config import ConfigError
 from llm.model import ModelConfig
-from llm.model.lora import LoRAConfig, apply_lora, merge_lora
-from llm.model.value import build_network, load_weights
+from llm.model.lora import LoRAConfig
 from llm.recipes.base import Recipe, StageData
-from llm.run.layout import META, RunDir
-from llm.stages.init_from import RUNTIME_KEYS, Parent, check_architecture, load_parent
+from llm.checkpoint import Parent, load_parent, load_trained_network
+from llm.checkpoint.save import save_network
+from llm.run.layout import RunDir
+from llm.stages.init_from import RUNTIME_KEYS, check_architecture
 
 if TYPE_CHECKING:
     from llm.run.plan import Plan, Settings
@@ -97,11 +98,12 @@ class PostTrain(Recipe):
         lora = LoRAConfig(**OmegaConf.to_container(cfg.posttrain.lora, resolve=True))
         model_config = typed(cfg.model, ModelConfig)
         value_head = self.module_class.value_head
-        model = load_final_network(run_dir, self.parent, model_config, lora, value_head)
+        model = load_trained_network(run_dir.path, self.parent, model_config, lora, value_head)
         out: dict[str, Any] = {"last_metrics": last_values(run_dir.metrics)}
-        if lora.enabled:
-            out["merged_checkpoint"] = str(export_merged(model, run_dir, self.stage, model_config, value_head,
-                                                         self.parent))
+        if lora.enabled:  # an ordinary checkpoint that init_from, llm-generate, llm-eval and llm-hf read
+            meta = {"stage": self.stage, "value_head": value_head, "parent": str(self.parent.ref.path)}
+            out["merged_checkpoint"] = str(save_network(model, run_dir.merged_checkpoint, meta,
+                                                        global_step=summary.get("steps_done", 0)))
         if data.eval_rows and not value_head:
             reward = self.eval_reward(cfg)
             steps = int(cfg.posttrain.data.eval_max_new_tokens)
@@ -225,43 +227,3 @@ def evaluate_answers(model: nn.Module, tokenizer: Any, rows: list[dict], reward:
             by_task.setdefault(row.get("task", "all"), []).append(correct[-1])
     return {"accuracy": sum(correct) / len(correct), "reward": sum(rewards) / len(rewards),
             **{f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(by_task.items())}}
-
-
-def load_final_network(run_dir: RunDir, parent: Parent, model_config: ModelConfig, lora: LoRAConfig,
-                       value_head: bool) -> nn.Module:
-    """The trained network of a finished run as a plain module (sharded checkpoints gathered,
-    LoRA adapters folded into the parent's weights)."""
-    path = run_dir.last_checkpoint
-    if path.is_dir() and (path / META).is_file():
-        from lightning_fabric.utilities.load import _load_distributed_checkpoint
-
-        state = _load_distributed_checkpoint(path)["state_dict"]
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    model = build_network(model_config, value_head)
-    if lora.enabled:
-        load_weights(model, parent.state, parent.value_head)
-        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets,
-                   train_modules=[*lora.train_modules, *(["head"] if value_head else [])])
-        missing = [k for k in model.state_dict() if k not in state and ("lora_a" in k or "lora_b" in k)]
-        if missing:
-            raise ValueError(f"{path}: the LoRA adapters {missing[:3]} are missing")
-        model.load_state_dict(state, strict=False)
-        merge_lora(model)
-    else:
-        model.load_state_dict(state)
-    return model.eval()
-
-
-def export_merged(model: nn.Module, run_dir: RunDir, stage: str, model_config: ModelConfig, value_head: bool,
-                  parent: Parent) -> Path:
-    """`checkpoints/merged.ckpt`: an ordinary checkpoint of the merged model, which init_from,
-    llm-generate, llm-eval and llm-hf read like any pretraining checkpoint."""
-    from llm.tracking.checkpoint_io import atomic_torch_save
-
-    out = run_dir.merged_checkpoint
-    atomic_torch_save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 0,
-                       "llm": {"stage": stage, "model_config": asdict(model_config), "value_head": value_head,
-                               "parent": str(parent.ref.path)}}, out)
-    return out

@@ -28,17 +28,18 @@ from omegaconf import DictConfig, OmegaConf
 from llm.config import ConfigError
 from llm.parallel.launch import is_rank_zero, launched_externally, spawn_local_ranks, spawned_rank
 from llm.recipes import Recipe, StageData
-from llm.run.layout import LOG_FILE, RunDir, branch_checkpoint
+from llm.run.layout import RunDir, branch_checkpoint
 from llm.run.plan import Plan, Settings
 from llm.run.resume import command_line_overrides, resume_config
-from llm.tracking.checkpoint_io import AtomicCheckpointIO
-from llm.tracking.checkpoints import (PeriodicCheckpoint, checkpoint_step, last_checkpoint, newest_loadable_checkpoint,
-                                      require_same_model)
+from llm.checkpoint import checkpoint_step, last_checkpoint, newest_loadable_checkpoint, require_same_model
+from llm.checkpoint.save import AtomicCheckpointIO
+from llm.files import write_json
+from llm.tracking.checkpoints import PeriodicCheckpoint
 from llm.tracking.guard import LossGuard, fit_with_rollbacks
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from llm.tracking.preemption import Preempted, PreemptionHandler, requeued_run
 from llm.tracking.progress import progress_callback
-from llm.tracking.run import git_state, group_choices, resolved_config, run_id, write_json
+from llm.tracking.run import git_state, group_choices, resolved_config, run_id
 from llm.tracking.throughput import ThroughputMonitor, peak_memory_mib
 
 log = logging.getLogger(__name__)

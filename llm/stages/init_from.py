@@ -14,10 +14,6 @@ from llm.checkpoint.meta import flatten
 from llm.config import ConfigError
 from llm.model import ModelConfig
 
-# Re-exported until llm/posttraining.py imports them from llm.checkpoint and llm.run.layout:
-from llm.checkpoint.parent import Parent, load_parent  # noqa: F401
-from llm.run.layout import MERGED  # noqa: F401
-
 # Keys a stage may still set although the checkpoint fixes the architecture: they change how the
 # model runs, not what its weights mean.
 RUNTIME_KEYS = ("dropout", "attention.kernel")

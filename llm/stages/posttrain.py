@@ -44,7 +44,7 @@ class PostTrainModule(PretrainModule):
         super().__init__(*args, **kwargs)
         self.data_config = dict(data or {})
         self.lora = LoRAConfig(**(lora or {}))
-        self.parent = parent  # llm.stages.init_from.Parent: weights and architecture to start from
+        self.parent = parent  # llm.checkpoint.Parent: weights and architecture to start from
         self.tokenizer = tokenizer
         self.reference: Optional[nn.Module] = None
         self.trainable_params = 0

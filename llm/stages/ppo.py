@@ -40,7 +40,7 @@ class PPOModule(OnPolicyModule):
         self.cliprange, self.cliprange_value, self.vf_coef = c.cliprange, c.cliprange_value, c.vf_coef
         self.gamma, self.lam, self.whiten_rewards = c.gamma, c.lam, c.whiten_rewards
         self.critic: Optional[nn.Module] = None
-        self.critic_init: Any = None  # llm.stages.init_from.Parent of a reward model, set by the run
+        self.critic_init: Any = None  # llm.checkpoint.Parent of a reward model, set by the run
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -25,10 +25,6 @@ from llm.checkpoint.find import remove_path, step_files
 from llm.checkpoint.meta import checkpoint_step
 from llm.run.layout import BEST, CORRUPT, LAST, branch_checkpoint, step_checkpoint
 
-# Re-exported until llm/train.py and llm/posttraining.py import them from llm.checkpoint / llm.run.layout:
-from llm.checkpoint import last_checkpoint, newest_loadable_checkpoint, require_same_model  # noqa: F401
-from llm.run.layout import META  # noqa: F401
-
 
 class PeriodicCheckpoint(Callback):
     """Saves `last.ckpt` every `every_n_steps` optimizer steps (and WSD branch starts), keeping

@@ -10,7 +10,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from llm.files import write_json  # noqa: F401 (re-exported until llm/train.py imports it from llm.files)
 
 GROUPS = ("tokenizer", "model", "attention", "position", "data", "optim", "schedule", "trainer",
           "budget", "parallelism", "posttrain", "logger", "experiment")
