@@ -8,6 +8,7 @@ import gc
 import logging
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
@@ -24,7 +25,7 @@ from llm.scaling.flops import model_size
 from llm.stages.optim import build_optimizer
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.metrics import JsonlLogger
-from llm.tracking.throughput import ThroughputMonitor, peak_flops, peak_memory_mib
+from llm.tracking.throughput import peak_flops, peak_memory_mib
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +69,24 @@ class _StepClock(Callback):
 
 def framework_loop(cfg: DictConfig, model_cfg: ModelConfig, batches: list, warmup: int, trainer_cfg: TrainerSchema,
                    tokens_per_step: int, flops_per_token: float, log_dir: str) -> float:
-    """Seconds for the timed steps of the framework's own module, Trainer, loggers and callbacks."""
+    """Seconds for the timed steps of what llm-train runs: the stage's recipe builds the module,
+    and the run's own Trainer factory and callbacks (loss guard, checkpoints, throughput, progress,
+    preemption) and metrics logger drive it."""
+    from llm.recipes import StageData, recipe_for
+    from llm.run.layout import RunDir
+    from llm.run.plan import Plan, Settings
+    from llm.run.run import Run, RunCallbacks
+
     torch.manual_seed(cfg.seed)
-    module = instantiate(cfg.posttrain)(
-        model_config=model_cfg, optimizer=instantiate(cfg.optim, _convert_="all"),
-        schedule=instantiate(cfg.schedule), parallelism=instantiate(cfg.parallelism),
-        total_steps=len(batches), tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-        gradient_clip=trainer_cfg.gradient_clip_val,
-    )
+    settings = Settings.of(cfg)
+    plan = Plan(model_cfg, model_size(model_cfg, settings.data.seq_len), settings.data.micro_batch_size, 1,
+                tokens_per_step, len(batches), f"{len(batches)} steps")
+    recipe = recipe_for(cfg)
+    module = recipe.module(cfg, settings, plan, StageData(None, None, {}), RunDir(log_dir))
+    kit = RunCallbacks.build(settings, plan, RunDir(log_dir), "bench", module.loss_spikes_are_faults)
     clock = _StepClock(warmup)
-    trainer = pl.Trainer(
-        accelerator=trainer_cfg.accelerator, devices=1, precision=trainer_cfg.precision, max_steps=len(batches),
-        log_every_n_steps=trainer_cfg.log_every,
-        logger=[JsonlLogger(f"{log_dir}/metrics.jsonl")], limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[ThroughputMonitor(tokens_per_step, flops_per_token, trainer_cfg.log_every), clock],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        strategy=module.parallelism.strategy(), default_root_dir=log_dir,
-    )
+    trainer = Run.trainer(settings, len(batches), 1, [JsonlLogger(RunDir(log_dir).metrics)], [*kit.all, clock],
+                          Path(log_dir))
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     return clock.end - clock.start
