@@ -77,13 +77,13 @@ def _num(x: float) -> str:
 @dataclass(frozen=True)
 class Range:
     """Finite numbers in [low, high] (either end open or absent). `null` says what null means,
-    for fields that may be null."""
+    for fields that may be null, as a phrase after "or null" ("for no clipping")."""
 
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
     high_open: bool = False
-    null: str = ""
+    null: str = ""  # e.g. "for no clipping": messages say "allowed: >= 0, or null for no clipping"
 
     def allowed(self) -> str:
         if self.low is not None and self.high is not None:
@@ -94,7 +94,7 @@ class Range:
             text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
         else:
             text = "any finite number"
-        return text + (f"; null: {self.null}" if self.null else "")
+        return text + (f", or null {self.null}" if self.null else "")
 
     def problem(self, value: Any) -> Optional[str]:
         """Why `value` is out of range, or None when it is in range."""
@@ -107,7 +107,7 @@ class Range:
         if not (low_bad or high_bad):
             return None
         if self.low is not None and self.high is not None:
-            requirement = "in " + self.allowed().split(";")[0]
+            requirement = "in " + self.allowed().split(", or null")[0]
         elif low_bad:
             requirement = f"{'>' if self.low_open else '>='} {_num(self.low)}"
         else:
@@ -158,6 +158,14 @@ def _choice_type(annotation: Any) -> Optional[type[Choice]]:
     return None
 
 
+def _item_problem(value: Any, declared: Optional[Range], choice: Optional[type[Choice]]) -> Optional[str]:
+    if declared is not None:
+        return declared.problem(value)
+    if choice is not None and plain(value) not in choice.values():
+        return f"not allowed (allowed: {', '.join(choice.values())})"
+    return None
+
+
 def problems(instance: Any, prefix: str = "") -> list[str]:
     """Every value of a dataclass instance outside its declared range or choices, one line each:
     `key=value: must be ... (allowed: ...)`. Null is always allowed here (the field's type says
@@ -172,17 +180,17 @@ def problems(instance: Any, prefix: str = "") -> list[str]:
             continue
         if value is None:
             continue
-        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
         declared: Optional[Range] = f.metadata.get(RANGE)
         choice = _choice_type(hints.get(f.name))
-        for index, item in items:
-            where = key if index is None else f"{key}[{index}]"
-            if declared is not None:
-                why = declared.problem(item)
+        if isinstance(value, (list, tuple)):  # each item; the message shows the whole list
+            for index, item in enumerate(value):
+                why = _item_problem(item, declared, choice)
                 if why:
-                    found.append(f"{where}={item!r}: {why}")
-            elif choice is not None and plain(item) not in choice.values():
-                found.append(f"{where}={plain(item)!r}: not allowed (allowed: {', '.join(choice.values())})")
+                    found.append(f"{key}={[plain(v) for v in value]!r}: [{index}]={plain(item)!r} {why}")
+        else:
+            why = _item_problem(value, declared, choice)
+            if why:
+                found.append(f"{key}={plain(value)!r}: {why}")
     return found
 
 

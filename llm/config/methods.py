@@ -104,8 +104,8 @@ class RewardConfig(PostTrainConfig):
     """Reward model: a scalar head, Bradley-Terry loss on preference pairs."""
 
     _target_: str = "llm.stages.reward.RewardModule"
-    margin: Optional[float] = finite(None, null="no margin")  # the chosen reward must beat the rejected one by it
-    center_rewards_coefficient: Optional[float] = at_least(0, None, null="rewards are not centred")  # e.g. 0.01
+    margin: Optional[float] = finite(None, null="for no margin")  # the chosen reward must beat the rejected one by it
+    center_rewards_coefficient: Optional[float] = at_least(0, None, null="to leave rewards uncentred")  # e.g. 0.01
 
 
 @dataclass
@@ -116,7 +116,7 @@ class DPOConfig(PostTrainConfig):
     beta: float = positive(0.1)
     loss_type: DPOLoss = DPOLoss.sigmoid
     label_smoothing: float = bounded(0.0, low=0, high=0.5, high_open=True)  # conservative DPO: the labels' noise rate
-    rpo_alpha: Optional[float] = at_least(0, None, null="no NLL term")  # e.g. 1.0: RPO's NLL on the chosen answers
+    rpo_alpha: Optional[float] = at_least(0, None, null="for no NLL term")  # e.g. 1.0: RPO's NLL on the chosen answers
 
 
 @dataclass
@@ -157,7 +157,7 @@ class GRPOConfig(OnPolicyConfig):
     num_generations: int = at_least(2, 8, high=4096)  # a group needs 2 samples for a deviation
     beta: float = at_least(0, 0.0)  # > 0: k3 KL penalty to a frozen reference
     epsilon: float = positive(0.2, high=1.0)  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: Optional[float] = positive(None, null="epsilon")  # DAPO suggests 0.28
+    epsilon_high: Optional[float] = positive(None, null="for epsilon")  # DAPO suggests 0.28
     scale_rewards: RewardScaling = RewardScaling.group
     loss_aggregation: LossAggregation = LossAggregation.token
     num_iterations: int = at_least(1, 1, high=1024)  # optimizer steps per rollout

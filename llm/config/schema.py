@@ -97,8 +97,8 @@ class DataSchema:
     corpus: Any = None  # a `_target_` node, typed by its option's corpus schema (below)
     seq_len: int = at_least(1, 128, high=MAX_SEQ_LEN)
     micro_batch_size: int = at_least(1, 16, high=MAX_BATCH)
-    global_batch_size: Optional[int] = at_least(1, None, high=2**30, null="micro_batch_size x data-parallel ranks")
-    val_batches: Optional[int] = at_least(0, 8, null="the whole val split")  # 0: no validation
+    global_batch_size: Optional[int] = at_least(1, None, high=2**30, null="for micro_batch_size x data-parallel ranks")
+    val_batches: Optional[int] = at_least(0, 8, null="for the whole val split")  # 0: no validation
 
 
 @dataclass
@@ -106,10 +106,12 @@ class GuardSchema:
     """`trainer.guard`: the loss-spike and NaN guard (llm.tracking.guard)."""
 
     enabled: bool = True
-    warmup_steps: int = at_least(0, 20)  # steps observed before spikes are judged (a non-finite loss always is)
+    # steps observed before spikes are judged (a non-finite loss always is); with none observed
+    # there is no mean to spike above, and every loss would be a spike
+    warmup_steps: int = at_least(1, 20)
     window: int = at_least(1, 50)  # span, in steps, of the moving mean and deviation of the loss
     # a spike: loss > mean + this x deviation
-    spike_threshold: Optional[float] = positive(6.0, null="only non-finite losses are faults")
+    spike_threshold: Optional[float] = positive(6.0, null="to judge only non-finite losses")
     max_rollbacks: int = at_least(0, 3)  # more bad steps than this stop the run
     skip_batches: list[int] = at_least(0, factory=list)  # micro-batch indices left out from the start
 
@@ -129,7 +131,7 @@ class TrainerSchema:
     num_nodes: int = at_least(1, 1, high=MAX_RANKS)
     precision: Precision = Precision["32-true"]  # type: ignore[valid-type]
     # gradients clipped to this total norm; a negative one would train by gradient ascent
-    gradient_clip_val: Optional[float] = at_least(0, 1.0, null="no clipping (nor does 0)")
+    gradient_clip_val: Optional[float] = at_least(0, 1.0, null="for no clipping (as does 0)")
     val_every: int = at_least(1, 100)  # steps between validations
     log_every: int = at_least(1, 10)  # steps between train metric records
     checkpoint_every: int = at_least(1, 100)  # steps between checkpoints (last.ckpt)
@@ -145,10 +147,10 @@ class TrainerSchema:
 class BudgetSchema:
     """How long to train: exactly one of steps, tokens, flops, tokens_per_param."""
 
-    steps: Optional[int] = at_least(1, None, null="not this budget")
-    tokens: Optional[float] = positive(None, null="not this budget")
-    flops: Optional[float] = positive(None, null="not this budget")
-    tokens_per_param: Optional[float] = positive(None, null="not this budget")
+    steps: Optional[int] = at_least(1, None, null="when another budget key is set")
+    tokens: Optional[float] = positive(None, null="when another budget key is set")
+    flops: Optional[float] = positive(None, null="when another budget key is set")
+    tokens_per_param: Optional[float] = positive(None, null="when another budget key is set")
 
 
 @dataclass
@@ -190,10 +192,10 @@ class TokenizerSchema:
     _target_: str = "llm.tokenizer.build_tokenizer"
     _partial_: bool = True
     kind: TokenizerKind = TokenizerKind.bpe
-    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="not trained (byte, pretrained)")
+    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="for the kinds not trained (byte, pretrained)")
     min_frequency: int = at_least(0, 2)  # pairs seen fewer times are not merged
     path: Optional[str] = None  # kind=pretrained: a tokenizer.json or the folder holding one
-    max_training_bytes: Optional[int] = at_least(1, None, null="the whole training split")
+    max_training_bytes: Optional[int] = at_least(1, None, null="for the whole training split")
 
 
 @dataclass
@@ -252,7 +254,7 @@ class FSDPSchema(SingleSchema):
 
     _target_: str = "llm.parallel.FSDP"
     tensor_parallel: int = at_least(1, 1, high=MAX_RANKS)
-    replicate: Optional[int] = at_least(1, None, high=MAX_RANKS, null="no replicas (plain FSDP)")
+    replicate: Optional[int] = at_least(1, None, high=MAX_RANKS, null="for no replicas (plain FSDP)")
     reshard_after_forward: bool = True
     param_dtype: DType = DType.float32
     reduce_dtype: DType = DType.float32
@@ -264,7 +266,7 @@ class FSDPSchema(SingleSchema):
 class StdlibCorpusSchema:
     _target_: str = "llm.data.StdlibCorpus"
     val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
-    max_bytes: Optional[int] = at_least(1, 8_000_000, null="all of it")
+    max_bytes: Optional[int] = at_least(1, 8_000_000, null="for all of it")
     root: Optional[str] = None  # null: this Python's standard library
 
 
@@ -273,7 +275,7 @@ class TextCorpusSchema:
     _target_: str = "llm.data.TextCorpus"
     paths: Any = "???"  # a glob or a list of them (??? : required)
     val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
-    max_bytes: Optional[int] = at_least(1, None, null="all of it")
+    max_bytes: Optional[int] = at_least(1, None, null="for all of it")
 
 
 @dataclass
@@ -285,7 +287,7 @@ class HFCorpusSchema:
     config_name: Optional[str] = None
     val_fraction: float = unit_interval(0.05, low_open=True, high_open=True)
     streaming: bool = False
-    max_documents: Optional[int] = at_least(1, 100_000, null="all of them")
+    max_documents: Optional[int] = at_least(1, 100_000, null="for all of them")
 
 
 @dataclass

@@ -53,8 +53,8 @@ class GenerateSettings:
     max_new_tokens: int = at_least(1, 64)
     strategy: str = "greedy"
     temperature: float = at_least(0, 1.0)  # 0: greedy
-    top_k: Optional[int] = at_least(1, None, null="no top-k filter")
-    top_p: Optional[float] = bounded(None, low=0, low_open=True, high=1, null="no nucleus filter")
+    top_k: Optional[int] = at_least(1, None, null="for no top-k filter")
+    top_p: Optional[float] = bounded(None, low=0, low_open=True, high=1, null="for no nucleus filter")
     beam_width: int = at_least(1, 4)
     draft_checkpoint: Optional[str] = None
     speculative_k: int = at_least(1, 4)  # draft tokens proposed per verification
@@ -77,9 +77,9 @@ class EvalSettings:
     checkpoint: Optional[str] = None
     tokenizer: TokenizerKey = field(default_factory=TokenizerKey)
     perplexity: bool = True
-    seq_len: Optional[int] = at_least(1, None, null="the run's data.seq_len")
-    batch_size: Optional[int] = at_least(1, None, null="the run's data.micro_batch_size")
-    max_batches: Optional[int] = at_least(1, None, null="the whole split")
+    seq_len: Optional[int] = at_least(1, None, null="for the run's data.seq_len")
+    batch_size: Optional[int] = at_least(1, None, null="for the run's data.micro_batch_size")
+    max_batches: Optional[int] = at_least(1, None, null="for the whole split")
     tasks_file: Optional[str] = None
     task_max_new_tokens: int = at_least(1, 32)
     task_stop: list[str] = field(default_factory=list)

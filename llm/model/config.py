@@ -56,8 +56,8 @@ MAX_SEQ_LEN, MAX_VOCAB = 2**22, 2**24
 class AttentionConfig:
     """Multi-head (n_kv_heads = n_heads), multi-query (1) or grouped-query (a divisor) attention."""
 
-    n_kv_heads: Optional[int] = at_least(1, None, high=MAX_HEADS, null="as many as query heads (MHA)")
-    window: Optional[int] = at_least(1, None, null="attend to the whole prefix")  # sliding window, in tokens
+    n_kv_heads: Optional[int] = at_least(1, None, high=MAX_HEADS, null="for as many as query heads (MHA)")
+    window: Optional[int] = at_least(1, None, null="to attend to the whole prefix")  # sliding window, in tokens
     kernel: AttentionKernel = AttentionKernel.sdpa
     bias: bool = False  # biases on the q/k/v/o projections
 
@@ -79,9 +79,9 @@ class ModelConfig:
     n_layers: int = at_least(1, 4, high=MAX_LAYERS)
     d_model: int = at_least(1, 128, high=MAX_WIDTH)
     n_heads: int = at_least(1, 4, high=MAX_HEADS)
-    head_dim: Optional[int] = at_least(1, None, high=MAX_WIDTH, null="d_model // n_heads")
+    head_dim: Optional[int] = at_least(1, None, high=MAX_WIDTH, null="for d_model // n_heads")
     max_seq_len: int = at_least(1, 256, high=MAX_SEQ_LEN)
-    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="the tokenizer's, padded to pad_vocab_to")
+    vocab_size: Optional[int] = at_least(1, None, high=MAX_VOCAB, null="to take the tokenizer's, padded to pad_vocab_to")
     pad_vocab_to: int = at_least(1, 64, high=MAX_VOCAB)  # 1: no padding
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     position: PositionConfig = field(default_factory=PositionConfig)
@@ -89,7 +89,7 @@ class ModelConfig:
     norm_placement: NormPlacement = NormPlacement.pre
     norm_eps: float = positive(1e-5)
     mlp: MLP = MLP.swiglu
-    mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="4 d_model (gelu/relu) or ~8/3 d_model (swiglu)")
+    mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="for 4 d_model (gelu/relu) or ~8/3 d_model (swiglu)")
     mlp_multiple_of: int = at_least(1, 32, high=MAX_WIDTH)
     bias: bool = False  # biases in the MLP
     tie_embeddings: bool = True
@@ -97,7 +97,7 @@ class ModelConfig:
     init_std: float = positive(0.02, high=1.0)
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 n_layers), as GPT-2
     # model=ladder: the target non-embedding parameters the shape was chosen for
-    size: Optional[float] = positive(None, null="a preset's fixed shape")
+    size: Optional[float] = positive(None, null="for a preset's fixed shape")
 
     def __post_init__(self) -> None:
         plain_choices(self)
