@@ -167,9 +167,9 @@ CASES: list[tuple[str, str, list[str], Optional[Callable], int, list[str]]] = [
     ("empty guard window", "train", [*BYTES, "trainer.guard.window=0"], None, 2, ["trainer.guard.window=0", ">= 1"]),
     ("negative batch to skip", "train", [*BYTES, "trainer.guard.skip_batches=[3,-1]"], None, 2,
      ["trainer.guard.skip_batches=[3, -1]", ">= 0"]),
-    ("guard switch not a bool", "train", [*BYTES, "trainer.guard.enabled=sometimes"], None, 1,
+    ("guard switch not a bool", "train", [*BYTES, "trainer.guard.enabled=sometimes"], None, 2,
      ["trainer.guard.enabled", "sometimes", "not a valid bool"]),
-    ("unknown guard key", "train", [*BYTES, "trainer.guard.threshold=3"], None, 1,
+    ("unknown guard key", "train", [*BYTES, "trainer.guard.threshold=3"], None, 2,
      ["trainer.guard.threshold", "not in 'GuardSchema'"]),
 ]
 

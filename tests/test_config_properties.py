@@ -80,11 +80,6 @@ def llm_train(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str
     monkeypatch.setattr(sys, "argv", ["llm-train", *args])
     capsys.readouterr()
     cli = importlib.import_module("llm.cli.train")
-    # llm.cli.train remembers in a module global that an earlier call in this process composed a
-    # config, and then lets a later refusal by Hydra exit 1 instead of 2: start each call afresh.
-    # (A fresh process, as a user's shell gives, needs nothing of the kind.)
-    if hasattr(cli, "_composed"):
-        monkeypatch.setattr(cli, "_composed", False)
     try:
         cli.main()
         code = 0

@@ -75,6 +75,9 @@ def _preempted(cfg: DictConfig, e: Exception) -> None:
 def main() -> None:
     from llm.tracking.sweep import report_sweep
 
+    global _composed
+    _composed = False  # per invocation: tests and other callers may run several in one process
+
     try:
         _app()
     except SystemExit as e:
