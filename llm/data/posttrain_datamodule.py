@@ -87,7 +87,6 @@ def build_posttrain_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int,
                val_batches: Optional[int]) -> tuple[Any, list[dict], str]:
     """The method's datamodule, the held-out prompts with answers (for the before/after
     evaluation; only the tasks have them), and a line saying what was read and kept."""
-    from llm.config import ConfigError
     from llm.data.formats import ChatTemplate, read_examples
     from llm.data.posttrain import collator, pack, tokenize_preferences, tokenize_prompts, tokenize_sft
     from llm.data.tasks import TaskMix
@@ -123,9 +122,7 @@ def build_posttrain_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int,
 
     train_tok, val_tok = tokenize(train, "posttrain.data.source"), tokenize(val, "held-out rows")
     train_examples, val_examples = train_tok.examples, val_tok.examples
-    if data_cfg.packing:
-        if kind != "sft":
-            raise ConfigError([f"posttrain.data.packing=true: packing is for SFT rows; {kind} data is not packed"])
+    if data_cfg.packing:  # SFT rows only (validation refuses packing for the other methods)
         train_examples, val_examples = pack(train_examples, seq_len), pack(val_examples, seq_len)
     datamodule = PostTrainDataModule(train_examples, val_examples, collator(kind, tokenizer.pad_id), micro_batch_size,
                                      seed=data_cfg.seed, val_batches=val_batches)

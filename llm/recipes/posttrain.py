@@ -22,9 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from llm.config import ConfigError
+from llm.config import ConfigError, method_config, typed
 from llm.model import ModelConfig
-from llm.model.lora import LoRAConfig
 from llm.recipes.base import Recipe, StageData
 from llm.checkpoint import Parent, load_parent, load_trained_network
 from llm.checkpoint.save import save_network
@@ -78,7 +77,7 @@ class PostTrain(Recipe):
 
         tokenizer = Tokenizer.load(self.parent.tokenizer_path)
         data = settings.data
-        datamodule, eval_rows, line = build_posttrain_data(cfg.posttrain.data, self.module_class.data_kind, tokenizer,
+        datamodule, eval_rows, line = build_posttrain_data(method_config(cfg).data, self.module_class.data_kind, tokenizer,
                                                            data.seq_len, data.micro_batch_size, data.val_batches)
         log.info(line)
         return StageData(tokenizer, datamodule, {**self.parent.facts(), "posttrain_data": line}, eval_rows)
@@ -92,10 +91,10 @@ class PostTrain(Recipe):
     def finish(self, cfg: DictConfig, run_dir: RunDir, data: StageData, summary: dict[str, Any]) -> dict[str, Any]:
         """Export the merged model of a LoRA run; answer held-out prompts greedily with the parent
         and with the result; record the last value of every metric."""
-        from llm.config import typed
         from llm.tracking.metrics import last_values
 
-        lora = LoRAConfig(**OmegaConf.to_container(cfg.posttrain.lora, resolve=True))
+        method = method_config(cfg)
+        lora = method.lora
         model_config = typed(cfg.model, ModelConfig)
         value_head = self.module_class.value_head
         model = load_trained_network(run_dir.path, self.parent, model_config, lora, value_head)
@@ -106,7 +105,7 @@ class PostTrain(Recipe):
                                                         global_step=summary.get("steps_done", 0)))
         if data.eval_rows and not value_head:
             reward = self.eval_reward(cfg)
-            steps = int(cfg.posttrain.data.eval_max_new_tokens)
+            steps = method.data.eval_max_new_tokens
             before = evaluate_answers(self.parent.load(value_head=False).eval(), data.tokenizer, data.eval_rows,
                                       reward, steps)
             after = evaluate_answers(model, data.tokenizer, data.eval_rows, reward, steps)
@@ -118,7 +117,7 @@ class PostTrain(Recipe):
 
     def eval_reward(self, cfg: DictConfig) -> Callable[[list[int], list[int], str, dict], float]:
         """The reward of the held-out evaluation: the tasks' checker."""
-        check = task_reward(cfg.posttrain.data)
+        check = task_reward(method_config(cfg).data)
         return lambda prompt, completion, text, row: check(text, row)
 
     def done_line(self, summary: dict[str, Any]) -> str:
@@ -134,7 +133,7 @@ class OnPolicy(PostTrain):
 
     def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
         cfg = super().prepare(cfg, overrides)
-        name = cfg.posttrain.get("reward_model")
+        name = method_config(cfg).reward_model
         if not name or self.parent is None:
             return cfg
         self.reward_model = load_parent(name, cfg.paths.runs_dir, key="posttrain.reward_model")
@@ -145,12 +144,6 @@ class OnPolicy(PostTrain):
             raise ConfigError([f"posttrain.reward_model={name!r}: its architecture differs from init_from's; the "
                                "critic starts from it, so they must match"])
         return cfg
-
-    def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
-        if self.reward_model is None and cfg.posttrain.data.source != "tasks":
-            raise ConfigError([f"posttrain.reward_model: required for prompts from {cfg.posttrain.data.source!r} (the "
-                               "built-in reward checks the synthetic tasks' answers); give a reward run"])
-        return super().data(cfg, settings, run_dir)
 
     def module(self, cfg: DictConfig, settings: Settings, plan: Plan, data: StageData, run_dir: RunDir,
                schedule: Optional[Any] = None, total_steps: Optional[int] = None) -> pl.LightningModule:
@@ -164,7 +157,7 @@ class OnPolicy(PostTrain):
             module.scorer = Scorer(data.tokenizer, model=network)
             module.critic_init = self.reward_model
         else:
-            module.scorer = Scorer(data.tokenizer, function=task_reward(cfg.posttrain.data))
+            module.scorer = Scorer(data.tokenizer, function=task_reward(method_config(cfg).data))
         module.samples = SampleLog(run_dir.path, every_n_steps=module.samples_every_n_steps, max_rows=64)
         return module
 
