@@ -224,15 +224,16 @@ def compose(overrides: list[str], root: Path, cache: Path) -> Any:
 
 def check(combination: Combination, root: Path, cache: Path, parents: dict[int, Path], real: bool) -> Outcome:
     """Compose and validate (a dry run: the model on the meta device, no data, no run directory);
-    with `real`, train the combination's 2 steps when it validates. A refusal must leave nothing
-    behind under `root` and the cache unchanged; anything else that raises is a crash."""
+    with `real`, train the combination's 2 steps when it validates. A refusal and a dry run must
+    leave nothing behind under `root` (a refusal also the cache unchanged); anything else that
+    raises is a crash."""
     import traceback
 
     from llm.cli.common import config_error_in
     from llm.train import train
 
+    overrides = combination.overrides(parents.get(combination.row))  # (may train the parent, into the cache)
     cache_before = sorted(cache.rglob("*")) if cache.exists() else []
-    overrides = combination.overrides(parents.get(combination.row))
     root.mkdir(parents=True, exist_ok=True)
 
     def refused(error: BaseException, where: str) -> Outcome:
@@ -257,6 +258,9 @@ def check(combination: Combination, root: Path, cache: Path, parents: dict[int, 
         if cause is not None:
             return refused(cause, "validation")
         return Outcome(combination, "crashed", traceback.format_exc(limit=-8), "dry run")
+    left = sorted(p.relative_to(root) for p in root.rglob("*"))
+    if left:  # a dry run reads no data and leaves no run directory
+        return Outcome(combination, "crashed", f"the dry run left {left[:5]} behind", "dry run")
     if not real:
         return Outcome(combination, "valid")
     try:
