@@ -411,3 +411,26 @@ def test_datamodule_without_and_with_a_trainer():
     assert torch.equal(first, BlockStream(_tokens(), 10, 4, seed=9, rank=1, world_size=2).batch(6))
     sharded = list(dm.val_dataloader())
     assert len(sharded) == 4 and all(torch.equal(a, b) for a, b in zip(sharded, val[1::2]))
+
+
+def test_tensor_parallel_ranks_share_their_data_parallel_ranks_batches():
+    # Under fsdp_tp the 2 ranks of a tensor-parallel group hold halves of one model: they must see
+    # the same batches (their data-parallel rank's), while data-parallel ranks see different ones.
+    # The stand-in trainer carries what Lightning's strategies report (distributed_sampler_kwargs).
+    from llm.data.datamodule import LMDataModule
+
+    tokens = np.arange(4000, dtype=np.int64) % 97
+
+    def first_batches(global_rank: int, sampler: dict | None) -> list[torch.Tensor]:
+        dm = LMDataModule(tokens, tokens, seq_len=16, micro_batch_size=2, seed=3)
+        strategy = SimpleNamespace(distributed_sampler_kwargs=sampler) if sampler else SimpleNamespace()
+        dm.trainer = SimpleNamespace(strategy=strategy, global_rank=global_rank, world_size=2, global_step=0,
+                                     accumulate_grad_batches=1)
+        loader = iter(dm.train_dataloader())
+        return [next(loader) for _ in range(3)]
+
+    tp = [first_batches(r, {"rank": 0, "num_replicas": 1}) for r in (0, 1)]  # tensor_parallel=2, 1 data rank
+    assert all(torch.equal(a, b) for a, b in zip(*tp))
+    dp = [first_batches(r, {"rank": r, "num_replicas": 2}) for r in (0, 1)]  # ddp on 2 ranks
+    assert not any(torch.equal(a, b) for a, b in zip(*dp))
+    assert all(torch.equal(a, b) for a, b in zip(dp[0], first_batches(0, None)))  # no strategy: by global rank

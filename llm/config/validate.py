@@ -517,6 +517,10 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     if method.lora.enabled and tp > 1:
         problems.append(f"posttrain.lora.enabled=true with parallelism.tensor_parallel={tp}: LoRA adapters have no "
                         "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
+    if isinstance(method, OnPolicyConfig) and tp > 1:
+        problems.append(f"posttrain={stage} with parallelism.tensor_parallel={tp}: rollouts decode with a KV cache of "
+                        "every K/V head, which a tensor-parallel rank does not hold; allowed: parallelism=single, ddp, "
+                        "fsdp or hsdp (tensor_parallel=1)")
     data = method.data
     if data.packing and not isinstance(method, SFTConfig):
         problems.append(f"posttrain.data.packing=true: packing is for SFT rows; posttrain={stage} does not pack; "

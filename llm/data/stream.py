@@ -125,9 +125,12 @@ class StreamDataModule(pl.LightningDataModule):
         self.skip(state.get("skipped_batches", ()))
 
     def _placement(self) -> tuple[int, int, int]:
-        """(rank, world_size, first micro-batch position) from the trainer, or a fresh single process."""
+        """(data-parallel rank, data-parallel size, first micro-batch position) from the trainer, or
+        a fresh single process. The ranks of one tensor-parallel group share a data-parallel rank,
+        so they see the same batches (Lightning's sampler arguments say which rank that is)."""
         trainer = self.trainer
         if trainer is None:
             return 0, 1, 0
-        return (trainer.global_rank, trainer.world_size,
+        sampler = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return (sampler.get("rank", trainer.global_rank), sampler.get("num_replicas", trainer.world_size),
                 trainer.global_step * trainer.accumulate_grad_batches)

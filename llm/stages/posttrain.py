@@ -123,7 +123,10 @@ class PostTrainModule(PretrainModule):
         checkpoint["llm"] = {"stage": self.stage, "model_config": asdict(self.model_config),
                              "value_head": self.value_head, "lora": asdict(self.lora) if self.lora.enabled else None,
                              "parent": None if self.parent is None else str(self.parent.ref.path)}
-        if self.lora.enabled:  # only what training changes: the base is the parent's
+        # A LoRA checkpoint holds only what training changes (the base is the parent's), except a
+        # sharded one: torch.distributed.checkpoint loads a module's every key back, so a resume or
+        # a WSD branch under FSDP needs them all.
+        if self.lora.enabled and not getattr(self.parallelism, "sharded_checkpoints", False):
             trained = {n for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
