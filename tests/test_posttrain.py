@@ -385,7 +385,12 @@ def test_ppo_scores_with_a_reward_run_made_by_llm_train(parent, tmp_path, single
 
 def test_cli_errors_exit_2_naming_the_problem_and_leave_no_model(parent, reward_parent, tmp_path):
     bad_rows = write_jsonl(tmp_path / "rows.jsonl", [*addition_rows(0, 1), {"prompt": "1+1="}, *addition_rows(5, 3)])
+    rows, two_rows = write_jsonl(tmp_path / "ok.jsonl", addition_rows(0, 8)), write_jsonl(tmp_path / "two.jsonl",
+                                                                                          addition_rows(20, 2))
     cases = [
+        (["posttrain=sft", f"init_from={parent}", f"posttrain.data.source={rows}", f"posttrain.data.val_source={two_rows}",
+          "parallelism=ddp", "trainer.devices=2"],
+         ["2 held-out rows make 1 validation batch(es) of data.micro_batch_size=2", "each of the 2 data-parallel"]),
         (["posttrain=sft"], ["init_from: posttrain=sft starts from a trained model"]),
         (["posttrain=dpo", f"init_from={parent}", "model.n_layers=3", "attention=gqa"],
          ["model.n_layers=3: conflicts with the checkpoint of init_from, which has n_layers=2",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -80,6 +81,13 @@ class PostTrain(Recipe):
         datamodule, eval_rows, line = build_posttrain_data(method_config(cfg).data, self.module_class.data_kind, tokenizer,
                                                            data.seq_len, data.micro_batch_size, data.val_batches)
         log.info(line)
+        ranks = settings.parallelism.data_parallel_size(settings.world)
+        val_batches = math.ceil(len(datamodule.val_examples) / data.micro_batch_size)
+        if val_batches < ranks:  # Lightning would stop a rank that has no validation batch
+            raise ConfigError([f"posttrain.data: {len(datamodule.val_examples)} held-out rows make {val_batches} "
+                               f"validation batch(es) of data.micro_batch_size={data.micro_batch_size}, but each of the "
+                               f"{ranks} data-parallel ranks needs one; give more held-out rows (posttrain.data.n_val, "
+                               "val_source or val_fraction) or a smaller micro batch"])
         return StageData(tokenizer, datamodule, {**self.parent.facts(), "posttrain_data": line}, eval_rows)
 
     def module_arguments(self, data: StageData) -> dict[str, Any]:
