@@ -364,10 +364,13 @@ def test_rules_across_keys_and_groups(overrides, phrases, tmp_path):
 
 
 def test_value_model_under_tensor_parallelism_validates(tmp_path):
-    # The TP plan shards the reward model and PPO's critic too (tests/test_parallel.py runs it).
-    for method in ("reward", "ppo"):
-        validate(compose_train([f"posttrain={method}", "init_from=x", "parallelism=fsdp_tp", "trainer.devices=2"],
-                               tmp_path))
+    # The TP plan shards the reward model too (tests/test_parallel.py runs it); on-policy methods
+    # are refused under TP: their rollouts' KV cache holds every K/V head.
+    validate(compose_train(["posttrain=reward", "init_from=x", "parallelism=fsdp_tp", "trainer.devices=2"], tmp_path))
+    for method in ("ppo", "grpo"):
+        with pytest.raises(ConfigError, match=f"posttrain={method} with parallelism.tensor_parallel=2: rollouts"):
+            validate(compose_train([f"posttrain={method}", "init_from=x", "parallelism=fsdp_tp", "trainer.devices=2"],
+                                   tmp_path))
 
 
 def _numeric(annotation) -> bool:
