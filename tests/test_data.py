@@ -406,7 +406,8 @@ def test_datamodule_without_and_with_a_trainer():
     assert len(val) == 8 and all(b.shape == (4, 11) for b in val)
 
     # A resumed rank 1 of 2 after 3 optimizer steps of 2 micro-batches each.
-    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, global_step=3, accumulate_grad_batches=2)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"rank": 1, "num_replicas": 2}),
+                                 global_rank=1, world_size=2, global_step=3, accumulate_grad_batches=2)
     first = next(iter(dm.train_dataloader()))
     assert torch.equal(first, BlockStream(_tokens(), 10, 4, seed=9, rank=1, world_size=2).batch(6))
     sharded = list(dm.val_dataloader())

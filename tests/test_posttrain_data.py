@@ -510,7 +510,8 @@ def test_validation_batches_keep_every_example_and_split_by_rank():
     assert validation_batches(list(range(10)), ident, 4, max_batches=1) == [[0, 1, 2, 3]]
     dm = PostTrainDataModule(list(range(8)), list(range(10)), ident, micro_batch_size=4, seed=1)
     assert list(dm.val_dataloader()) == batches
-    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, global_step=3, accumulate_grad_batches=2)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"rank": 1, "num_replicas": 2}),
+                                 global_rank=1, world_size=2, global_step=3, accumulate_grad_batches=2)
     assert list(dm.val_dataloader()) == [[4, 5, 6, 7]]
     train = iter(dm.train_dataloader())
     expected = ExampleStream(list(range(8)), ident, 4, seed=1, rank=1, world_size=2)
