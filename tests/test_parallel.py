@@ -208,8 +208,10 @@ def single_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("option,extra", [("ddp", []), ("fsdp", []), ("hsdp", []),
-                                          ("fsdp", ["parallelism.activation_checkpointing=full"])],
+@pytest.mark.parametrize("option,extra", [("ddp", []), ("fsdp", []),
+                                          pytest.param("hsdp", [], marks=pytest.mark.slow),  # CI: test_hsdp_meshes_train
+                                          pytest.param("fsdp", ["parallelism.activation_checkpointing=full"],
+                                                       marks=pytest.mark.slow)],
                          ids=["ddp", "fsdp", "hsdp", "fsdp+activation-checkpointing"])
 def test_two_process_run_reproduces_the_single_process_curve(option, extra, single_runs, tmp_path):
     run = tmp_path / option

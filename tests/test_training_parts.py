@@ -127,6 +127,7 @@ def test_bf16_mixed_trains_on_gpu(tmp_path):
     assert train(cfg)["status"] == "completed"
 
 
+@pytest.mark.slow  # four 2-process runs; llm-bench's step benchmark runs in CI (test_llm_bench_compares_...)
 def test_llm_bench_parallel_compares_options_with_single(tmp_path):
     result = run_cli([*TINY_RUN, "bench.parallel=[ddp]", "bench.steps=4", "bench.warmup=1",
                       f"paths.runs_dir={tmp_path}/runs"], cwd=tmp_path, command="bench", timeout=600)
