@@ -38,8 +38,10 @@ class PlainFormatter(logging.Formatter):
 
 
 class _CurrentStreamHandler(logging.StreamHandler):
-    """Writes to sys.stdout/sys.stderr as they are when a line comes (a redirect or pytest's capture
+    """Writes to sys.<stream_name> as it is when a line comes (a redirect or pytest's capture
     made after logging was configured), above any tqdm bar on the terminal instead of through it."""
+
+    stream_name = "stdout"
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,7 +55,7 @@ class _CurrentStreamHandler(logging.StreamHandler):
         pass  # the stream is looked up at each line
 
     def current(self) -> TextIO:
-        raise NotImplementedError
+        return getattr(sys, self.stream_name)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -64,13 +66,11 @@ class _CurrentStreamHandler(logging.StreamHandler):
 
 
 class StdoutHandler(_CurrentStreamHandler):
-    def current(self) -> TextIO:
-        return sys.stdout
+    stream_name = "stdout"
 
 
 class StderrHandler(_CurrentStreamHandler):
-    def current(self) -> TextIO:
-        return sys.stderr
+    stream_name = "stderr"
 
 
 class BelowWarning(logging.Filter):
