@@ -44,6 +44,7 @@ class PostTrain(Recipe):
     """A stage that starts from a trained model: SFT, reward modelling, DPO."""
 
     parent: Optional[Parent] = None
+    method: Any = None  # the method's typed config (llm.config.methods), set by prepare
 
     def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
         """The run's config with the parent's architecture and tokenizer in place, so the final
@@ -63,6 +64,7 @@ class PostTrain(Recipe):
         cfg.model = OmegaConf.merge(cfg.model, saved)
         cfg.tokenizer = OmegaConf.create({"_target_": "llm.tokenizer.build_tokenizer", "_partial_": True,
                                           "kind": "pretrained", "path": str(parent.tokenizer_path)})
+        self.method = method_config(cfg)  # the method's typed config, read once for the whole run
         return cfg
 
     def labels(self, choices: dict[str, str]) -> dict[str, str]:
@@ -78,7 +80,7 @@ class PostTrain(Recipe):
 
         tokenizer = Tokenizer.load(self.parent.tokenizer_path)
         data = settings.data
-        datamodule, eval_rows, line = build_posttrain_data(method_config(cfg).data, self.module_class.data_kind, tokenizer,
+        datamodule, eval_rows, line = build_posttrain_data(self.method.data, self.module_class.data_kind, tokenizer,
                                                            data.seq_len, data.micro_batch_size, data.val_batches)
         log.info(line)
         ranks = settings.parallelism.data_parallel_size(settings.world)
@@ -101,7 +103,7 @@ class PostTrain(Recipe):
         and with the result; record the last value of every metric."""
         from llm.tracking.metrics import last_values
 
-        method = method_config(cfg)
+        method = self.method
         lora = method.lora
         model_config = typed(cfg.model, ModelConfig)
         value_head = self.module_class.value_head
@@ -125,7 +127,7 @@ class PostTrain(Recipe):
 
     def eval_reward(self, cfg: DictConfig) -> Callable[[list[int], list[int], str, dict], float]:
         """The reward of the held-out evaluation: the tasks' checker."""
-        check = task_reward(method_config(cfg).data)
+        check = task_reward(self.method.data)
         return lambda prompt, completion, text, row: check(text, row)
 
     def done_line(self, summary: dict[str, Any]) -> str:
@@ -141,9 +143,9 @@ class OnPolicy(PostTrain):
 
     def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
         cfg = super().prepare(cfg, overrides)
-        name = method_config(cfg).reward_model
-        if not name or self.parent is None:
+        if self.parent is None or not self.method.reward_model:
             return cfg
+        name = self.method.reward_model
         self.reward_model = load_parent(name, cfg.paths.runs_dir, key="posttrain.reward_model")
         if not self.reward_model.value_head:
             raise ConfigError([f"posttrain.reward_model={name!r}: {self.reward_model.ref.path} is a "
@@ -165,7 +167,7 @@ class OnPolicy(PostTrain):
             module.scorer = Scorer(data.tokenizer, model=network)
             module.critic_init = self.reward_model
         else:
-            module.scorer = Scorer(data.tokenizer, function=task_reward(method_config(cfg).data))
+            module.scorer = Scorer(data.tokenizer, function=task_reward(self.method.data))
         module.samples = SampleLog(run_dir.path, every_n_steps=module.samples_every_n_steps, max_rows=64)
         return module
 
