@@ -8,6 +8,11 @@ or a resume after a crash, sees the old file or the whole new one, never a torn 
 Appended files (metrics.jsonl, samples.jsonl) may end in a torn line after a kill; `read_jsonl`
 skips lines that are not JSON, and `json_lines` says which ones, for readers that must refuse them.
 
+Files a user points a command at (corpora, prompts, tasks, CSV, run.json, tokenizers) are read
+through `checked_path`, `read_input_text` and `read_input_json`: anything wrong with them (missing,
+a directory where a file is needed or the reverse, unreadable, not UTF-8, empty, not JSON) is an
+`InputError` naming the file, its key and the fix, which every CLI turns into exit code 2.
+
 This module imports nothing of the project, so every layer (tokenizer, data, checkpoints, runs)
 may use it.
 """
@@ -21,6 +26,64 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
+
+
+class InputError(ValueError):
+    """A file a command was given cannot be used; the message names the key, the file and the fix.
+    The CLIs print it and exit 2 (as for a ConfigError), without a traceback."""
+
+
+def checked_path(path: str | os.PathLike, key: str, kind: str = "file", fix: str = "") -> Path:
+    """`path` (with ~ expanded) when it exists, is a `kind` ("file" or "dir") and is readable."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        why = "is a broken symbolic link" if p.is_symlink() else "does not exist"
+    elif kind == "file" and p.is_dir():
+        why = "is a directory, not a file"
+    elif kind == "dir" and not p.is_dir():
+        why = "is a file, not a directory"
+    elif kind == "file" and not p.is_file():
+        why = "is not a regular file"
+    elif not os.access(p, os.R_OK | (os.X_OK if kind == "dir" else 0)):
+        why = "cannot be read (permission denied)"
+    else:
+        return p
+    raise InputError(_problem(key, p, why, fix))
+
+
+def read_input_text(path: str | os.PathLike, key: str, fix: str = "", allow_empty: bool = False) -> str:
+    """The UTF-8 text of a file a command was given; InputError naming `key` and the file otherwise."""
+    p = checked_path(path, key, "file", fix)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(_problem(key, p, f"cannot be read ({e.strerror or e})", fix)) from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(_problem(key, p, f"is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x})", fix)) from e
+    if not allow_empty and not text.strip():
+        raise InputError(_problem(key, p, "is empty", fix))
+    return text
+
+
+def read_input_json(path: str | os.PathLike, key: str, fix: str = "", expect: type = dict) -> Any:
+    """The JSON value of a file a command was given, of type `expect` (dict: a JSON object)."""
+    p = Path(path).expanduser()
+    text = read_input_text(p, key, fix)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(_problem(key, p, f"is not JSON ({e.msg} at line {e.lineno}, column {e.colno}; cut short?)",
+                                  fix)) from e
+    if not isinstance(value, expect):
+        want = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise InputError(_problem(key, p, f"holds {type(value).__name__}, not {want}", fix))
+    return value
+
+
+def _problem(key: str, path: Path, why: str, fix: str) -> str:
+    return f"{key}: {path} {why}" + (f"; {fix}" if fix else "")
 
 
 @contextmanager

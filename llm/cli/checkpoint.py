@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from llm.checkpoint.consolidate import consolidate
     from llm.config import ConfigError
+    from llm.files import InputError
     from llm.tracking.console import setup_console_logging
 
     setup_console_logging()
     out = args.out or args.checkpoint.with_name(args.checkpoint.stem + ".consolidated.ckpt")
     try:
         logger.info("consolidated -> %s", consolidate(args.checkpoint, out))
-    except ConfigError as e:
+    except (ConfigError, InputError) as e:
         sys.stderr.write(f"llm-consolidate: error: {e}\n")
         sys.exit(CONFIG_ERROR_EXIT_CODE)
 

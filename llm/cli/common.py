@@ -104,13 +104,14 @@ CONFIG_ERROR_EXIT_CODE = 2
 
 
 def config_error_in(error: BaseException) -> Optional[BaseException]:
-    """The ConfigError that caused `error`, if any: Hydra's instantiate wraps the exceptions of the
-    objects it builds, so an input error raised by a corpus arrives as its cause."""
+    """The ConfigError or InputError that caused `error`, if any: Hydra's instantiate wraps the
+    exceptions of the objects it builds, so an input error raised by a corpus arrives as its cause."""
     from llm.config import ConfigError
+    from llm.files import InputError
 
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ConfigError):
+        if isinstance(error, (ConfigError, InputError)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -37,7 +37,7 @@ from llm.files import write_json
 from llm.tracking.checkpoints import PeriodicCheckpoint
 from llm.tracking.guard import LossGuard, fit_with_rollbacks
 from llm.tracking.metrics import JsonlLogger, read_metrics
-from llm.tracking.preemption import Preempted, PreemptionHandler, requeued_run
+from llm.tracking.preemption import PreemptionHandler, requeued_run
 from llm.tracking.progress import progress_callback
 from llm.tracking.run import git_state, group_choices, resolved_config, run_id
 from llm.tracking.throughput import ThroughputMonitor, peak_memory_mib
@@ -198,7 +198,8 @@ class Run:
                 summary.setdefault("branches", []).append(
                     self.branch(recipe, cfg, settings, plan, data, facts, start, end))
         except BaseException as e:
-            summary.update(status="preempted" if isinstance(e, Preempted) else "failed", error=f"{type(e).__name__}: {e}")
+            # An exception may say how the run ended (Preempted: "preempted"); anything else failed it.
+            summary.update(status=getattr(e, "run_status", "failed"), error=f"{type(e).__name__}: {e}")
             raise
         finally:
             summary.update(guard.summary(), corrupt_checkpoints=self.corrupt,

@@ -29,6 +29,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before th
 class Preempted(Exception):
     """The run saved a checkpoint and stopped on a preemption signal; resume it to continue."""
 
+    run_status = "preempted"  # summary.json's status for a run that ends with this exception
+
     def __init__(self, step: Optional[int], signal_name: str):
         self.step = step  # None: not known here (the ranks of a multi-process run stopped)
         self.signal_name = signal_name
