@@ -203,7 +203,8 @@ class Run:
             raise
         finally:
             summary.update(guard.summary(), corrupt_checkpoints=self.corrupt,
-                           best_checkpoint=str(self.dir.best_checkpoint) if checkpoints.best_step >= 0 else None)
+                           best_checkpoint=str(self.dir.best_checkpoint)
+                           if checkpoints.best_step >= 0 and self.dir.best_checkpoint.exists() else None)
             tokens = trainer.global_step * plan.tokens_per_step
             summary.update(final_metrics(self.dir.metrics), tokens_seen=tokens, steps_done=trainer.global_step,
                            tokens_per_s=kit.throughput.mean_tokens_per_s,
