@@ -179,6 +179,7 @@ class RunSchema:
 
     seed: int = at_least(0, 1337, high=MAX_SEED)
     resume: Optional[str] = None
+    resume_new_data: bool = False  # continue a resumed run although its corpus or tokenizer changed
     dry_run: bool = False
     init_from: Optional[str] = None
     experiment_name: Optional[str] = None
@@ -338,7 +339,7 @@ TARGET_NODES = tuple(TARGET_GROUPS)
 TARGET_SCHEMAS: dict[str, type] = {s._target_: s for group in TARGET_GROUPS.values() for s in group.values()}
 
 TOP_LEVEL_KEYS = (*SCHEMAS, "sweep", *(k for k in TARGET_NODES if "." not in k), "seed", "resume", "experiment_name",
-                  "dry_run", "init_from")
+                  "dry_run", "init_from", "resume_new_data")
 
 
 def register() -> None:
