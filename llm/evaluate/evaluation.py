@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -30,8 +29,8 @@ from llm.evaluate.tasks import Task, read_tasks, task_accuracy
 from llm.generate.decode import ABSOLUTE_POSITIONS
 from llm.generate.quantize import model_bytes, quantize_int8
 from llm.tracking.samples import SampleLog
-from llm.run.layout import RUN_FILE, RunDir
-from llm.run.resume import ALLOWED_TARGETS
+from llm.run.layout import RunDir
+from llm.run.resume import read_run_file
 
 if TYPE_CHECKING:
     from llm.tokenizer import Tokenizer
@@ -45,7 +44,8 @@ def saved_run_config(ref: CheckpointRef, cfg: DictConfig) -> Optional[DictConfig
     """The run's own config (run.json, unresolved), with this command's paths for interpolations."""
     if ref.run_dir is None or not RunDir(ref.run_dir).run_file.is_file():
         return None
-    saved = OmegaConf.create(json.loads(RunDir(ref.run_dir).run_file.read_text())["config"])
+    # A run.json is data on disk: read as resume= reads it (only the config groups' targets are built).
+    saved = OmegaConf.create(read_run_file(RunDir(ref.run_dir), "checkpoint", str(ref.run_dir))["config"])
     saved.paths = cfg.paths
     return saved
 
@@ -56,11 +56,6 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
         node = cfg.data.get("corpus")
     elif saved is not None and OmegaConf.select(saved, "data.corpus") is not None:
         node = saved.data.corpus
-        # A run.json is data on disk: like resume=, build only objects of the allowed packages from it.
-        refused = [t for t in _targets(OmegaConf.to_container(node)) if not t.startswith(ALLOWED_TARGETS)]
-        if refused:
-            raise ConfigError([f"data.corpus._target_={t!r} (from {RUN_FILE}): a config read from a run directory may "
-                               f"only build objects from {', '.join(ALLOWED_TARGETS)}; refused" for t in refused])
     else:
         raise ConfigError(["data: the checkpoint has no run.json to take its data config from; choose one of "
                            "llm-train's data options: data=stdlib | data=text data.corpus.paths=... | data=hf ... | "
@@ -73,15 +68,6 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
     if problems:
         raise ConfigError(problems)
     return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
-
-
-def _targets(node: Any) -> list[str]:
-    """Every `_target_` in a plain nested config."""
-    if isinstance(node, dict):
-        return ([str(node["_target_"])] if "_target_" in node else []) + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list):
-        return [t for item in node for t in _targets(item)]
-    return []
 
 
 def _run_setting(saved: Optional[DictConfig], key: str) -> Optional[int]:
