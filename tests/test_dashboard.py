@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from llm.cli.dashboard import main as dashboard_main
+from llm.files import InputError
 from llm.scaling.fit import Estimate, FitResult
 from llm.scaling.laws import ComputeLaw
 from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, page_data, varying_groups, write_page
@@ -57,7 +58,7 @@ def test_runs_are_found_filtered_and_grouped(sweep):
     assert keep(Filters(group="another_experiment")) == []
     with pytest.raises(SelectionError, match="expected KEY=VALUE"):
         Filters.parse_where(["attention"])
-    with pytest.raises(SelectionError, match="no such directory"):
+    with pytest.raises(InputError, match="missing does not exist; give run or sweep directories"):
         find_local_runs([sweep / "missing"])
 
 
@@ -161,7 +162,7 @@ def test_cli_writes_the_page_and_explains_bad_selections(sweep, tmp_path, capsys
     (tmp_path / "empty").mkdir()
     for args, message in [  # the same entry point, in this process (each subprocess costs seconds of imports)
         ([str(tmp_path / "empty")], "no runs to show (no summary.json below"),
-        ([str(tmp_path / "missing")], "no such directory"),
+        ([str(tmp_path / "missing")], "missing does not exist"),
         ([str(sweep), "--where", "attention"], "expected KEY=VALUE"),
         ([str(sweep), "--where", "attention=gqa"], "no runs to show"),
         ([str(sweep), "--group-by", "colour"], "--group-by colour: not a choice or config key"),

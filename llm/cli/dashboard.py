@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Optional
+
+from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in
+from llm.files import InputError
 
 log = logging.getLogger("llm.cli.dashboard")  # not __name__: that is __main__ under `python -m`
 
@@ -34,7 +36,8 @@ Grouping: by default, every config group whose choice differs between the select
 attention for the attention ablation); --group-by takes choices (attention, position) or config keys
 (model.d_model), comma-separated, or `run`.
 
-Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, or a bad source, filter or key."""
+Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, a bad source, filter or key, or a
+damaged file (summary.json, run.json, config.yaml, metrics.jsonl, fit.json): the message names it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,18 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fail(message: str) -> int:
-    sys.stderr.write(f"error: {message}\n")  # the command's answer to a bad source, filter or key
-    return 2
+def fail(message: object) -> int:
+    sys.stderr.write(f"llm-dashboard: error: {message}\n")  # the command's answer to a bad source, filter or key
+    return CONFIG_ERROR_EXIT_CODE
+
+
+def check_output(out: Path) -> Path:
+    """The page's path: not a directory, and below a directory (or where one can be made)."""
+    if out.is_dir():
+        raise InputError(f"-o/--out: {out} is a directory; give the HTML file's path, e.g. {out / 'dashboard.html'}")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"-o/--out: {parent} is a file, not a directory; give a path in a directory")
+        if parent.exists():
+            break
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, find_wandb_runs, varying_groups
+    from llm.scaling.fit import FIT_FIX, read_fit
     from llm.tracking.dashboard.runs import check_group_by, find_fit
 
     online = [s for s in args.sources if s.startswith("wandb:")]
     if online and (len(online) > 1 or len(args.sources) > 1):
         return fail("give run/sweep directories, or one wandb:[ENTITY/]PROJECT source, not both")
+    # Every input is read and checked before the page is written: a damaged file leaves no page.
+    out = None if online else check_output(Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html")
+    report_entity, _, report_project = (args.report or "").rpartition("/")
+    if args.report is not None and not report_project:
+        return fail(f"--report {args.report!r}: expected ENTITY/PROJECT or PROJECT")
     try:
         filters = Filters(group=args.group, job_type=args.job_type, tags=list(args.tag),
                           where=Filters.parse_where(args.where))
@@ -101,21 +122,15 @@ def run(args: argparse.Namespace) -> int:
     fit_path = Path(args.fit) if args.fit else find_fit(args.sources)
     fit = None
     if fit_path is not None:
-        try:
-            fit = json.loads(fit_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            return fail(f"--fit {fit_path}: cannot read ({e})")
+        fit = read_fit(fit_path, "--fit") if args.fit else read_fit(
+            fit_path, "fit.json", f"{FIT_FIX}; or give --fit another one (this is the newest fit.json below the sources)")
         log.info(f"scaling fit: {fit_path}")
     from llm.tracking.dashboard import write_page
 
-    out = Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html"
     write_page(runs, out, group_by or None, fit, title)
     log.info(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB; open it in a browser, it needs no network)")
     if args.report:
-        entity, _, project = args.report.rpartition("/")
-        if not project:
-            return fail(f"--report {args.report!r}: expected ENTITY/PROJECT or PROJECT")
-        return publish_report(entity or None, project, runs, group_by, filters, title, exact_runs=True)
+        return publish_report(report_entity or None, report_project, runs, group_by, filters, title, exact_runs=True)
     return 0
 
 
@@ -142,7 +157,14 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     args = build_parser().parse_args(argv)
     setup_console_logging()
-    sys.exit(run(args))
+    try:
+        code = run(args)
+    except Exception as e:  # a file the user gave is damaged (InputError): exit 2, no traceback
+        cause = config_error_in(e)
+        if cause is None:
+            raise
+        code = fail(cause)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in
+from llm.files import InputError, write_text
+
 log = logging.getLogger("llm.cli.scaling")  # not __name__: that is __main__ under `python -m`
 
 FIT_HELP = """Fit scaling laws to finished runs and write fit.json plus PNG plots.
@@ -54,6 +57,26 @@ def _number(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
 def _approaches(text: str) -> list[str]:
     from llm.scaling.fit import APPROACHES
 
@@ -74,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("sources", nargs="+", metavar="SOURCE", help="run/sweep directory, .csv file, or wandb:ENTITY/PROJECT[/GROUP]")
     fit.add_argument("--out", metavar="DIR", help="where fit.json and the PNGs go (default: <first source>/scaling "
                                                   "for a directory, else ./scaling)")
-    fit.add_argument("--bootstrap", type=int, default=100, metavar="R",
+    fit.add_argument("--bootstrap", type=_count, default=100, metavar="R",
                      help="bootstrap resamples per approach for the intervals; 0 = none (default: %(default)s)")
     fit.add_argument("--n-kind", choices=("total", "non_embedding"), default="total",
                      help="N = all parameters (summary key N, as Hoffmann et al.) or non-embedding ones "
@@ -83,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated subset of 1,2,3,kaplan (default: %(default)s)")
     fit.add_argument("--loss", choices=("final", "best"), default="final",
                      help="each run's final val/loss or its best_val/loss (default: %(default)s)")
-    fit.add_argument("--budget-tolerance", type=float, default=0.25, metavar="REL",
+    fit.add_argument("--budget-tolerance", type=_fraction, default=0.25, metavar="REL",
                      help="Approach 2 groups runs whose C differ by at most this fraction into one FLOP budget, "
                           "unless every run records its launch budget (default: %(default)s)")
-    fit.add_argument("--window", type=int, default=5, metavar="K",
+    fit.add_argument("--window", type=_count, default=5, metavar="K",
                      help="Approach 2 fits each budget's parabola to its K sizes nearest the lowest loss; "
                           "0 = all sizes (default: %(default)s)")
     fit.add_argument("--kaplan-irreducible", action="store_true",
@@ -133,13 +156,26 @@ def default_out(sources: list[str]) -> Path:
     return first / "scaling" if not sources[0].startswith("wandb:") and first.is_dir() else Path("scaling")
 
 
+def output_dir(path: Path) -> Path:
+    """Where fit.json and the plots go: an existing directory, or one that can be made there."""
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--out: {parent} is a file, not a directory; give a directory for fit.json and the plots")
+        if parent.exists():
+            break
+    return path
+
+
 def run_fit(args: argparse.Namespace) -> int:
     from llm.scaling.fit import fit_all
     from llm.scaling.points import load_runs
 
+    # Everything is read and checked before anything is written: a bad input leaves no fit.json
+    # or plot behind that a later reader (plan, the dashboard) could take for this data's fit.
+    out = output_dir(Path(args.out) if args.out else default_out(args.sources))
     try:
         runs = load_runs(args.sources, args.n_kind, "val/loss" if args.loss == "final" else "best_val/loss")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except RuntimeError as e:  # W&B: credentials or network
         return error(e)
     output(f"data: {len(runs.points)} runs/points, {len(runs.curves)} loss curves from {len(args.sources)} source(s); "
            f"N = {args.n_kind} parameters")
@@ -161,7 +197,6 @@ def run_fit(args: argparse.Namespace) -> int:
             interval = f"[{_fmt(e.low)}, {_fmt(e.high)}]" if e.low is not None else "-"
             output(f"  {name:<10}{_fmt(e.value):>12}   {interval}")
 
-    out = Path(args.out) if args.out else default_out(args.sources)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     if not args.no_plots:
@@ -174,7 +209,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "succeeded": list(results), "approaches": {k: r.as_dict() for k, r in results.items()},
         "skipped": skipped, "plots": plots,
     }
-    (out / "fit.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
+    write_text(out / "fit.json", json.dumps(_finite(report), indent=2) + "\n")  # whole or not at all
     output("")
     log.info(f"written: {out / 'fit.json'}" + "".join(f"\n         {p}" for p in plots))
     if not results:
@@ -190,12 +225,13 @@ def run_plan(args: argparse.Namespace) -> int:
     from llm.scaling.flops import model_size
     from llm.scaling.plan import config_overrides, plan, shape_for_params
 
-    if args.fit and not Path(args.fit).is_file():
-        return error(f"--fit {args.fit}: no such file")
+    from llm.scaling.fit import read_fit
+
+    fit = read_fit(args.fit, "--fit") if args.fit else None
     try:
-        result = plan(flops=args.flops, tokens=args.tokens, params=args.params, fit=args.fit)
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        return error(e)
+        result = plan(flops=args.flops, tokens=args.tokens, params=args.params, fit=fit)
+    except ValueError as e:  # the fit's law cannot plan (no approach with all parameters, a degenerate one)
+        return error(f"--fit {args.fit}: {e}" if args.fit else e)
     kind = result["n_kind"]
     shape = shape_for_params(result["N"], kind, args.vocab_size)
     size = model_size(ModelConfig(**shape, vocab_size=args.vocab_size), args.seq_len)
@@ -225,8 +261,8 @@ def output(*lines: str) -> None:
 
 
 def error(message: object) -> int:
-    sys.stderr.write(f"error: {message}\n")
-    return 2
+    sys.stderr.write(f"llm-scaling: error: {message}\n")  # as argparse words its own errors
+    return CONFIG_ERROR_EXIT_CODE
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -234,7 +270,14 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     args = build_parser().parse_args(argv)
     setup_console_logging()
-    sys.exit(run_fit(args) if args.command == "fit" else run_plan(args))
+    try:
+        code = run_fit(args) if args.command == "fit" else run_plan(args)
+    except Exception as e:  # a file or value the user gave (InputError, ConfigError): exit 2, no traceback
+        cause = config_error_in(e)
+        if cause is None:
+            raise
+        code = error(cause)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from llm.files import InputError, read_input_json
 from llm.scaling.laws import FLOPS_PER_PARAM_TOKEN, ComputeLaw, Frontier, ParametricLaw, power_law_fit
 from llm.scaling.points import Curve, Point, RunSet
 
@@ -79,6 +81,41 @@ class FitResult:
         return cls(approach=str(data["approach"]), form=data.get("form", ""), params=params,
                    n_points=int(data.get("n_points", 0)), n_bootstrap=int(data.get("n_bootstrap", 0)),
                    details=data.get("details", {}))
+
+
+FIT_FIX = "give a fit.json that `llm-scaling fit` wrote (rerun it to write a new one)"
+
+
+def read_fit(path: str | os.PathLike, key: str = "--fit", fix: str = FIT_FIX) -> dict:
+    """A fit.json as `llm-scaling fit` writes it, with its shape checked: {"approaches": {name:
+    {"params": {param: {"value": number or null, ...}}}}, "skipped": {name: why}}. InputError
+    naming `key` and the file otherwise, so that readers (plan, the dashboard) can index it freely.
+    A null value is allowed: the fit writes a value that overflowed (inf, nan) as null."""
+    data = read_input_json(path, key, fix)
+    problem = _fit_problem(data)
+    if problem:
+        raise InputError(f"{key}: {path} {problem}; {fix}")
+    return data
+
+
+def _fit_problem(data: dict) -> Optional[str]:
+    approaches = data.get("approaches")
+    if not isinstance(approaches, dict):
+        return f"has no 'approaches' object (found {type(approaches).__name__})"
+    for name, result in approaches.items():
+        if name not in APPROACHES:
+            return f"names an unknown approach {name!r} (known: {', '.join(APPROACHES)})"
+        params = result.get("params") if isinstance(result, dict) else None
+        if not isinstance(params, dict):
+            return f"has no 'params' object for approach {name}"
+        for param, estimate in params.items():
+            value = estimate.get("value", "absent") if isinstance(estimate, dict) else "absent"
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                return f"has approach {name}'s {param} = {value!r}, not a finite number or null"
+    if not isinstance(data.get("skipped", {}), dict):
+        return "has a 'skipped' entry that is not an object"
+    return None
 
 
 def law_from_params(approach: str, values: dict[str, float]) -> ParametricLaw | Frontier | ComputeLaw:

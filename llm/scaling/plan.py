@@ -28,13 +28,14 @@ The ladder's rules, one function each, reusable by any parametric preset (`model
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from llm.model.config import ModelConfig
-from llm.scaling.fit import FitResult, law_from_params
+from llm.scaling.fit import FitResult, law_from_params, read_fit
 from llm.scaling.flops import model_size
 from llm.scaling.laws import CHINCHILLA, FLOPS_PER_PARAM_TOKEN, ComputeLaw, Frontier, ParametricLaw
 
@@ -44,6 +45,7 @@ WIDTH_MULTIPLE = 64
 SMALL_WIDTH_MULTIPLE = 16  # below one 64-wide head
 MIN_ASPECT_RATIO = 16  # d_model / n_layers: no deeper than this for the width
 PLACEHOLDER_VOCAB = 64  # non-embedding counts do not depend on the vocabulary; ModelConfig needs one
+LAW_PARAMS = {"3": ("E", "A", "B", "alpha", "beta"), "2": ("k_N", "a"), "1": ("k_N", "a"), "kaplan": ("C_c", "alpha_C")}
 
 
 def shape_for_params(n_target: float, kind: str = "non_embedding", vocab_size: Optional[int] = None,
@@ -125,7 +127,7 @@ def resolve_law(fit: Any = None) -> dict[str, Any]:
     if fit is None:
         fit = CHINCHILLA
     if isinstance(fit, (str, Path)):
-        fit = json.loads(Path(fit).read_text())
+        fit = read_fit(fit)
     if isinstance(fit, ParametricLaw):
         name = "Chinchilla (Hoffmann et al. 2022, Approach 3)" if fit == CHINCHILLA else "L(N, D) = E + A/N^alpha + B/D^beta"
         return {"frontier": fit.frontier(), "loss": lambda N, D, C: float(fit.loss(N, D)), "name": name,
@@ -138,13 +140,15 @@ def resolve_law(fit: Any = None) -> dict[str, Any]:
         raise ValueError(f"cannot plan with {type(fit).__name__}: expected a fit.json (path or dict), FitResult, "
                          "ParametricLaw or Frontier")
     approaches = fit["approaches"]
+    # A value the fit could not represent (inf, nan) is null in fit.json: that approach cannot plan.
     values = {k: {p: e["value"] for p, e in r["params"].items()} for k, r in approaches.items()}
+    usable = {k: v for k, v in values.items() if all(v.get(p) is not None for p in LAW_PARAMS[k])}
     n_kind = fit.get("n_kind", "total")
-    kaplan = law_from_params("kaplan", values["kaplan"]) if "kaplan" in values else None
+    kaplan = law_from_params("kaplan", usable["kaplan"]) if "kaplan" in usable else None
     for approach in ("3", "2", "1"):
-        if approach not in values:
+        if approach not in usable:
             continue
-        law = law_from_params(approach, values[approach])
+        law = law_from_params(approach, usable[approach])
         name = f"fit, Approach {approach}: {approaches[approach].get('form', '')}".rstrip(": ")
         if isinstance(law, ParametricLaw):
             return {"frontier": law.frontier(), "loss": lambda N, D, C, law=law: float(law.loss(N, D)),
@@ -152,8 +156,10 @@ def resolve_law(fit: Any = None) -> dict[str, Any]:
         loss = (lambda N, D, C, k=kaplan: float(k.loss(C))) if isinstance(kaplan, ComputeLaw) else None
         return {"frontier": law, "loss": loss, "name": name + (" (loss from the Kaplan L(C) fit)" if loss else ""),
                 "n_kind": n_kind, "law": law}
-    raise ValueError("the fit has none of Approaches 3, 2, 1 (needed to allocate compute between N and D); "
-                     f"it has: {', '.join(approaches) or 'nothing'}")
+    raise ValueError("the fit has none of Approaches 3, 2, 1 with all its parameters (needed to allocate compute "
+                     f"between N and D); it has: {', '.join(approaches) or 'nothing'}"
+                     + "".join(f"; {k} lacks {', '.join(p for p in LAW_PARAMS[k] if v.get(p) is None)}"
+                               for k, v in values.items() if k not in usable))
 
 
 def plan(flops: Optional[float] = None, tokens: Optional[float] = None, params: Optional[float] = None,
@@ -169,16 +175,25 @@ def plan(flops: Optional[float] = None, tokens: Optional[float] = None, params: 
         raise ValueError(f"{what}={value}: must be > 0")
     law = resolve_law(fit)
     frontier: Frontier = law["frontier"]
-    if what == "flops":
-        C = float(value)
-    elif what == "tokens":
-        C = float(frontier.flops_for_tokens(value))
-    else:
-        C = float(frontier.flops_for_params(value))
-    N = float(frontier.params(C))
-    D = C / (FLOPS_PER_PARAM_TOKEN * N)
+    try:
+        with np.errstate(all="ignore"):  # a degenerate fitted law gives inf or nan, refused below
+            if what == "flops":
+                C = float(value)
+            elif what == "tokens":
+                C = float(frontier.flops_for_tokens(value))
+            else:
+                C = float(frontier.flops_for_params(value))
+            N = float(frontier.params(C))
+            D = float(np.float64(C) / (FLOPS_PER_PARAM_TOKEN * N))
+    except ZeroDivisionError:  # an exponent a of 0 or 1
+        C = N = D = math.nan
     # Echo the given quantity exactly rather than its round trip through floating point.
     N, D = (float(value), D) if what == "params" else (N, float(value)) if what == "tokens" else (N, D)
+    if not all(math.isfinite(x) and x > 0 for x in (C, N, D)):
+        # e.g. a fit.json whose frontier has k_N <= 0 or an exponent a outside (0, 1)
+        raise ValueError(f"the law {law['name']!r} gives no usable allocation for {what}={value:g} "
+                         f"(C = {C:g}, N = {N:g}, D = {D:g}): its parameters are not those of a compute-optimal "
+                         "frontier; refit with more runs, or plan without --fit (the published Chinchilla law)")
     loss = law["loss"](N, D, C) if law["loss"] else None
     return {"C": C, "N": N, "D": D, "tokens_per_param": D / N, "loss": loss, "law": law["name"],
             "n_kind": law["n_kind"]}

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from llm.files import write_text
 from llm.tracking.dashboard.runs import Run, group_label, varying_groups
 
 LOSS_METRICS = ("val/loss", "train/loss")
@@ -61,8 +62,9 @@ def fit_panel(fit: dict, runs: list[Run]) -> dict:
     from llm.scaling.fit import law_from_params
     from llm.scaling.laws import ComputeLaw, ParametricLaw
 
+    # Log axes: a run without a positive C and loss (failed, diverged) has no point there.
     points = [[r.summary["C"], r.summary["val/loss"], r.name] for r in runs
-              if _number(r.summary.get("C")) and _number(r.summary.get("val/loss")) is not None]
+              if (_number(r.summary.get("C")) or 0) > 0 and (_number(r.summary.get("val/loss")) or 0) > 0]
     lines, curves = [], []
     compute = [p[0] for p in points] or [1e12]
     grid = np.logspace(math.log10(min(compute) / 3), math.log10(max(compute) * 3), 60)
@@ -125,10 +127,7 @@ def render_page(data: dict) -> str:
 def write_page(runs: list[Run], out: str | Path, group_by: Optional[list[str]] = None,
                fit: Optional[dict] = None, title: str = "Runs") -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_page(page_data(runs, group_by, fit, title)))
-    tmp.replace(out)
+    write_text(out, render_page(page_data(runs, group_by, fit, title)))  # whole or not at all
     return out
 
 

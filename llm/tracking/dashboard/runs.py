@@ -1,17 +1,23 @@
 """Which runs a dashboard shows: found in run/sweep directories (every summary.json below them) or
 listed from a W&B project, then filtered by group, job type, tags and config values, and grouped
-by the config groups whose choice differs between them."""
+by the config groups whose choice differs between them.
+
+A run's files are read through llm.files' checked path: a damaged summary.json, run.json,
+config.yaml or metrics.jsonl (not JSON, empty, not UTF-8, a directory, a list where an object
+belongs) is an InputError naming the file, which the CLI turns into exit 2. A run the dashboard
+shows must be the run on disk, not a silent gap in the table. A torn last line of metrics.jsonl
+(a killed or still running writer) is not damage and is skipped."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from llm.files import InputError, checked_path, read_input_json, read_input_text
 from llm.run.layout import SUMMARY_FILE, RunDir
-from llm.tracking.metrics import read_metrics
+from llm.scaling.points import read_records
 from llm.tracking.run import run_id
 from llm.tracking.wandb import run_name
 
@@ -101,63 +107,83 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- local run directories
 
+RUN_FIX = "rerun the run, or move its directory out of the directories given"
+SOURCE_FIX = "give run or sweep directories (llm-train writes summary.json into every run directory)"
+
+
 def load_local_run(run_dir: Path) -> Run:
     """A run from its directory: summary.json, run.json (config, choices), metrics.jsonl."""
     files = RunDir(run_dir)
-    summary = json.loads(files.summary.read_text())
-    saved = json.loads(files.run_file.read_text()) if files.run_file.is_file() else {}
-    config = _resolved_config(run_dir) or saved.get("config", {})
+    summary = read_input_json(files.summary, "run", RUN_FIX)
+    saved = read_input_json(files.run_file, "run", RUN_FIX) if _present(files.run_file) else {}
+    config = _resolved_config(run_dir) or saved.get("config") or {}
+    if not isinstance(config, dict):
+        raise InputError(f"run: {files.run_file} has a 'config' that is {type(config).__name__}, not an object; {RUN_FIX}")
     flat = flatten(config)
-    choices = dict(summary.get("choices") or saved.get("choices") or {})
+    choices = summary.get("choices") or saved.get("choices") or {}
+    if not isinstance(choices, dict):
+        where = files.summary if summary.get("choices") else files.run_file
+        raise InputError(f"run: {where} has 'choices' that are {type(choices).__name__}, not an object of "
+                         f"group: option; {RUN_FIX}")
+    choices = {str(g): str(c) for g, c in choices.items()}
     rid = str(summary.get("run_id") or saved.get("run_id") or run_dir.name)
     group = flat.get("logger.group") or flat.get("experiment_name") or _sweep_of(run_dir, flat.get("paths.runs_dir"))
-    tags = [f"{g}:{c}" for g, c in choices.items()] + list(flat.get("logger.tags") or [])
+    configured_tags = flat.get("logger.tags") or []
+    tags = [f"{g}:{c}" for g, c in choices.items()] + [str(t) for t in
+                                                        (configured_tags if isinstance(configured_tags, list) else [])]
     return Run(run_id=rid, name=run_name(rid, choices),
-               status=str(summary.get("status", "unknown")), group=group, job_type=str(summary.get("stage", "pretrain")),
-               choices=choices, config=flat, summary=summary, tags=tags, run_dir=run_dir,
-               history=read_metrics(files.metrics))
+               status=str(summary.get("status", "unknown")), group=None if group is None else str(group),
+               job_type=str(summary.get("stage", "pretrain")), choices=choices, config=flat, summary=summary,
+               tags=tags, run_dir=run_dir, history=read_records(files.metrics, "run", RUN_FIX))
+
+
+def _present(path: Path) -> bool:
+    """An optional file is there (a dangling link counts: reading it says what is wrong)."""
+    return path.exists() or path.is_symlink()
 
 
 def _resolved_config(run_dir: Path) -> Optional[dict]:
     """config.yaml: the resolved (and redacted) config llm-train writes beside run.json."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    path = RunDir(run_dir).config_file
+    if not _present(path):
         return None
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    text = read_input_text(path, "run", RUN_FIX)
+    try:
+        config = OmegaConf.create(text)
+    except Exception as e:  # yaml's ScannerError, ParserError, ... : the file is not YAML
+        raise InputError(f"run: {path} is not YAML ({type(e).__name__}: {str(e).splitlines()[0]}); {RUN_FIX}") from e
+    if not isinstance(config, DictConfig):
+        raise InputError(f"run: {path} holds a {type(config).__name__}, not a mapping of config keys; {RUN_FIX}")
+    return OmegaConf.to_container(config, resolve=False)
 
 
-def _sweep_of(run_dir: Path, runs_dir: Optional[str]) -> Optional[str]:
+def _sweep_of(run_dir: Path, runs_dir: Any) -> Optional[str]:
     """A multirun job's sweep (Hydra writes multirun.yaml there), named as its W&B group is."""
     if not (run_dir.parent / "multirun.yaml").is_file():
         return None
-    return run_id(run_dir.parent, Path(runs_dir)) if runs_dir else run_dir.parent.name
+    return run_id(run_dir.parent, Path(str(runs_dir))) if runs_dir else run_dir.parent.name
 
 
 def find_local_runs(paths: list[str | Path]) -> list[Run]:
-    """Every run below the given run/sweep directories (any depth), in path order."""
+    """Every run below the given run/sweep directories (any depth), in path order; InputError for a
+    source that is not a directory or a run whose files are damaged."""
     runs, seen = [], set()
     for path in map(Path, paths):
-        if not path.exists():
-            raise SelectionError(f"{path}: no such directory")
-        if not path.is_dir():
-            raise SelectionError(f"{path}: not a directory (give a run or sweep directory)")
+        checked_path(path, "source", "dir", SOURCE_FIX)
         for summary in sorted(path.rglob(SUMMARY_FILE)):
             run_dir = summary.parent.resolve()
             if run_dir in seen:
                 continue
             seen.add(run_dir)
-            try:
-                runs.append(load_local_run(run_dir))
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning(f"skipped {run_dir}: unreadable ({e})")
+            runs.append(load_local_run(run_dir))
     return runs
 
 
 def find_fit(paths: list[str | Path]) -> Optional[Path]:
     """The newest fit.json that `llm-scaling fit` wrote below the given directories."""
-    fits = [f for p in map(Path, paths) if p.is_dir() for f in p.rglob("fit.json")]
+    fits = [f for p in map(Path, paths) if p.is_dir() for f in p.rglob("fit.json") if f.is_file()]
     return max(fits, key=lambda f: f.stat().st_mtime) if fits else None
 
 
