@@ -37,10 +37,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         discard_unstarted(run.dir.path)
         return dry_run(cfg, settings)
 
-    run.start(cfg, settings)
-    data = recipe.data(cfg, settings, run.dir)  # read and checked once, before any rank starts
-    if run.must_spawn(settings):
-        summary = run.spawn_ranks(settings)
-    else:
-        summary = run.train(recipe, cfg, settings, plan(settings, data.tokenizer.vocab_size), data)
-    return run.finish(recipe, cfg, data, summary)
+    run.start(cfg, settings)  # the directory is this process's until it returns
+    try:
+        data = recipe.data(cfg, settings, run.dir)  # read and checked once, before any rank starts
+        the_plan = plan(settings, data.tokenizer.vocab_size)
+        run.check_resume(cfg, data, the_plan)  # the same data and tokenizer, steps left to train
+        run.record(cfg)
+        if run.must_spawn(settings):
+            summary = run.spawn_ranks(settings)
+        else:
+            summary = run.train(recipe, cfg, settings, the_plan, data)
+        return run.finish(recipe, cfg, data, summary)
+    finally:
+        run.release()

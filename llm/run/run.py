@@ -30,7 +30,9 @@ from llm.parallel.launch import is_rank_zero, launched_externally, spawn_local_r
 from llm.recipes import Recipe, StageData
 from llm.run.layout import RunDir, branch_checkpoint
 from llm.run.plan import Plan, Settings
-from llm.run.resume import command_line_overrides, resume_config
+from llm.run.lock import RunLock
+from llm.run.resume import (ConfiguredHyperparameters, check_same_data, command_line_overrides, refuse_spent_budget,
+                            resume_config)
 from llm.checkpoint import checkpoint_step, last_checkpoint, newest_loadable_checkpoint, require_same_model
 from llm.checkpoint.save import AtomicCheckpointIO
 from llm.files import write_json
@@ -39,8 +41,9 @@ from llm.tracking.guard import LossGuard, fit_with_rollbacks
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from llm.tracking.preemption import PreemptionHandler, requeued_run
 from llm.tracking.progress import progress_callback
-from llm.tracking.run import git_state, group_choices, resolved_config, run_id
+from llm.tracking.run import git_state, group_choices, redact_secrets, redact_yaml_files, resolved_config, run_id
 from llm.tracking.throughput import ThroughputMonitor, peak_memory_mib
+from llm.tracking.tokens import TokenCount
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,12 @@ HYDRA_OUTPUT = ".hydra"  # what Hydra writes into a job's directory before the r
 
 @dataclass
 class RunCallbacks:
-    """The callbacks of every run, in the order they must run: the loss guard first (a bad step
-    is never checkpointed), checkpoints, throughput, W&B artifacts (after the checkpoint they log),
-    progress, and preemption last (after the step's work)."""
+    """The callbacks of every run, in the order they must run: the optimizer settings this run
+    was given (over a resumed checkpoint's), the token count (D and C, kept in checkpoints), the
+    loss guard (a bad step is never checkpointed), checkpoints, throughput, W&B artifacts (after
+    the checkpoint they log), progress, and preemption last (after the step's work)."""
 
+    tokens: TokenCount
     guard: LossGuard
     checkpoints: PeriodicCheckpoint
     throughput: ThroughputMonitor
@@ -61,7 +66,7 @@ class RunCallbacks:
 
     @classmethod
     def build(cls, settings: Settings, plan: Plan, run_dir: RunDir, run_id: str, spikes_are_faults: bool,
-              branch_starts: tuple[int, ...] = ()) -> RunCallbacks:
+              branch_starts: tuple[int, ...] = (), optim: Optional[dict] = None) -> RunCallbacks:
         t = settings.trainer
         g = t.guard
         guard = LossGuard(g.enabled, g.warmup_steps, g.window, g.spike_threshold if spikes_are_faults else None,
@@ -75,9 +80,10 @@ class RunCallbacks:
 
             artifacts = CheckpointArtifacts(checkpoints, run_id)
         progress = progress_callback(t.progress_bar, t.log_every)
-        ordered = [guard, checkpoints, throughput, artifacts, progress,
+        tokens = TokenCount(plan.tokens_per_step, plan.size.flops_per_token)
+        ordered = [ConfiguredHyperparameters(optim or {}), tokens, guard, checkpoints, throughput, artifacts, progress,
                    PreemptionHandler(checkpoints, t.preemption.enabled)]
-        return cls(guard, checkpoints, throughput, artifacts, [c for c in ordered if c is not None])
+        return cls(tokens, guard, checkpoints, throughput, artifacts, [c for c in ordered if c is not None])
 
 
 class Run:
@@ -105,28 +111,49 @@ class Run:
                                    "or start a new run"])
         self.cfg = cfg
         self.id = run_id(self.dir.path, Path(cfg.paths.runs_dir))
+        self.lock = RunLock(self.dir)
 
     # ---- before training --------------------------------------------------------------------
 
     def start(self, cfg: DictConfig, settings: Settings) -> None:
-        """Claim the directory (refusing one that holds another run's checkpoints), write run.json
-        and config.yaml, and seed everything."""
+        """Claim the directory: lock it (refusing one another process runs in, or that holds
+        another run's checkpoints), redact what Hydra wrote into it, and seed everything."""
+        if not spawned_rank() and self.rank_zero:  # a launcher's ranks run under its lock
+            self.lock.acquire()
         if not cfg.resume and not spawned_rank() and last_checkpoint(self.dir.path) is not None:
             raise ConfigError([f"hydra.run.dir={self.dir.path}: already holds a run with checkpoints; continue it with "
                                f"resume={self.dir.path}, or remove it, or choose another directory (nothing was "
                                "overwritten)"])
-        self.dir.path.mkdir(parents=True, exist_ok=True)
+        if self.rank_zero:
+            redact_yaml_files(self.dir.path / HYDRA_OUTPUT)
+            redact_yaml_files(self.dir.path.parent)  # a multirun's multirun.yaml, with the sweep's command line
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        torch.set_float32_matmul_precision(settings.trainer.matmul_precision)
+
+    def check_resume(self, cfg: DictConfig, data: StageData, plan: Plan) -> None:
+        """A resumed run continues on its own data and tokenizer, and has steps left to train."""
+        if not self.resume_from:
+            return
+        check_same_data(self.dir, data.facts, data.tokenizer, bool(cfg.get("resume_new_data", False)))
+        refuse_spent_budget(self.dir, checkpoint_step(self.resume_from), plan.steps)
+
+    def record(self, cfg: DictConfig) -> None:
+        """run.json (what resume reads: unresolved config, group choices, overrides) and
+        config.yaml (resolved, for people), both with credentials redacted."""
         if self.rank_zero:
             if not self.resume_from:
-                write_json(self.dir.run_file, {"run_id": self.id, "choices": self.choices, "overrides": self.overrides,
-                                               "config": resolved_config(cfg, resolve=False)})
+                write_json(self.dir.run_file, redact_secrets({"run_id": self.id, "choices": self.choices,
+                                                              "overrides": self.overrides,
+                                                              "config": resolved_config(cfg, resolve=False)}))
             self.dir.config_file.write_text(OmegaConf.to_yaml(resolved_config(cfg)))
         log.info(f"run {self.id}: {self.dir.path}" + (f" (resuming from {self.resume_from})" if self.resume_from else ""))
         for bad in self.corrupt:
             log.warning(f"checkpoint {bad['path']} does not load ({bad['error']}): set aside as .corrupt, resuming "
                         "from an older one")
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        torch.set_float32_matmul_precision(settings.trainer.matmul_precision)
+
+    def release(self) -> None:
+        """Give up the directory's lock (the process ending releases it too, however it ends)."""
+        self.lock.release()
 
     def must_spawn(self, settings: Settings) -> bool:
         """Whether this process starts the ranks (several local devices from a plain llm-train)
@@ -170,7 +197,7 @@ class Run:
         schedule = module.schedule
         branches = schedule.branch_points(plan.steps) if hasattr(schedule, "branch_points") else []
         kit = RunCallbacks.build(settings, plan, self.dir, self.id, module.loss_spikes_are_faults,
-                                 tuple(start for start, _ in branches))
+                                 tuple(start for start, _ in branches), OmegaConf.to_container(cfg.optim, resolve=True))
         guard, checkpoints, callbacks = kit.guard, kit.checkpoints, kit.all
         trainer = self.trainer(settings, plan.steps, plan.accumulate, loggers, callbacks, self.dir.path)
         pristine = copy.deepcopy(module)  # not yet configured: what a rollback starts again from
@@ -205,12 +232,12 @@ class Run:
             summary.update(guard.summary(), corrupt_checkpoints=self.corrupt,
                            best_checkpoint=str(self.dir.best_checkpoint)
                            if checkpoints.best_step >= 0 and self.dir.best_checkpoint.exists() else None)
-            tokens = trainer.global_step * plan.tokens_per_step
+            tokens = kit.tokens.tokens(trainer.global_step)  # as trained, also across resumes with another shape
             summary.update(final_metrics(self.dir.metrics), tokens_seen=tokens, steps_done=trainer.global_step,
                            tokens_per_s=kit.throughput.mean_tokens_per_s,
                            peak_memory_mib=peak_memory_mib(trainer.strategy.root_device),
                            wall_seconds=round(time.time() - self.started, 1), D=tokens,
-                           C=tokens * plan.size.flops_per_token)
+                           C=kit.tokens.flops(trainer.global_step))
             self.write_summary(summary)
             if settings.logger.kind == "wandb":
                 from llm.tracking.wandb import finish_run
@@ -262,16 +289,17 @@ class Run:
         schedule = instantiate(cfg.schedule).for_branch(plan.steps)
         module = recipe.module(cfg, settings, plan, data, branch_dir, schedule=schedule, total_steps=end)
         checkpoints = PeriodicCheckpoint(branch_dir.checkpoints, end)
+        counter = TokenCount(plan.tokens_per_step, plan.size.flops_per_token)
         loggers = [JsonlLogger(branch_dir.metrics, resume_step=start if self.rank_zero else None)]
-        trainer = self.trainer(settings, end, plan.accumulate, loggers, [checkpoints], branch_dir.path)
+        trainer = self.trainer(settings, end, plan.accumulate, loggers, [counter, checkpoints], branch_dir.path)
         trainer.fit(module, datamodule=data.datamodule, ckpt_path=str(self.dir.checkpoints / branch_checkpoint(start)))
         validate_last_step(trainer, module, data, min(settings.trainer.val_every, end))
         checkpoints.save(trainer)
-        tokens = end * plan.tokens_per_step
+        tokens = counter.tokens(end)
         summary = {**facts, **final_metrics(branch_dir.metrics), "run_id": f"{self.id}-decay{end}",
                    "run_dir": str(branch_dir.path), "branch_of": self.id, "branch_start": start, "steps": end,
                    "steps_done": trainer.global_step, "status": "completed", "budget": f"WSD branch of {plan.steps} steps",
-                   "budget_flops": None, "D": tokens, "tokens_seen": tokens, "C": tokens * plan.size.flops_per_token}
+                   "budget_flops": None, "D": tokens, "tokens_seen": tokens, "C": counter.flops(end)}
         if self.rank_zero:
             write_json(branch_dir.summary, summary)
             log.info(f"branch: decayed at step {end} (left the stable phase at {start}): "

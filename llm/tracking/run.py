@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -79,17 +81,51 @@ def secret_values() -> list[str]:
 
 def redact_secrets(data: Any, secrets: list[str] | None = None) -> Any:
     """A copy of `data` with credentials replaced by "<redacted>": values of keys named like
-    credentials, and any string containing the value of a credential environment variable."""
+    credentials, and any string containing the value of a credential environment variable. An
+    unresolved interpolation (`${oc.env:HF_TOKEN}`) names where a secret is, not the secret: kept."""
     secrets = secret_values() if secrets is None else secrets
     if isinstance(data, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact_secrets(v, secrets)
-                for k, v in data.items()}
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") and not _is_interpolation(v)
+                else redact_secrets(v, secrets) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return type(data)(redact_secrets(v, secrets) for v in data)
     if isinstance(data, str):
-        key, is_override, _ = data.partition("=")  # a command-line override: `+data.corpus.hf_token=...`
-        if is_override and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        key, is_override, value = data.partition("=")  # a command-line override: `+data.corpus.hf_token=...`
+        if is_override and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and not _is_interpolation(value.strip("'\"")):
             return f"{key}={REDACTED}"
         for secret in secrets:
             data = data.replace(secret, REDACTED)
     return data
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${") and value.endswith("}") and "\n" not in value
+
+
+def redact_yaml_files(directory: Path) -> None:
+    """Rewrite the YAML files Hydra wrote for a job (.hydra/config.yaml, hydra.yaml with the
+    command line, overrides.yaml) with credentials redacted, as every other file of a run is."""
+    import yaml
+
+    for path in sorted(Path(directory).glob("*.yaml")):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # not Hydra's (or not whole): not ours to rewrite
+        clean = redact_secrets(data)
+        if clean != data:
+            from llm.files import write_text
+
+            write_text(path, yaml.safe_dump(clean, sort_keys=False))
+
+
+@contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv with credentials redacted while a library records it (W&B's run metadata keeps
+    the command line as `args`)."""
+    saved = sys.argv
+    sys.argv = [saved[0], *redact_secrets(list(saved[1:]))]
+    try:
+        yield
+    finally:
+        sys.argv = saved

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
 from llm.config import ConfigError
-from llm.tracking.run import redact_secrets
+from llm.tracking.run import redact_secrets, redacted_argv
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,11 @@ def start_run(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str, gr
     mode = mode or resolve_mode(cfg.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
     # reinit="finish_previous": a run left open by a failed job in this process is never reused.
-    run = wandb.init(project=cfg.project, entity=cfg.entity, id=wandb_id(run_id), name=name, group=group,
-                     job_type=job_type, tags=tags, notes=redact_secrets(cfg.notes), mode=mode, dir=str(run_dir),
-                     resume="allow", config=config, reinit="finish_previous")
+    with redacted_argv():  # W&B records the command line as the run's `args`
+        run = wandb.init(project=cfg.project, entity=cfg.entity, id=wandb_id(run_id), name=redact_secrets(name),
+                         group=redact_secrets(group), job_type=job_type, tags=redact_secrets(tags),
+                         notes=redact_secrets(cfg.notes), mode=mode, dir=str(run_dir), resume="allow",
+                         config=redact_secrets(config), reinit="finish_previous")
     define_axes(run)
     if mode == "offline":
         log.info(f"W&B is offline; to upload this run later: {sync_command(run)}")
