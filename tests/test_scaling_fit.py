@@ -431,3 +431,177 @@ def test_cli_help_explains_sources_and_approaches(capsys):
     assert code == 0 and "wandb:ENTITY/PROJECT" in out and "IsoFLOP" in out and "--n-kind" in out
     code, out, _ = run_main(["plan", "--help"], capsys)
     assert code == 0 and "--flops" in out and "Chinchilla" in out
+
+
+# ---------------------------------------------------------------- bad inputs through the CLI
+
+# The same value spelled for JSON (summary.json) and for a CSV cell, and what the message says of it.
+BAD_VALUES = [  # (id, JSON, CSV, phrase)
+    ("nan", "NaN", "nan", "is nan, not a finite number"),
+    ("inf", "Infinity", "inf", "is inf, not a finite number"),
+    ("zero", "0", "0", "is 0, not > 0"),
+    ("negative", "-3", "-3", "is -3, not > 0"),
+    ("huge", "1e999", "1e999", "is inf, not a finite number"),  # beyond float64: reads as inf
+    ("text", '"abc"', "abc", "not a number"),
+]
+KEYS = [("N", "N"), ("D", "D"), ("C", "C"), ("loss", "val/loss")]  # (CSV column, summary.json key)
+GOOD = {"N": 1e6, "D": 2e7, "C": 1.2e14, "loss": 3.5}
+
+
+def sweep_with(root: Path, summary_text: str | None = None, **files: bytes | str | None) -> Path:
+    """A sweep of two completed runs and a diverged one (NaN loss: skipped, not an error); the run
+    `bad` gets `summary_text` as its summary.json (else a good one) and `files` (name -> content;
+    None makes a directory of that name)."""
+    sweep = root / "sweep"
+    write_run(sweep / "good", N=1e6, D=2e7, loss=3.5, val=[(10, 4.0), (20, 3.5)])
+    write_run(sweep / "diverged", N=2e6, D=2e7, loss=math.nan, status="diverged")
+    write_run(sweep / "bad", N=4e6, D=2e7, loss=3.2, val=[(10, 3.8), (20, 3.2)])
+    bad = sweep / "bad"
+    if summary_text is not None:
+        (bad / "summary.json").write_text(summary_text)
+    for name, content in files.items():
+        path = bad / name.replace("_", ".")
+        if path.exists():
+            path.unlink() if path.is_file() else path.rmdir()
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return sweep
+
+
+def summary_with(key: str, raw: str) -> str:
+    """A completed run's summary.json text whose `key` is the raw JSON `raw` (NaN, Infinity, 1e999...)."""
+    summary = {"run_id": "bad", "status": "completed", "N": 4e6, "D": 2e7, "C": 4.8e14, "val/loss": 3.2,
+               "flops_per_token": 2.4e7, "tokens_per_step": 1000, key: "@VALUE@"}
+    return json.dumps(summary).replace('"@VALUE@"', raw)
+
+
+def csv_with(column: str, text: str) -> str:
+    """Two rows of N, D, C, loss; the second (line 3) has `text` in `column`."""
+    bad = {**GOOD, column: text}
+    return "N,D,C,loss\n1e6,2e7,1.2e14,3.5\n" + ",".join(str(bad[c]) for c in ("N", "D", "C", "loss")) + "\n"
+
+
+FIT_3 = {"approaches": {"3": {"params": {k: {"value": v} for k, v in TRUE.as_dict().items()}}}}
+
+
+def fit_json(root: Path, content: str | dict | list | None) -> None:
+    """root/fit.json: text, JSON of a dict or list, or a directory (None)."""
+    path = root / "fit.json"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def with_params(approach: str, **values) -> dict:
+    return {"approaches": {approach: {"params": {k: {"value": v} for k, v in values.items()}}}}
+
+
+LATIN1 = "N,D,loss\n1e6,2e7,3.5 caf\xe9\n".encode("latin-1")
+PLAN = ["plan", "--flops", "1e18", "--fit", "{root}/fit.json"]
+# (id, arguments ({root}: the test's folder), what to write there, phrases the message must contain)
+SCALING_CASES = [
+    # -- the sources --
+    ("csv missing", ["fit", "{root}/points.csv"], lambda r: None, ["source:", "points.csv does not exist", "columns N, D, loss"]),
+    ("source missing", ["fit", "{root}/sweep"], lambda r: None, ["sweep does not exist", "give a run or sweep directory"]),
+    ("csv empty", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_text(""), ["points.csv is empty"]),
+    ("csv not UTF-8", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_bytes(LATIN1),
+     ["points.csv is not UTF-8", "UTF-8 CSV"]),
+    ("csv header only", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_text("N,D,loss\n"),
+     ["points.csv has a header but no rows"]),
+    ("csv missing a column", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_text("N,D,val_loss\n1,2,3\n"),
+     ["points.csv: missing column 'loss'", "['N', 'D', 'val_loss']"]),
+    ("csv row cut short", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_text("N,D,loss\n1e6,2e7,3\n1e6,2e7\n"),
+     ["points.csv:3: column 'loss': not a number: ''", "or delete the row"]),
+    ("csv name on a directory", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").mkdir(),
+     ["points.csv has no summary.json below it"]),
+    ("neither directory nor csv", ["fit", "{root}/points.txt"], lambda r: (r / "points.txt").write_text("N,D,loss\n"),
+     ["points.txt is neither a run/sweep directory nor a .csv file"]),
+    ("6ND overflows", ["fit", "{root}/points.csv"], lambda r: (r / "points.csv").write_text("N,D,loss\n1e200,1e200,3\n"),
+     ["points.csv:2: C = 6 N D = 6 x 1e+200 x 1e+200 is inf"]),
+    # -- a run's files --
+    ("summary.json empty", ["fit", "{root}/sweep"], lambda r: sweep_with(r, ""), ["bad/summary.json is empty", "rerun the run"]),
+    ("summary.json cut short", ["fit", "{root}/sweep"], lambda r: sweep_with(r, '{"status": "compl'),
+     ["bad/summary.json is not JSON", "cut short?"]),
+    ("summary.json a list", ["fit", "{root}/sweep"], lambda r: sweep_with(r, "[1, 2]"),
+     ["bad/summary.json holds list, not a JSON object"]),
+    ("summary.json not UTF-8", ["fit", "{root}/sweep"], lambda r: sweep_with(r, summary_json=b'{"status": "\xff"}'),
+     ["bad/summary.json is not UTF-8"]),
+    ("summary.json a directory", ["fit", "{root}/sweep"], lambda r: sweep_with(r, summary_json=None),
+     ["bad/summary.json is a directory, not a file"]),
+    ("metrics.jsonl a directory", ["fit", "{root}/sweep"], lambda r: sweep_with(r, metrics_jsonl=None),
+     ["bad/metrics.jsonl is a directory, not a file"]),
+    ("metrics.jsonl not UTF-8", ["fit", "{root}/sweep"], lambda r: sweep_with(r, metrics_jsonl=b'{"step": 1}\n\xff\xfe\n{}\n'),
+     ["bad/metrics.jsonl is not UTF-8"]),
+    ("metrics.jsonl torn before its end", ["fit", "{root}/sweep"],
+     lambda r: sweep_with(r, metrics_jsonl='{"step": 10, "val/l\n{"step": 20, "val/loss": 3.2}\n'),
+     ["bad/metrics.jsonl line 1 is not JSON"]),
+    ("metrics.jsonl record a list", ["fit", "{root}/sweep"], lambda r: sweep_with(r, metrics_jsonl='[10, 3.2]\n{"step": 1}\n'),
+     ["bad/metrics.jsonl line 1 holds list, not a JSON object"]),
+    ("metrics.jsonl negative loss", ["fit", "{root}/sweep"],
+     lambda r: sweep_with(r, metrics_jsonl='{"step": 10, "val/loss": -1.5}\n'), ["has val/loss -1.5 at step 10, not > 0"]),
+    ("run.json cut short", ["fit", "{root}/sweep"], lambda r: sweep_with(r, run_json='{"config": {"bud'),
+     ["bad/run.json is not JSON"]),
+    ("--out is a file", ["fit", "{root}/sweep", "--out", "{root}/sweep/good/summary.json"], sweep_with,
+     ["--out:", "summary.json is a file, not a directory"]),
+    # -- llm-scaling plan --fit --
+    ("fit.json missing", PLAN, lambda r: None, ["--fit:", "fit.json does not exist", "llm-scaling fit"]),
+    ("fit.json a directory", PLAN, lambda r: fit_json(r, None), ["fit.json is a directory, not a file"]),
+    ("fit.json cut short", PLAN, lambda r: fit_json(r, '{"approaches": {"3"'), ["fit.json is not JSON"]),
+    ("fit.json a list", PLAN, lambda r: fit_json(r, [FIT_3]), ["fit.json holds list, not a JSON object"]),
+    ("fit.json without approaches", PLAN, lambda r: fit_json(r, {"succeeded": []}),
+     ["fit.json has no 'approaches' object"]),
+    ("fit.json parameter text", PLAN, lambda r: fit_json(r, with_params("2", k_N=0.1, a="half")),
+     ["approach 2's a = 'half', not a finite number or null"]),
+    ("fit.json law incomplete", PLAN, lambda r: fit_json(r, with_params("3", E=None, A=1.0, B=1.0, alpha=0.3, beta=0.3)),
+     ["none of Approaches 3, 2, 1 with all its parameters", "3 lacks a value for E"]),
+    ("fit.json frontier degenerate", PLAN, lambda r: fit_json(r, with_params("2", k_N=-0.1, a=0.5)),
+     ["gives no usable allocation", "plan without --fit"]),
+    # -- a completed run's, or a CSV row's, values: each of N, D, C, loss, spelled six bad ways --
+    *((f"summary {key} {name}", ["fit", "{root}/sweep"], lambda r, k=key, j=raw: sweep_with(r, summary_with(k, j)),
+       ["run:", "bad/summary.json", f"'{key}'", phrase, "although the run completed", "move its directory out"])
+      for _, key in KEYS for name, raw, _, phrase in BAD_VALUES),
+    *((f"csv {column} {name}", ["fit", "{root}/points.csv"],
+       lambda r, c=column, t=text: (r / "points.csv").write_text(csv_with(c, t)),
+       ["points.csv:3: column", f"'{column}'", phrase, "positive finite numbers"])
+      for column, _ in KEYS for name, _, text, phrase in BAD_VALUES),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name,args,setup,phrases", SCALING_CASES, ids=[c[0] for c in SCALING_CASES])
+def test_bad_input_exits_2_naming_it_and_writes_nothing(name, args, setup, phrases, tmp_path, monkeypatch, capsys):
+    setup(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a file source's default --out (./scaling) would go
+    before = snapshot(tmp_path)
+    code, out, err = run_main([a.replace("{root}", str(tmp_path)) for a in args], capsys)
+    assert code == 2, err
+    assert err.startswith("llm-scaling: error: ") and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, f"{phrase!r} not in: {err}"
+    assert snapshot(tmp_path) == before  # no fit.json, no plot
+    assert not (tmp_path / "scaling").exists() and not (tmp_path / "sweep" / "scaling").exists()
+
+
+def test_failed_runs_and_runs_without_a_loss_are_skipped_not_refused(tmp_path, capsys):
+    sweep = sweep_with(tmp_path)  # the table's sweep, with nothing damaged: it fits
+    write_run(sweep / "no-val", N=3e6, D=2e7, loss=3.0)
+    summary = json.loads((sweep / "no-val" / "summary.json").read_text())
+    del summary["val/loss"]  # a completed run trained without validation
+    (sweep / "no-val" / "summary.json").write_text(json.dumps(summary))
+    code, out, err = run_main(["fit", str(sweep), "--approaches", "kaplan", "--bootstrap", "0", "--no-plots"], capsys)
+    assert code == 0, err
+    assert "skipped 2 run(s)" in out and "diverged: status 'diverged'" in out and "no-val: summary.json lacks val/loss" in out
+    assert json.loads((sweep / "scaling" / "fit.json").read_text())["n_points"] == 2
+
+
+def test_the_bad_input_table_covers_every_value_and_file():
+    assert len(SCALING_CASES) >= 70
+    assert {c[0].split()[1] for c in SCALING_CASES if c[0].startswith(("summary ", "csv "))} >= {"N", "D", "C", "loss"}

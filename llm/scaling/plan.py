@@ -158,7 +158,7 @@ def resolve_law(fit: Any = None) -> dict[str, Any]:
                 "n_kind": n_kind, "law": law}
     raise ValueError("the fit has none of Approaches 3, 2, 1 with all its parameters (needed to allocate compute "
                      f"between N and D); it has: {', '.join(approaches) or 'nothing'}"
-                     + "".join(f"; {k} lacks {', '.join(p for p in LAW_PARAMS[k] if v.get(p) is None)}"
+                     + "".join(f"; {k} lacks a value for {', '.join(p for p in LAW_PARAMS[k] if v.get(p) is None)}"
                                for k, v in values.items() if k not in usable))
 
 

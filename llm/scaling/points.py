@@ -42,7 +42,7 @@ CSV_FIX = (f"give a UTF-8 CSV file with a header row naming the columns {', '.jo
            f"(optional {', '.join(CSV_OPTIONAL)}) and one row per run")
 RUN_FIX = ("rerun the run, or move its directory out of the sources (runs whose status is not completed "
            "are skipped)")
-VALUE_FIX = "N, D, C and the loss must be positive finite numbers (C may be left out: 6 N D)"
+VALUE_FIX = "N, D, C, loss and budget must be positive finite numbers (leave C out for 6 N D)"
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def _summary_value(summary: dict, key: str, where: str) -> Optional[float]:
         return None
     why = bad_number(value)
     if why:
-        raise InputError(f"run: {where}: {key!r} {why}, although the run completed; {VALUE_FIX}: {RUN_FIX}")
+        raise InputError(f"run: {where}: {key!r} {why}, although the run completed; {RUN_FIX}")
     return float(value)
 
 
@@ -305,11 +305,10 @@ def _csv_point(row: dict, path: Path, line: int, n_column: str) -> Point:
         try:
             number = float(text)
         except ValueError:
-            raise InputError(f"{where}: column {name!r}: not a number: {text!r}; {VALUE_FIX} "
-                             "(or delete the row)") from None
+            raise InputError(f"{where}: column {name!r}: not a number: {text!r}; {VALUE_FIX}, or delete the row") from None
         why = bad_number(number)
         if why:
-            raise InputError(f"{where}: column {name!r} {why} (written {text!r}); {VALUE_FIX} (or delete the row)")
+            raise InputError(f"{where}: column {name!r} {why} (written {text!r}); {VALUE_FIX}, or delete the row")
         return number
 
     N, D, loss = value(n_column), value("D"), value("loss")
