@@ -4,6 +4,7 @@ report's panels and filters (built, not saved), the CLI's messages, and the page
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -215,3 +216,114 @@ def test_offline_dashboard_renders_in_headless_chromium(sweep, tmp_path):
     for colour in (BLUE, RED):  # both groups' curves are drawn
         close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
         assert close > 200, (colour, close)
+
+
+# ---------------------------------------------------------------- bad inputs through the CLI
+
+def local_run(run_dir: Path, status: str = "completed", loss: float = 3.0, attention: str = "mha") -> Path:
+    """A run directory as llm-train leaves it (summary.json, run.json, config.yaml, metrics.jsonl),
+    written directly: no training."""
+    run_dir.mkdir(parents=True)
+    choices = {"model": "nano", "attention": attention}
+    (run_dir / "summary.json").write_text(json.dumps({
+        "run_id": run_dir.name, "status": status, "N": 1e6, "D": 1e7, "C": 6e13, "val/loss": loss, "choices": choices,
+        "tokens_per_step": 1000, "flops_per_token": 6e6}))
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "choices": choices,
+                                                  "config": {"model": {"d_model": 64}}}))
+    (run_dir / "config.yaml").write_text("model:\n  d_model: 64\nlogger:\n  tags: [ablation]\n")
+    records = [{"step": s, "train/loss": loss + 1 / s, "val/loss": loss + 0.5 / s} for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "tr')  # torn
+    return run_dir
+
+
+def runs_with(root: Path, **files: bytes | str | None) -> Path:
+    """Two runs below root/sweep; run `1` gets `files` (summary_json -> summary.json; None: a directory)."""
+    local_run(root / "sweep" / "0")
+    run = local_run(root / "sweep" / "1", attention="mqa")
+    for name, content in files.items():
+        path = run / name.replace("_", ".")
+        if path.exists():
+            path.unlink()
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return root / "sweep"
+
+
+def found_fit(root: Path, content: str) -> None:
+    runs_with(root)
+    (root / "sweep" / "scaling").mkdir()
+    (root / "sweep" / "scaling" / "fit.json").write_text(content)
+
+
+SWEEP = ["{root}/sweep"]
+# (id, arguments ({root}: the test's folder), what to write there, phrases the message must contain)
+DASHBOARD_CASES = [
+    ("source missing", SWEEP, lambda r: None, ["source:", "sweep does not exist", "give run or sweep directories"]),
+    ("source a file", ["{root}/notes.txt"], lambda r: (r / "notes.txt").write_text("runs\n"),
+     ["source:", "notes.txt is a file, not a directory"]),
+    ("summary.json cut short", SWEEP, lambda r: runs_with(r, summary_json='{"status": "comp'),
+     ["run:", "1/summary.json is not JSON", "cut short?", "rerun the run"]),
+    ("summary.json empty", SWEEP, lambda r: runs_with(r, summary_json=""), ["1/summary.json is empty"]),
+    ("summary.json a list", SWEEP, lambda r: runs_with(r, summary_json="[]"), ["1/summary.json holds list, not a JSON object"]),
+    ("summary.json not UTF-8", SWEEP, lambda r: runs_with(r, summary_json=b'{"status": "\xe9"}'),
+     ["1/summary.json is not UTF-8"]),
+    ("summary.json a directory", SWEEP, lambda r: runs_with(r, summary_json=None),
+     ["1/summary.json is a directory, not a file"]),
+    ("choices not an object", SWEEP, lambda r: runs_with(r, summary_json='{"status": "completed", "choices": ["mha"]}'),
+     ["1/summary.json has 'choices' that are list, not an object"]),
+    ("metrics.jsonl a directory", SWEEP, lambda r: runs_with(r, metrics_jsonl=None),
+     ["1/metrics.jsonl is a directory, not a file"]),
+    ("metrics.jsonl torn before its end", SWEEP, lambda r: runs_with(r, metrics_jsonl='{"step": 1, "val\n{"step": 2}\n'),
+     ["1/metrics.jsonl line 1 is not JSON"]),
+    ("run.json cut short", SWEEP, lambda r: runs_with(r, run_json='{"config": '), ["1/run.json is not JSON"]),
+    ("config.yaml not YAML", SWEEP, lambda r: runs_with(r, config_yaml="model: [d_model: 64\n"),
+     ["1/config.yaml is not YAML"]),
+    ("config.yaml a list", SWEEP, lambda r: runs_with(r, config_yaml="- model\n- attention\n"),
+     ["1/config.yaml holds a ListConfig, not a mapping"]),
+    ("--fit missing", [*SWEEP, "--fit", "{root}/fit.json"], runs_with, ["--fit:", "fit.json does not exist", "llm-scaling fit"]),
+    ("--fit cut short", [*SWEEP, "--fit", "{root}/fit.json"],
+     lambda r: (runs_with(r), (r / "fit.json").write_text('{"approaches": {')), ["--fit:", "fit.json is not JSON"]),
+    ("found fit.json cut short", SWEEP, lambda r: found_fit(r, '{"appro'),
+     ["fit.json:", "scaling/fit.json is not JSON", "give --fit another one"]),
+    ("found fit.json of another shape", SWEEP, lambda r: found_fit(r, '{"approaches": ["3"]}'),
+     ["scaling/fit.json has no 'approaches' object"]),
+    ("-o a directory", [*SWEEP, "-o", "{root}/sweep"], runs_with, ["-o/--out:", "sweep is a directory", "dashboard.html"]),
+    ("-o below a file", [*SWEEP, "-o", "{root}/sweep/0/summary.json/page.html"], runs_with,
+     ["-o/--out:", "0/summary.json is a file, not a directory"]),
+]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name,args,setup,phrases", DASHBOARD_CASES, ids=[c[0] for c in DASHBOARD_CASES])
+def test_bad_input_exits_2_naming_it_and_writes_no_page(name, args, setup, phrases, tmp_path, monkeypatch, capsys):
+    setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        dashboard_main([a.replace("{root}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("llm-dashboard: error: ") and "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, f"{phrase!r} not in: {err}"
+    assert snapshot(tmp_path) == before  # no dashboard.html
+
+
+def test_failed_runs_and_torn_last_lines_are_shown_not_refused(tmp_path, capsys):
+    runs_with(tmp_path)
+    local_run(tmp_path / "sweep" / "2", status="diverged", loss=math.nan, attention="gqa")
+    with pytest.raises(SystemExit) as exit_info:
+        dashboard_main([str(tmp_path / "sweep")])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    data = page_data(find_local_runs([tmp_path / "sweep"]))
+    # The torn 4th record of each run is skipped; the diverged run is listed, its NaN losses not drawn.
+    assert [(r["status"], len(r["curves"]["val/loss"])) for r in data["runs"]] == \
+        [("completed", 3), ("completed", 3), ("diverged", 0)]
+    assert (tmp_path / "sweep" / "dashboard.html").stat().st_size > 5000

@@ -88,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
     online = [s for s in args.sources if s.startswith("wandb:")]
     if online and (len(online) > 1 or len(args.sources) > 1):
         return fail("give run/sweep directories, or one wandb:[ENTITY/]PROJECT source, not both")
-    # Every input is read and checked before the page is written: a damaged file leaves no page.
-    out = None if online else check_output(Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html")
     report_entity, _, report_project = (args.report or "").rpartition("/")
     if args.report is not None and not report_project:
         return fail(f"--report {args.report!r}: expected ENTITY/PROJECT or PROJECT")
@@ -119,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         entity, project = parse_wandb_source(online[0])
         return publish_report(entity, project, runs, group_by, filters, title, exact_runs=False)
 
+    # Every input is read and checked before the page is written: a damaged file leaves no page.
+    out = check_output(Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html")
     fit_path = Path(args.fit) if args.fit else find_fit(args.sources)
     fit = None
     if fit_path is not None:
