@@ -12,9 +12,11 @@ leave behind (llm-generate, llm-eval, llm-hf, init_from, resume) goes through th
 - parent:      Parent, load_parent (where a post-training stage starts)
 - save:        atomic_torch_save, save_network, AtomicCheckpointIO (Lightning's plugin)
 - consolidate: a sharded FSDP/TP checkpoint -> one file (`llm-consolidate`)
+- safe_reader: torch's sharded-checkpoint reader and planners, unpickling nothing but its metadata
 
-Nothing here unpickles more than tensors and plain types (`torch.load(weights_only=True)`), and
-every file is written atomically (`llm.files.atomic_write`). `save` and `consolidate` are imported
+Nothing here unpickles more than tensors and plain types (`torch.load(weights_only=True)`) and,
+in a sharded directory's index, torch's checkpoint metadata types (`safe_reader`); every file is
+written atomically (`llm.files.atomic_write`). `save`, `consolidate` and `safe_reader` are imported
 from their modules (they bring Lightning and torch.distributed along).
 """
 

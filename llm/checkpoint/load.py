@@ -3,14 +3,14 @@
 
 Files are read with `torch.load(weights_only=True)`; sharded FSDP/TP directories with torch's
 public `torch.distributed.checkpoint.load` in this one process (no process group), only the
-network's tensors; a checkpoint of LoRA adapters is folded onto its parent's weights; a Hugging
-Face folder is converted by `llm.interop.hf`.
+network's tensors (the shards' index unpickled by `llm.checkpoint.safe_reader`); a checkpoint of
+LoRA adapters is folded onto its parent's weights; a Hugging Face folder is converted by
+`llm.interop.hf`.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -44,19 +44,11 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
 
 
 def _read_sharded_weights(directory: Path) -> dict[str, Tensor]:
-    """Whole tensors from the shards: tensors of the global shapes the checkpoint's metadata
-    records, filled in place by `torch.distributed.checkpoint.load` without a process group."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """Whole tensors from the shards, of the global shapes the checkpoint's metadata records."""
+    from llm.checkpoint.safe_reader import read_entries
 
-    reader = dcp.FileSystemReader(str(directory))
-    state = {fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for fqn, meta in reader.read_metadata().state_dict_metadata.items()
-             if fqn.startswith(SHARDED_PREFIX) and isinstance(meta, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # one process on purpose: torch warns that it assumes so
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=True)
-    return {k.removeprefix(SHARDED_PREFIX): v for k, v in state.items()}
+    state, _ = read_entries(directory, include=lambda fqn: fqn.startswith(SHARDED_PREFIX))
+    return {k.removeprefix(SHARDED_PREFIX): v for k, v in state.items() if isinstance(v, Tensor)}
 
 
 def load_network(source: CheckpointRef | str | Path, device: str | torch.device = "cpu", key: str = "checkpoint",

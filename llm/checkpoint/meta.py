@@ -4,7 +4,9 @@ A checkpoint is a Lightning checkpoint: one `torch.save` file (single process, D
 export, `llm-consolidate` output), or a `torch.distributed.checkpoint` directory of shards whose
 non-tensor part is `meta.pt` (FSDP/TP). Either way the non-tensor part holds `global_step`, the
 loop state, and our `llm` dict: stage, model_config, value_head, lora, parent. Everything is read
-with `torch.load(weights_only=True)`: nothing on disk is unpickled beyond tensors and plain types.
+with `torch.load(weights_only=True)`, and a sharded directory's index (`.metadata`) with an
+allowlisting unpickler (`llm.checkpoint.safe_reader`): nothing on disk is unpickled beyond
+tensors, plain types and torch's checkpoint metadata.
 """
 
 from __future__ import annotations
@@ -81,8 +83,12 @@ def why_unreadable(path: str | Path, error: Exception) -> str:
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
         return NOT_AN_ARCHIVE
     if is_sharded(path):
+        from llm.checkpoint.safe_reader import RefusedPickle
+
         try:
             missing = _missing_shard(path)
+        except RefusedPickle as refused:  # the index names a class or function it never holds
+            return str(refused)
         except Exception:  # the shards' index itself is absent or torn
             missing = "the index of its shards (.metadata) is missing or torn"
         if missing:
@@ -95,8 +101,8 @@ NOT_AN_ARCHIVE = "not a whole checkpoint archive (cut short, or not written by t
 
 def checkpoint_problem(path: str | Path) -> Optional[str]:
     """Why the checkpoint at `path` cannot be resumed from, or None when it loads: a file must
-    unpickle (safely) with its weights and step; a sharded directory needs its metadata and every
-    shard file it names, at full length."""
+    unpickle (safely) with its weights and step; a sharded directory needs its metadata (which
+    unpickles to torch's metadata types only) and every shard file it names, at full length."""
     path = Path(path)
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
         return NOT_AN_ARCHIVE
@@ -114,11 +120,12 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
 
 
 def _missing_shard(directory: Path) -> Optional[str]:
-    """The first shard file the sharded checkpoint's metadata names that is absent or short."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """The first shard file the sharded checkpoint's metadata names that is absent or short (the
+    metadata read safely: RefusedPickle when it names anything but torch's metadata types)."""
+    from llm.checkpoint.safe_reader import SafeFileSystemReader
 
     needed: dict[str, int] = {}
-    for info in FileSystemReader(str(directory)).read_metadata().storage_data.values():
+    for info in SafeFileSystemReader(str(directory)).read_metadata().storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
         have = (directory / name).stat().st_size if (directory / name).is_file() else None

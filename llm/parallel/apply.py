@@ -75,7 +75,8 @@ class DDP(Single):
 
 class FSDP(Single):
     """FSDP2 over the data-parallel ranks, optionally with tensor parallelism (a 2-D dp x tp
-    mesh) and hybrid sharding (replicate x shard), through Lightning's ModelParallelStrategy."""
+    mesh) and hybrid sharding (replicate x shard), through Lightning's ModelParallelStrategy
+    (with a safe resume load: `llm.parallel.strategy`)."""
 
     sharded_checkpoints = True
 
@@ -90,11 +91,11 @@ class FSDP(Single):
         self.cpu_offload = cpu_offload
 
     def strategy(self, world_size: int = 1) -> Any:
-        from pytorch_lightning.strategies import ModelParallelStrategy
+        from llm.parallel.strategy import SafeModelParallelStrategy  # its resume unpickles nothing unsafe
 
-        return ModelParallelStrategy(data_parallel_size=self.data_parallel_size(world_size),
-                                     tensor_parallel_size=self.tensor_parallel,
-                                     save_distributed_checkpoint=True)
+        return SafeModelParallelStrategy(data_parallel_size=self.data_parallel_size(world_size),
+                                         tensor_parallel_size=self.tensor_parallel,
+                                         save_distributed_checkpoint=True)
 
     def parallelize(self, model: nn.Module, device_mesh: Optional[Any] = None) -> nn.Module:
         from llm.parallel.fsdp import apply_fsdp
