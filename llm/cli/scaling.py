@@ -36,7 +36,11 @@ Approaches (Hoffmann et al. 2022; Kaplan et al. 2020):
   kaplan  L(C) = (C_c / C)^alpha_C on the compute frontier
 
 Intervals are 95 % percentile bootstrap intervals. An approach the data cannot support is skipped
-with the reason; the command fails (exit 1) only when none could run."""
+with the reason; the command fails (exit 1) only when none could run.
+
+Exit codes: 0 done; 1 no approach could run; 2 a bad source: a file missing or damaged (not UTF-8,
+not JSON, a directory), a CSV column missing, or a completed run or CSV row whose N, D, C or loss is
+not a positive finite number (the message names the file, row and key; nothing is written)."""
 
 PLAN_HELP = """Compute-optimal parameters N and tokens D for a budget, and the llm-train overrides.
 
