@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import sys
+from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -17,29 +21,45 @@ log = logging.getLogger("llm.cli.train")
 # Set once Hydra hands a composed config to the app: an exit before that is Hydra refusing the
 # command line (a bad override, a value its type or Enum refuses), which is a config error (exit 2).
 _composed = False
+# llm.tracking.preemption.INTERRUPTED_EXIT_CODE, not imported here: that module brings Lightning.
+_INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _app(cfg: DictConfig) -> float | None:
-    """Exit codes: 0 done, 1 failed (also: stopped by the loss guard), 2 config or input error,
-    75 preempted after saving a checkpoint (see llm.cli.common)."""
+    """Exit codes: 0 done, 1 failed (also: stopped by the loss guard, or no space left for a
+    checkpoint), 2 config or input error, 75 preempted after saving a checkpoint, 130 interrupted
+    by Ctrl-C (see llm.cli.common)."""
+    global _composed
+    _composed = True
+    try:
+        return _train(cfg)
+    except KeyboardInterrupt:  # a Ctrl-C before llm-train's own handler was in place (while importing)
+        _interrupted(cfg, None)
+        _exit_interrupted()
+
+
+def _train(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from llm.parallel.launch import RankFailed
     from llm.tracking.guard import GuardGaveUp
-    from llm.tracking.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from llm.tracking.preemption import PREEMPTED_EXIT_CODE, Interrupted, Preempted, ctrl_c_stops_at_once
     from llm.run.run import discard_unstarted
     from llm.train import train
 
-    global _composed
-    _composed = True
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        summary = train(cfg)
+        with ctrl_c_stops_at_once():  # Interrupted, not a KeyboardInterrupt that Lightning would turn into exit 1
+            summary = train(cfg)
     except Preempted as e:
         _preempted(cfg, e)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except GuardGaveUp as e:
+    except Interrupted as e:
+        _interrupted(cfg, e)
+        _exit_interrupted()  # also in a multirun: Ctrl-C stops the sweep
+    except (GuardGaveUp, RankFailed) as e:
         sys.stderr.write(f"error: {e}\n")
         if multirun:
             raise
@@ -47,7 +67,13 @@ def _app(cfg: DictConfig) -> float | None:
     except Exception as e:
         cause = config_error_in(e)
         if cause is None:
-            raise
+            full = _no_space(cfg, e)
+            if full is None:
+                raise
+            sys.stderr.write(f"error: {full}\n")
+            if multirun:
+                raise
+            sys.exit(1)
         sys.stderr.write(f"error: {cause}\n")
         discard_unstarted(cfg.paths.run_dir)  # a refused run leaves no directory behind
         if multirun:
@@ -72,11 +98,102 @@ def _preempted(cfg: DictConfig, e: Exception) -> None:
             log.warning(note)
 
 
+def _interrupted(cfg: DictConfig, e: Optional[BaseException]) -> None:
+    """Say in one line where the run stopped, which checkpoint it keeps and how to continue, and
+    make sure summary.json (if there is one) says "interrupted". `e`: the Interrupted, or None
+    for a KeyboardInterrupt that came before the run started."""
+    from llm.files import write_json
+    from llm.parallel.launch import is_rank_zero, spawned_rank
+    from llm.run.layout import RunDir
+
+    if not is_rank_zero() or spawned_rank():
+        return  # the process that started the ranks speaks for them
+    run = RunDir(cfg.paths.run_dir)
+    summary = _read_json(run.summary)
+    if summary is not None and summary.get("status") not in ("interrupted", "completed"):
+        summary["status"] = "interrupted"  # e.g. a rank that failed on its way out of a second Ctrl-C
+        write_json(run.summary, summary)
+    if e is not None and not run.run_file.is_file():
+        from llm.run.run import discard_unstarted
+
+        discard_unstarted(run.path)  # stopped before the run started: Hydra's files go, as for a refused run
+    if e is None:
+        line = "interrupted before the run started"
+    else:
+        step = e.step if getattr(e, "step", None) is not None else (summary or {}).get("steps_done")
+        line = "interrupted" + (f" at step {step}" if step is not None else "") + _kept(run.path, step, e)
+    line += f"; continue with llm-train resume={run.path}" if run.run_file.is_file() else "; nothing was saved"
+    sys.stderr.write(line + "\n")
+
+
+def _kept(run_dir: Path, step: Optional[int], e: BaseException) -> str:
+    """What the run keeps: the checkpoint saved on the way out, or the newest one before it."""
+    from llm.checkpoint import checkpoint_step, last_checkpoint
+
+    if getattr(e, "checkpoint", None) is not None:
+        return f"; checkpoint saved to {e.checkpoint}"
+    newest = last_checkpoint(run_dir)
+    if newest is None:
+        return "; no checkpoint was saved"
+    try:
+        saved = checkpoint_step(newest)
+    except Exception:  # whatever torch raises for a checkpoint that does not load: resume sets it aside
+        return f"; the newest checkpoint is {newest}"
+    if saved == step:  # the ranks of a multi-process run saved it on their way out
+        return f"; checkpoint saved to {newest}"
+    return f"; no checkpoint at this step, the newest is {newest} (step {saved})"
+
+
+def _no_space(cfg: DictConfig, e: BaseException) -> Optional[str]:
+    """The one-line report of a write that ran out of room (a checkpoint's, raised as NoSpace, or
+    any other file's), or None when `e` is something else."""
+    from llm.checkpoint import last_checkpoint
+    from llm.checkpoint.save import NoSpace, causes, no_space
+    from llm.run.layout import RunDir
+
+    run = RunDir(cfg.paths.run_dir)
+    chain = list(causes(e))
+    checkpoint = next((c for c in chain if isinstance(c, NoSpace)), None)
+    if checkpoint is not None:
+        what = str(checkpoint)
+    else:
+        why = no_space(e, run.path)
+        if why is None:
+            return None
+        name = next((c.filename for c in chain if isinstance(c, OSError) and c.filename), None)
+        what = f"no space left to write {name or 'a file of the run'} (disk full or file-size limit: {why})"
+    newest = last_checkpoint(run.path)
+    kept = f"the {'previous' if checkpoint else 'newest'} checkpoint {newest} is kept" if newest else "no checkpoint was saved"
+    then = f"llm-train resume={run.path}" if run.run_file.is_file() else "run it again"
+    return f"{what}: {kept}; free space, then {then}"
+
+
+def _exit_interrupted() -> None:
+    """Exit with 130. A further Ctrl-C is ignored from here: the process is on its way out, and
+    it would only print a traceback from the interpreter's shutdown (torch's exit hooks)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no handler can be set here
+        pass
+    sys.exit(_INTERRUPTED_EXIT_CODE)
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short
+        return None
+
+
 def main() -> None:
     from llm.tracking.sweep import report_sweep
 
     global _composed
     _composed = False  # per invocation: tests and other callers may run several in one process
+    # A file-size limit (ulimit -f) sends SIGXFSZ, which kills the process: ignored, a write past
+    # the limit fails with EFBIG instead, and the run reports it and keeps its last checkpoint.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     try:
         _app()
@@ -84,6 +201,9 @@ def main() -> None:
         if e.code == 1 and not _composed:  # Hydra refused the command line before the run started
             sys.exit(CONFIG_ERROR_EXIT_CODE)
         raise
+    except KeyboardInterrupt:  # a Ctrl-C while the command line was being composed
+        sys.stderr.write("interrupted before the run started\n")
+        _exit_interrupted()
     finally:
         report_sweep()  # after a multirun: index.json and a line per failed job
 

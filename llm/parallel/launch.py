@@ -61,48 +61,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RankFailed(RuntimeError):
+    """A rank of a local multi-process run failed; its own error is printed above (and in the
+    run's train.log or its rankN.log), so llm-train reports this in one line."""
+
+
 def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds: float = 0.2) -> None:
     """Run `llm-train <overrides>` as n local ranks in `run_dir`; raise if any rank fails (the
-    others are then stopped, so a crashed rank never leaves the rest waiting in a collective)."""
-    port = _free_port()
-    procs = []
-    # Share the cores between the ranks instead of oversubscribing them (as torchrun does).
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
-    for rank in range(n):
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank),
-               "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n),
-               "LLM_LAUNCHER_PID": str(os.getpid())}
-        # Rank 0 appends to the run's train.log (what the console shows); the others keep a
-        # rankN.log of their own, which holds only their warnings and errors.
-        command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
-                   "hydra.output_subdir=null", f"hydra.job.name={'train' if rank == 0 else f'rank{rank}'}"]
-        procs.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
-    from llm.tracking.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Preempted
+    others are then stopped, so a crashed rank never leaves the rest waiting in a collective).
 
-    # A preemption signal sent to this process reaches every rank; they checkpoint and exit with 75.
+    SIGTERM and SIGUSR1 sent to this process are forwarded to the ranks (preemption: they save and
+    stop, and this raises Preempted). Ctrl-C is not forwarded: the terminal sends SIGINT to its
+    whole foreground process group, the ranks included, and a forwarded copy would be their second
+    Ctrl-C (stop at once, without a checkpoint). This process waits for them to save and stop, then
+    raises Interrupted; after a second Ctrl-C it stops waiting once one rank has stopped, after a
+    third at once, and the ranks still running are ended."""
+    from llm.tracking.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted, Preempted
+
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    ctrl_c = 0
+
     def forward(signum: int, _: object) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
-    previous = {signum: signal.signal(signum, forward) for signum in SIGNALS} if main_thread else {}
+    def count_ctrl_c(signum: int, _: object) -> None:
+        nonlocal ctrl_c
+        ctrl_c += 1
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # where signal handlers may be set
+        previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, count_ctrl_c)
+    # Share the cores between the ranks instead of oversubscribing them (as torchrun does).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     try:
+        for rank in range(n):
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "LOCAL_RANK": str(rank), "NODE_RANK": "0", "RANK": str(rank), "WORLD_SIZE": str(n),
+                   "LLM_LAUNCHER_PID": str(os.getpid())}
+            # Rank 0 appends to the run's train.log (what the console shows); the others keep a
+            # rankN.log of their own, which holds only their warnings and errors.
+            command = [sys.executable, "-m", "llm.cli.train", *overrides, f"hydra.run.dir={run_dir}",
+                       "hydra.output_subdir=null", f"hydra.job.name={'train' if rank == 0 else f'rank{rank}'}"]
+            procs.append(subprocess.Popen(command, env=env,
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None))
         while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0, PREEMPTED_EXIT_CODE)]
+            codes = [p.returncode for p in procs]
+            if ctrl_c >= 3 or (ctrl_c >= 2 and any(code is not None for code in codes)):
+                break  # the user will not wait: the ranks still running are ended below
+            failed = [r for r, code in enumerate(codes)
+                      if code not in (None, 0, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE)]
             if failed:
-                raise RuntimeError(f"rank {failed[0]} exited with code {procs[failed[0]].returncode}")
+                raise RankFailed(f"rank {failed[0]} exited with code {codes[failed[0]]}")
             time.sleep(poll_seconds)
         codes = [p.returncode for p in procs]
+        if ctrl_c or INTERRUPTED_EXIT_CODE in codes:
+            raise Interrupted()
         if all(code == PREEMPTED_EXIT_CODE for code in codes):
             raise Preempted(None, "a preemption signal")
         if any(codes):
-            raise RuntimeError(f"ranks exited with codes {codes}")
+            raise RankFailed(f"ranks exited with codes {codes}")
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for p in procs:
-            if p.poll() is None:
+            if p.poll() is None and ctrl_c >= 3:
+                p.kill()
+            elif p.poll() is None:
                 p.terminate()
         for p in procs:
             try:

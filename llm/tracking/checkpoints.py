@@ -3,7 +3,8 @@
 A single-process or DDP checkpoint is one file (written by llm.checkpoint.save.AtomicCheckpointIO:
 temporary file, fsync, verify, rename). An FSDP/TP checkpoint is a `torch.distributed.checkpoint`
 directory of shards, written to a temporary directory by every rank and then swapped in by rank 0.
-Either way `last.ckpt` is always a whole checkpoint or absent, never a torn one.
+Either way `last.ckpt` is always a whole checkpoint or absent, never a torn one. A write that
+runs out of room raises `llm.checkpoint.save.NoSpace`; the checkpoints already kept stay whole.
 
 Before a new `last.ckpt` is written, the previous one is renamed `step-<its step>.ckpt`; the
 newest `trainer.keep_last` checkpoints are kept (last.ckpt counts as one) plus the best by
@@ -23,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 
 from llm.checkpoint.find import remove_path, step_files
 from llm.checkpoint.meta import checkpoint_step
+from llm.checkpoint.save import NoSpace, no_space
 from llm.run.layout import BEST, CORRUPT, LAST, branch_checkpoint, step_checkpoint
 
 
@@ -61,7 +63,15 @@ class PeriodicCheckpoint(Callback):
             if rank_zero and tmp.exists():
                 shutil.rmtree(tmp)
             trainer.strategy.barrier("checkpoint-start")
-            trainer.save_checkpoint(tmp)  # every rank writes its shards; ends with a barrier
+            try:
+                trainer.save_checkpoint(tmp)  # every rank writes its shards; ends with a barrier
+            except Exception as e:
+                why = no_space(e, self.dirpath)  # asked before the space of the shards is given back
+                if rank_zero:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                if why is not None:
+                    raise NoSpace(final, why) from e
+                raise
             if rank_zero:
                 if name == LAST:
                     self._rotate()

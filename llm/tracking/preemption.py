@@ -1,11 +1,20 @@
-"""Preemption: SIGTERM or SIGUSR1 saves a checkpoint at the next step boundary and stops the run
-with exit code 75; under SLURM the job is requeued and resumes by itself.
+"""Preemption and Ctrl-C: a signal saves a checkpoint at the next step boundary and stops the run.
+
+SIGTERM or SIGUSR1 (preemption) stops it with exit code 75; under SLURM the job is requeued and
+resumes by itself. SIGINT (Ctrl-C) stops it with `Interrupted`, exit code 130 and status
+"interrupted", and is never requeued: the user asked for the stop.
 
 A signal only sets a flag (a handler must not run collectives or write files). At the end of the
 next optimizer step all ranks agree on the flag (one all-reduce) and save `last.ckpt`; before the
-step after it they raise `Preempted`. `llm-train` then requeues a SLURM job (`scontrol requeue`)
-and exits with PREEMPTED_EXIT_CODE. When SLURM restarts the job (SLURM_RESTART_COUNT > 0) in the
-same, deterministic run directory, `requeued_run` tells llm.train to resume it.
+step after it they raise `Preempted` or `Interrupted`. `llm-train` then requeues a preempted SLURM
+job (`scontrol requeue`) and exits with PREEMPTED_EXIT_CODE. When SLURM restarts the job
+(SLURM_RESTART_COUNT > 0) in the same, deterministic run directory, `requeued_run` tells
+llm.train to resume it.
+
+A second Ctrl-C, and any Ctrl-C outside the training steps (`ctrl_c_stops_at_once`, which
+`llm-train` puts around the whole run), raises `Interrupted` at once, without a checkpoint: the
+run keeps the checkpoints it has. It is not a KeyboardInterrupt, which Lightning turns into a
+bare `exit(1)` that would record the run as failed.
 """
 
 from __future__ import annotations
@@ -14,16 +23,20 @@ import os
 import signal
 import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+
+from llm.run.layout import LAST
 
 # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry". Not 0 (the run is
 # not done) and not 1 (nothing is wrong): schedulers and scripts can requeue on it.
 PREEMPTED_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the time limit (--signal)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130: the shell's code for a command stopped by Ctrl-C
 
 
 class Preempted(Exception):
@@ -38,8 +51,43 @@ class Preempted(Exception):
                          + "; checkpoint saved")
 
 
+class Interrupted(BaseException):
+    """The user stopped the run (Ctrl-C). Not a Preempted, so a SLURM job is not requeued; a
+    BaseException like the KeyboardInterrupt it stands for, so no `except Exception` swallows it.
+    `checkpoint` is the checkpoint saved at `step` on the way out (None: none was, or not known
+    here, as in the process that launched the ranks)."""
+
+    run_status = "interrupted"  # summary.json's status for a run that ends with this exception
+
+    def __init__(self, step: Optional[int] = None, checkpoint: Optional[Path] = None):
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__("interrupted" + (f" at step {step}" if step is not None else "")
+                         + (f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""))
+
+
+def interrupt_now(signum: int, frame: Any) -> None:
+    """SIGINT handler: stop at once, like Python's default handler, but with `Interrupted`."""
+    raise Interrupted()
+
+
+@contextmanager
+def ctrl_c_stops_at_once() -> Iterator[None]:
+    """Within: Ctrl-C raises `Interrupted` wherever the run is (the training steps put the
+    graceful handler of PreemptionHandler in its place while they run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class PreemptionHandler(Callback):
-    """Turns SIGTERM/SIGUSR1 into a checkpoint and `Preempted` at the next step boundary.
+    """Turns SIGTERM/SIGUSR1 into a checkpoint and `Preempted` at the next step boundary, and the
+    first Ctrl-C into a checkpoint and `Interrupted` (always on: `enabled` is for preemption).
 
     The handlers are installed when training starts, after Lightning has installed its own (so
     they replace Lightning's: its SIGTERM handler broadcasts from inside the handler, and its SLURM
@@ -50,18 +98,34 @@ class PreemptionHandler(Callback):
     def __init__(self, checkpoints: Any, enabled: bool = True):
         self.checkpoints = checkpoints  # a PeriodicCheckpoint: saves last.ckpt
         self.enabled = enabled
-        self.received: Optional[int] = None  # the signal number, once one arrived
+        self.received: Optional[int] = None  # the preemption signal's number, once one arrived
+        self.ctrl_c = False  # a first Ctrl-C arrived (on this rank)
+        self.interrupting = False  # all ranks agreed to stop for a Ctrl-C (on one of them)
         self.stopping = False  # the checkpoint is saved: stop before the next step
         self._judged_step = -1
+        self._rank_zero = True  # the rank that tells the user what a Ctrl-C does
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+
+    def _handle_ctrl_c(self, signum: int, frame: Any) -> None:
+        self.ctrl_c = True
+        signal.signal(signal.SIGINT, interrupt_now)  # a second Ctrl-C does not wait for the step
+        if self._rank_zero:
+            # os.write, not logging: a handler may run in the middle of a logging call.
+            os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop at once, "
+                        b"without one)\n")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._judged_step = -1  # a fit after a rollback counts the same steps again
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Lightning puts back the handler it found (llm-train's interrupt_now) when the fit ends.
+        self._rank_zero = trainer.is_global_zero
+        signal.signal(signal.SIGINT, interrupt_now if self.ctrl_c else self._handle_ctrl_c)  # (a fit after a rollback)
+        if not self.enabled:
             return
         if getattr(trainer, "received_sigterm", False):  # arrived before our handler: Lightning noted it
             self.received = signal.SIGTERM
@@ -69,11 +133,14 @@ class PreemptionHandler(Callback):
             signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if not self.enabled or self.stopping or trainer.global_step == self._judged_step:
+        if self.stopping or trainer.global_step == self._judged_step:
             return  # mid-accumulation, or this step was judged already
         self._judged_step = trainer.global_step
         # Every rank must stop at the same step: one rank's signal stops them all.
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if trainer.strategy.reduce_boolean_decision(self.ctrl_c or self.received is not None, all=False):
+            # Which stop (a second all-reduce, only now): a Ctrl-C anywhere wins over preemption,
+            # as a stop the user asked for must not be requeued.
+            self.interrupting = trainer.strategy.reduce_boolean_decision(self.ctrl_c, all=False)
             self.checkpoints.save(trainer)
             self.stopping = True
 
@@ -81,8 +148,18 @@ class PreemptionHandler(Callback):
         # Stop here, not right after the save: Lightning has now finished the saved step (its
         # metrics are written, as the resumed run will not log that step again).
         if self.stopping:
-            name = signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
-            raise Preempted(trainer.global_step, name)
+            self._stop(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A Ctrl-C in the last step: the run stops here rather than go on to its finish.
+        if self.stopping and self.interrupting:
+            self._stop(trainer)
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if self.interrupting:
+            raise Interrupted(trainer.global_step, self.checkpoints.dirpath / LAST)
+        name = signal.Signals(self.received).name if self.received is not None else "a signal to another rank"
+        raise Preempted(trainer.global_step, name)
 
 
 def requeue_slurm_job() -> Optional[str]:
