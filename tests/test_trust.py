@@ -88,19 +88,20 @@ def test_a_target_named_again_on_the_command_line_is_trusted(finished, tmp_path,
 SECRET = "s3cr3t-v4lue-0f-a-t0ken"
 
 
-def test_credentials_reach_no_file_and_nothing_sent_to_wandb(tmp_path):
-    env = {"MY_SERVICE_TOKEN": SECRET, "OMP_NUM_THREADS": "1"}
+def test_credentials_reach_no_file_and_nothing_sent_to_wandb(tmp_path, monkeypatch, capsys, single_thread):
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     args = [*TINY_RUN, "budget.steps=2", "trainer.val_every=2", "logger=wandb", "logger.mode=offline",
             "hydra.run.dir=runs/secret", f"logger.group=grp-{SECRET}", f"logger.tags=[t-{SECRET}]",
-            "logger.notes='${oc.env:MY_SERVICE_TOKEN}'", f"experiment_name=exp-{SECRET}"]
-    result = run_cli(args, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+            "logger.notes=${oc.env:MY_SERVICE_TOKEN}", f"experiment_name=exp-{SECRET}"]
+    code, stderr = llm_cli("train", args, tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
     run = tmp_path / "runs" / "secret"
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "hydra.yaml" for p in files)
     leaked = [str(p.relative_to(tmp_path)) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaked, f"the secret is in {leaked}"
-    assert SECRET not in result.stderr + result.stdout
+    assert SECRET not in stderr
     saved = json.loads((run / "run.json").read_text())
     assert saved["config"]["logger"]["notes"] == "${oc.env:MY_SERVICE_TOKEN}"  # where it is, not what it is
     assert "logger.group=grp-<redacted>" in saved["overrides"]
@@ -118,7 +119,7 @@ def test_a_redacted_credential_must_be_given_again_on_resume(finished, tmp_path,
 # -- one process per run directory ----------------------------------------------------------------
 
 HOLD = ("import sys, time; from llm.run.lock import RunLock; from llm.run.layout import RunDir; "
-        "RunLock(RunDir(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
+        "lock = RunLock(RunDir(sys.argv[1])); lock.acquire(); print('locked', flush=True); time.sleep(60)")
 
 
 def test_a_held_lock_refuses_and_a_dead_owners_lock_is_taken_over(tmp_path, caplog):
@@ -138,6 +139,23 @@ def test_a_held_lock_refuses_and_a_dead_owners_lock_is_taken_over(tmp_path, capl
     assert (tmp_path / ".lock").read_text() == ""  # a finished run leaves no owner behind
 
 
+def test_llm_train_in_a_locked_directory_exits_2_and_leaves_it_alone(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "runs" / "shared"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in run.iterdir())
+        code, stderr = llm_cli("train", [*TINY_RUN, "budget.steps=2", f"hydra.run.dir={run}"], tmp_path, monkeypatch,
+                               capsys)
+        assert code == 2 and f"another llm-train (pid {holder.pid}" in stderr and "Traceback" not in stderr
+        assert sorted(p.name for p in run.iterdir()) == before  # no run.json, no checkpoint, the lock kept
+        assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow  # two real llm-train processes: the case above covers the refusal in CI
 def test_a_second_llm_train_on_a_running_directory_is_refused(tmp_path, monkeypatch, capsys):
     first = subprocess.Popen([sys.executable, "-m", "llm.cli.train", *TINY_RUN, "budget.steps=400",
                               "trainer.val_every=400", "hydra.run.dir=runs/shared"], cwd=tmp_path,
@@ -169,7 +187,7 @@ def test_resume_refuses_a_changed_corpus_and_keeps_the_run_s_tokenizer(tmp_path,
     corpus.write_text(("Pack my box with five dozen liquor jugs! " * 40 + "\n") * 60)
     code, stderr = llm_cli("train", [f"resume={tmp_path}/run", "budget.steps=6"], tmp_path, monkeypatch, capsys)
     assert code == 2, stderr[-2000:]
-    assert "the corpus changed (its fingerprint was" in stderr and "the tokenizer differs" in stderr
+    assert "the corpus changed (its fingerprint was" in stderr
     assert "resume_new_data=true" in stderr and "Traceback" not in stderr
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tokenizer
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 4
@@ -177,19 +195,28 @@ def test_resume_refuses_a_changed_corpus_and_keeps_the_run_s_tokenizer(tmp_path,
     code, stderr = llm_cli("train", [f"resume={tmp_path}/run", "budget.steps=6", "resume_new_data=true"], tmp_path,
                            monkeypatch, capsys)
     assert code == 0, stderr[-2000:]
+    assert "continuing on the new data" in stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps_done"] == 6
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == tokenizer  # the embeddings' own tokenizer
+    # and a tokenizer setting cannot be changed on resume (it could not take effect)
+    code, stderr = llm_cli("train", [f"resume={tmp_path}/run", "budget.steps=8", "tokenizer.vocab_size=400"], tmp_path,
+                           monkeypatch, capsys)
+    assert code == 2 and "tokenizer.vocab_size=400: a resumed run keeps the tokenizer" in stderr
 
 
 def test_resume_with_another_lr_and_seq_len_takes_effect_and_counts_d_as_trained(finished, tmp_path, single_thread):
     run = copy_run(finished, tmp_path)
     before = json.loads((run / "summary.json").read_text())
     assert before["D"] == 4 * 8 * 64
-    summary = train(compose_train(["resume=run", "budget.steps=8", "data.seq_len=32", "optim.lr=1e-3"], tmp_path))
+    summary = train(compose_train(["resume=run", "budget.steps=8", "data.seq_len=32", "optim.lr=1e-3",
+                                   "trainer.log_every=1"], tmp_path))
     assert summary["status"] == "completed"
-    lrs = {r["step"]: r["trainer/lr"] for r in read_metrics(run / "metrics.jsonl") if "trainer/lr" in r}
-    assert [lrs[s] for s in sorted(lrs) if s < 4] == pytest.approx([3e-3] * len([s for s in lrs if s < 4]))
-    assert [lrs[s] for s in sorted(lrs) if s >= 4] == pytest.approx([1e-3] * len([s for s in lrs if s >= 4]))
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "trainer/lr" in r]
+    lrs = {r["step"]: r["trainer/lr"] for r in records}
+    assert [lrs[s] for s in (5, 6, 7, 8)] == pytest.approx([1e-3] * 4)  # the new lr from the first resumed step
     assert summary["D"] == summary["tokens_seen"] == 4 * 8 * 64 + 4 * 8 * 32
+    tokens = {r["step"]: r["trainer/tokens"] for r in records}
+    assert tokens[8] == summary["D"] and tokens[5] == 4 * 8 * 64 + 8 * 32  # the W&B x-axis counts alike
     assert summary["C"] < summary["D"] * before["C"] / before["D"]  # shorter sequences: fewer FLOPs per token
 
 

@@ -18,12 +18,18 @@ if TYPE_CHECKING:
 
 class Pretrain(Recipe):
     def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
-        """Corpus, tokenizer (trained once per corpus and settings, cached) and token caches."""
+        """Corpus, tokenizer (trained once per corpus and settings, cached; a resumed run's own) and
+        token caches."""
         from llm.data import LMDataModule, build_token_cache
 
         cache = Path(cfg.paths.cache_dir)
         corpus = instantiate(cfg.data.corpus)
-        tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache)
+        if cfg.resume and run_dir.tokenizer.is_file():  # the tokenizer the run's embeddings were trained with
+            from llm.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(run_dir.tokenizer)
+        else:
+            tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache)
         train = build_token_cache(corpus, tokenizer, "train", cache)
         val = build_token_cache(corpus, tokenizer, "val", cache)
         data = settings.data

@@ -4,7 +4,7 @@ on top (e.g. budget.steps to extend it). Changing a group of an existing run is 
 run.json is data on disk that someone else may have written: it may only build the exact
 `_target_`s the config groups define (or one the command line names again), its redacted
 credentials must be given again, and a resumed run refuses data or a tokenizer that differ from
-the ones it trained on unless told `resume_new_data=true`. Hyperparameters given on the command
+the ones it trained on unless told `resume_new_data=true` (it keeps its tokenizer.json either way). Hyperparameters given on the command
 line take effect: the optimizer's are applied over the ones Lightning restored from the checkpoint.
 """
 
@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm.config import ConfigError
 from llm.files import InputError, read_input_json
-from llm.run.layout import RUN_FILE, SUMMARY_FILE, RunDir
-from llm.tracking.run import REDACTED
+from llm.run.layout import RUN_FILE, RunDir
+from llm.tracking.run import GROUPS, REDACTED
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,13 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, di
         value = None if parsed.is_delete() else parsed.value()
         if key == "resume" or key.startswith("hydra."):
             continue
-        if "." not in key and saved["choices"].get(key) == value:
+        is_group = key in GROUPS
+        if is_group and saved["choices"].get(key) == value:
             continue  # the run's own choice, repeated (a requeued job runs its command line again)
-        if "." not in key:
+        if key.startswith("tokenizer."):
+            raise ConfigError([f"{key}={value}: a resumed run keeps the tokenizer its model was trained with "
+                               f"({RunDir(cfg.paths.run_dir).tokenizer}); start a new run to change it"])
+        if is_group:
             raise ConfigError([f"{key}={value}: a resumed run keeps its groups (it chose {key}="
                                f"{saved['choices'].get(key)!r}); start a new run to change it"])
         OmegaConf.update(merged, key, value, force_add=False)
@@ -124,8 +128,8 @@ def check_same_data(run_dir: RunDir, facts: dict[str, Any], tokenizer: Any, allo
             log.warning(f"resume: {what}; continuing on the new data (resume_new_data=true)")
         return
     raise ConfigError([f"resume={str(run_dir.path)!r}: {what}; a resumed run continues on the data it trained on: "
-                       "restore it, or give resume_new_data=true to continue on the new data (the run's "
-                       f"{SUMMARY_FILE} and tokenizer.json are then replaced)" for what in changed])
+                       "restore it, or give resume_new_data=true to continue on the new data (with the run's "
+                       "own tokenizer)" for what in changed])
 
 
 def refuse_spent_budget(run_dir: RunDir, step: int, steps: int) -> None:

@@ -111,9 +111,8 @@ class PostTrainModule(PretrainModule):
 
     def log_progress(self, loss: Tensor) -> None:
         if self.logging_step():
-            steps_done = self.global_step + 1
-            self.log_dict({"train/loss": loss, "trainer/tokens": float(steps_done * self.tokens_per_step),
-                           "trainer/flops": float(steps_done * self.tokens_per_step * self.flops_per_token),
+            tokens, flops = self.trained(self.global_step + 1)
+            self.log_dict({"train/loss": loss, "trainer/tokens": tokens, "trainer/flops": flops,
                            "trainer/lr": self.optimizers().param_groups[0]["lr"],
                            "trainer/trainable_params": float(self.trainable_params)}, batch_size=1)
 

@@ -66,13 +66,23 @@ class PretrainModule(pl.LightningModule):
         millisecond, which adds up to several percent of a small model's step."""
         return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
 
+    def trained(self, steps: int) -> tuple[float, float]:
+        """Tokens and FLOPs trained after `steps` optimizer steps: the run's TokenCount (set by
+        llm.tracking.tokens; it knows the steps before a resume, perhaps of another shape), else
+        this module's own shape."""
+        count = getattr(self, "token_count", None)
+        if count is not None:
+            return float(count.tokens(steps)), float(count.flops(steps))
+        return float(steps * self.tokens_per_step), float(steps * self.tokens_per_step * self.flops_per_token)
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
         if self.logging_step():
             steps_done = self.global_step + 1
             self.log("train/loss", loss, prog_bar=True)
-            self.log("trainer/tokens", float(steps_done * self.tokens_per_step))
-            self.log("trainer/flops", float(steps_done * self.tokens_per_step * self.flops_per_token))
+            tokens, flops = self.trained(steps_done)
+            self.log("trainer/tokens", tokens)
+            self.log("trainer/flops", flops)
             self.log("trainer/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 

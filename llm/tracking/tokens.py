@@ -39,6 +39,7 @@ class TokenCount(Callback):
         # Before Lightning restores a checkpoint: a fresh fit (a rollback to step 0 too) counts from zero.
         self._trainer = trainer
         self._restored = False
+        pl_module.token_count = self  # what the module logs as trainer/tokens and trainer/flops
         self.base_step, self.base_tokens, self.base_flops = 0, 0, 0.0
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
