@@ -16,7 +16,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from llm.files import read_jsonl, write_json
+from llm.files import InputError, read_input_json, read_jsonl, write_json
 from llm.run.layout import RunDir
 
 
@@ -39,8 +39,12 @@ class SweepIndex(Callback):
             record["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
         summary = RunDir(run_dir).summary
         if summary.exists():
-            data = json.loads(summary.read_text())
-            record.update({k: data.get(k) for k in ("run_id", "val/loss", "N", "D", "C")})
+            try:
+                data = read_input_json(summary, "summary")
+            except InputError as e:  # a job killed while writing it: the index says so, the sweep goes on
+                record.update(status="failed", error=str(e))
+            else:
+                record.update({k: data.get(k) for k in ("run_id", "val/loss", "N", "D", "C")})
         line = json.dumps(record, default=str) + "\n"
         # One short O_APPEND write per job: safe with parallel launchers writing the same index.
         fd = os.open(run_dir.parent / "index.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

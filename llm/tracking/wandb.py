@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import netrc
 import os
@@ -25,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
 from llm.config import ConfigError
+from llm.files import InputError, read_input_json
 from llm.tracking.run import redact_secrets, redacted_argv
 
 log = logging.getLogger(__name__)
@@ -251,8 +251,10 @@ def parent_checkpoint(checkpoint: str | Path, parent_run_dir: Optional[str | Pat
     run_file = RunDir(run_dir).run_file
     if not run_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: no run.json in {run_dir}; give the parent's run directory")
-    saved = json.loads(run_file.read_text())
-    logger = saved.get("config", {}).get("logger") or {}
+    saved = read_input_json(run_file, "init_from", "give the parent's run directory")
+    logger = (saved.get("config") or {}).get("logger") or {}
+    if not isinstance(logger, dict) or not isinstance(saved.get("run_id"), str):
+        raise InputError(f"init_from: {run_file} has no run_id or logger config: it was not written by llm-train")
     step = checkpoint_step(checkpoint)
     owner = "/".join(str(p) for p in (logger.get("entity"), logger.get("project")) if p)
     name = f"{artifact_name(saved['run_id'])}:step-{step}"
