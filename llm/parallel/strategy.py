@@ -24,6 +24,9 @@ from torch.optim import Optimizer
 
 
 class SafeModelParallelStrategy(ModelParallelStrategy):
+    """ModelParallelStrategy whose checkpoint load unpickles nothing beyond tensors, plain values and
+    torch's checkpoint metadata; saving is Lightning's own."""
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         from llm.checkpoint.meta import is_sharded
 
