@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run.start(cfg, settings)  # the directory is this process's until it returns
     try:
         data = recipe.data(cfg, settings, run.dir)  # read and checked once, before any rank starts
-        the_plan = plan(settings, data.tokenizer.vocab_size)
+        the_plan = plan(settings, data.tokenizer.vocab_size, run.trained())
         run.check_resume(cfg, data, the_plan)  # the same data and tokenizer, steps left to train
         run.record(cfg)
         if run.must_spawn(settings):

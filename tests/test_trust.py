@@ -226,3 +226,11 @@ def test_resume_of_a_spent_budget_says_so(finished, tmp_path, monkeypatch, capsy
     code, stderr = llm_cli("train", [f"resume={run}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "already completed its budget (4 of 4 steps)" in stderr and "budget.steps=8" in stderr
     assert (run / "summary.json").read_bytes() == before
+
+
+def test_a_token_budget_resumed_with_another_seq_len_trains_exactly_its_tokens(finished, tmp_path, single_thread):
+    run = copy_run(finished, tmp_path)  # 4 steps of 8 x 64 tokens: 2,048
+    summary = train(compose_train(["resume=run", "budget.steps=null", "budget.tokens=4096", "data.seq_len=32"],
+                                  tmp_path))
+    assert summary["steps_done"] == 4 + 2048 // (8 * 32)  # the remaining 2,048 tokens at 256 per step
+    assert summary["D"] == 4096

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Optional
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -56,20 +56,25 @@ class Plan:
                 "tokens_per_step": self.tokens_per_step, "steps": self.steps, "budget": self.budget_line}
 
 
-def plan(settings: Settings, vocab_size: int) -> Plan:
+def plan(settings: Settings, vocab_size: int, trained: Optional[dict[str, Any]] = None) -> Plan:
+    """`trained`: what a resumed run's checkpoint says was trained ({"step", "tokens", "flops"},
+    llm.tracking.tokens): a budget in tokens or FLOPs counts it, even if it was trained in
+    another shape (data.seq_len, batch) than the steps still to come."""
     model = with_vocab(settings.model, vocab_size)
     size = model_size(model, settings.data.seq_len)
     data = settings.data
     data_parallel = settings.parallelism.data_parallel_size(settings.world)
     global_batch = data.global_batch_size or data.micro_batch_size * data_parallel
     tokens_per_step = global_batch * data.seq_len
-    steps, line = budget_steps(settings.budget, size, tokens_per_step)
+    steps, line = budget_steps(settings.budget, size, tokens_per_step, trained)
     return Plan(model, size, global_batch, global_batch // (data.micro_batch_size * data_parallel), tokens_per_step,
                 steps, line)
 
 
-def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int) -> tuple[int, str]:
-    """Optimizer steps for the budget, and a line saying how they were derived."""
+def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int,
+                 trained: Optional[dict[str, Any]] = None) -> tuple[int, str]:
+    """Optimizer steps for the budget, and a line saying how they were derived. After `trained`
+    (a resumed run), a token or FLOP budget's remainder is trained at this run's tokens per step."""
     if budget.steps is not None:
         return int(budget.steps), f"{budget.steps} steps"
     if budget.tokens is not None:
@@ -80,6 +85,15 @@ def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int) ->
     else:
         tokens = budget.tokens_per_param * size.non_embedding
         how = f"{budget.tokens_per_param:g} tokens/param x {size.non_embedding:,} non-embedding params = {tokens:.3g} tokens"
+    if trained:
+        done = int(trained["step"])
+        if budget.flops is not None:
+            left = max(0.0, budget.flops - float(trained["flops"])) / size.flops_per_token
+        else:
+            left = max(0.0, tokens - float(trained["tokens"]))
+        steps = done + math.ceil(left / tokens_per_step)
+        return steps, (f"{how}; {float(trained['tokens']):.3g} trained in {done} steps -> {steps} steps, the rest of "
+                       f"{tokens_per_step:,} tokens")
     steps = max(1, math.ceil(tokens / tokens_per_step))
     return steps, f"{how} -> {steps} steps of {tokens_per_step:,} tokens"
 

@@ -33,7 +33,7 @@ from llm.run.plan import Plan, Settings
 from llm.run.lock import RunLock
 from llm.run.resume import (ConfiguredHyperparameters, check_same_data, command_line_overrides, refuse_spent_budget,
                             resume_config)
-from llm.checkpoint import checkpoint_step, last_checkpoint, newest_loadable_checkpoint, require_same_model
+from llm.checkpoint import checkpoint_step, last_checkpoint, load_meta, newest_loadable_checkpoint, require_same_model
 from llm.checkpoint.save import AtomicCheckpointIO
 from llm.files import write_json
 from llm.tracking.checkpoints import PeriodicCheckpoint
@@ -129,6 +129,17 @@ class Run:
             redact_yaml_files(self.dir.path.parent)  # a multirun's multirun.yaml, with the sweep's command line
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         torch.set_float32_matmul_precision(settings.trainer.matmul_precision)
+
+    def trained(self) -> Optional[dict[str, Any]]:
+        """What the checkpoint a resumed run starts from says was trained: {"step", "tokens",
+        "flops"} (older checkpoints: None, and their steps are assumed of this run's shape)."""
+        if not self.resume_from:
+            return None
+        meta = load_meta(self.resume_from)
+        state = (meta.get("callbacks") or {}).get(TokenCount.__qualname__)
+        if not isinstance(state, dict) or not {"step", "tokens", "flops"} <= set(state):
+            return None
+        return {k: state[k] for k in ("step", "tokens", "flops")}
 
     def check_resume(self, cfg: DictConfig, data: StageData, plan: Plan) -> None:
         """A resumed run continues on its own data and tokenizer, and has steps left to train."""
