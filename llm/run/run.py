@@ -142,9 +142,11 @@ class Run:
         return {k: state[k] for k in ("step", "tokens", "flops")}
 
     def check_resume(self, cfg: DictConfig, data: StageData, plan: Plan) -> None:
-        """A resumed run continues on its own data and tokenizer, and has steps left to train."""
+        """A resumed run continues the same architecture on its own data and tokenizer, and has
+        steps left to train."""
         if not self.resume_from:
             return
+        require_same_model(self.resume_from, plan.model)
         check_same_data(self.dir, data.facts, data.tokenizer, bool(cfg.get("resume_new_data", False)))
         refuse_spent_budget(self.dir, checkpoint_step(self.resume_from), plan.steps)
 
@@ -199,8 +201,6 @@ class Run:
         log.info(f"model: {plan.size.params:,} parameters ({plan.size.non_embedding:,} non-embedding), "
                  f"{plan.size.flops_per_token:.3g} FLOPs/token; budget: {plan.budget_line}")
         module = recipe.module(cfg, settings, plan, data, self.dir)
-        if self.resume_from:
-            require_same_model(self.resume_from, plan.model)
         trainer_cfg = settings.trainer
         resume_step = checkpoint_step(self.resume_from) if self.resume_from else -1
         loggers = [JsonlLogger(self.dir.metrics, resume_step=resume_step if self.rank_zero else None),
