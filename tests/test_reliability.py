@@ -1,6 +1,7 @@
-"""Fault injection on CPU: runs killed (-9) at random steps, during a checkpoint write, and
-preempted (SIGTERM/SIGUSR1) resume to the uninterrupted loss curve; NaN and spike batches are
-rolled back and skipped; corrupt checkpoints are set aside; the last K and the best are kept."""
+"""Fault injection on CPU: runs killed (-9) at random steps, during a checkpoint write,
+preempted (SIGTERM/SIGUSR1), interrupted (Ctrl-C) or out of room for a checkpoint resume to the
+uninterrupted loss curve; NaN and spike batches are rolled back and skipped; corrupt checkpoints
+are set aside; the last K and the best are kept."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -22,14 +24,15 @@ import torch
 from torch import nn
 
 from llm.checkpoint import checkpoint_step, newest_loadable_checkpoint
-from llm.checkpoint.save import AtomicCheckpointIO
+from llm.checkpoint.save import AtomicCheckpointIO, NoSpace, atomic_torch_save, no_space
 from llm.data.blocks import BlockStream
 from llm.run.layout import BEST, LAST
 from llm.stages.pretrain import PretrainModule
 from llm.tracking.checkpoints import PeriodicCheckpoint
 from llm.tracking.guard import GuardGaveUp
 from llm.tracking.metrics import read_metrics
-from llm.tracking.preemption import PREEMPTED_EXIT_CODE, SIGNALS
+from llm.tracking.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted,
+                                     PreemptionHandler, ctrl_c_stops_at_once)
 from llm.train import train
 from tests.conftest import REPO, TINY_RUN, compose_train, run_cli
 
@@ -157,6 +160,13 @@ def writing_ballast(checkpoints: Path) -> bool:
     return False
 
 
+def plain_module(run: Path) -> None:
+    """Make a run that trained with a test module resume with the ordinary one."""
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["posttrain"]["_target_"] = "llm.stages.pretrain.PretrainModule"
+    (run / "run.json").write_text(json.dumps(saved))
+
+
 def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references):
     run = references / "killed-writing"
     checkpoints = run / "checkpoints"
@@ -169,13 +179,111 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references
     assert checkpoint_step(previous) == 10  # ... and the previous one is whole
 
     # The resumed run (the plain module: the ballast class is not on the resume allowlist) uses it.
-    saved = json.loads((run / "run.json").read_text())
-    saved["config"]["posttrain"]["_target_"] = "llm.stages.pretrain.PretrainModule"
-    (run / "run.json").write_text(json.dumps(saved))
+    plain_module(run)
     result = resume(run, references)
     assert f"resuming from {previous}" in result.stdout
     assert not list(checkpoints.glob(".*.tmp*"))  # the torn temporary file was cleared away
     assert_same_curves(run, references / "single")
+
+
+# ---- no space for a checkpoint, then Ctrl-C ----
+
+class SmallBallast(CheckpointBallast):
+    """Pretraining whose step-20 checkpoint carries 4 MB of zeros: 5.7 MB against step 10's 1.7 MB."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        PretrainModule.on_save_checkpoint(self, checkpoint)
+        if self.global_step == 20:
+            checkpoint["ballast"] = torch.zeros(1_000_000)
+
+
+FILE_SIZE_LIMIT = 3 * 2**20  # `ulimit -f`: the step-10 checkpoint fits, step 20's does not
+
+
+def limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.RLIM_INFINITY))
+
+
+def test_no_space_then_ctrl_c_each_stop_cleanly_and_the_run_resumes_to_the_same_curve(references):
+    """One run, three processes (CI time): a checkpoint past `ulimit -f`, then Ctrl-C, then the end."""
+    run = references / "no-space-then-ctrl-c"
+    last = run / "checkpoints" / LAST
+    result = run_cli([*RUN, "posttrain._target_=tests.test_reliability.SmallBallast", f"hydra.run.dir={run}"],
+                     cwd=references, env=ENV, preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr[-3000:]  # not killed by SIGXFSZ (-25): llm-train ignores it
+    assert (f"error: no space left to write checkpoint {last} (disk full or file-size limit: File too large): "
+            f"the previous checkpoint {last} is kept; free space, then llm-train resume={run}\n") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert checkpoint_step(last) == 10  # put back where it was, whole
+    assert newest_loadable_checkpoint(run, set_aside=False) == (last, [])
+    assert sorted(p.name for p in last.parent.iterdir()) == [BEST, LAST]  # no temporary file, no step file
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("NoSpace: no space left")
+    assert summary["steps_done"] == 20
+    assert Path(summary["best_checkpoint"]).resolve() == last  # best.ckpt (step 10) followed it there and back
+
+    # Resumed without the limit (and with the plain module), then Ctrl-C.
+    plain_module(run)
+    proc = start([f"resume={run}"], run, references)
+    wait_for(proc, reached(run, 27), "step 27")
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to the whole process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    stopped = summary["steps_done"]
+    assert summary["status"] == "interrupted" and 27 <= stopped < 40
+    assert checkpoint_step(last) == stopped  # saved where it stopped, not at step 20
+    assert (f"interrupted at step {stopped}; checkpoint saved to {last}; continue with llm-train resume={run}\n"
+            ) in stderr
+    assert "Traceback" not in stderr
+
+    resume(run, references)
+    assert_same_curves(run, references / "single")
+
+
+def test_no_space_is_told_apart_from_other_write_errors(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = tmp_path / "model.ckpt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))
+    try:
+        with pytest.raises(NoSpace, match=f"no space left to write checkpoint {path} .*File too large"):
+            atomic_torch_save({"w": torch.zeros(100_000)}, path)
+        # torch.distributed.checkpoint collects each rank's failure; torch's C++ writer drops the errno.
+        shards = CheckpointException("write", {1: (RuntimeError("unexpected pos 704 vs 598"), [])})
+        assert "ulimit -f" in no_space(shards, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert torch.load(path, weights_only=True)["w"].tolist() == [1, 1, 1]  # the old file, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no temporary file left
+    assert no_space(RuntimeError("unexpected pos 704 vs 598"), tmp_path) is None  # no limit, room on disk
+    assert no_space(PermissionError(13, "Permission denied"), tmp_path) is None
+
+
+def test_a_sharded_checkpoint_out_of_room_leaves_the_previous_one(tmp_path):
+    from types import SimpleNamespace
+
+    (tmp_path / LAST).mkdir()
+    (tmp_path / LAST / "meta.pt").write_bytes(b"the step-10 shards")
+
+    def save_checkpoint(path: Path) -> None:  # what the ranks' shard writers leave when the disk fills up
+        path.mkdir()
+        (path / "__0_0.distcp").write_bytes(b"part of a shard")
+        raise OSError(28, "No space left on device")
+
+    trainer = SimpleNamespace(global_step=20, is_global_zero=True, save_checkpoint=save_checkpoint,
+                              lightning_module=SimpleNamespace(parallelism=SimpleNamespace(sharded_checkpoints=True)),
+                              strategy=SimpleNamespace(barrier=lambda name: None))
+    checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=10)
+    checkpoints.saved_step = 10
+    with pytest.raises(NoSpace, match=f"{tmp_path / LAST} .*No space left on device"):
+        checkpoints.save(trainer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]  # the partial shards are gone
+    assert (tmp_path / LAST / "meta.pt").read_bytes() == b"the step-10 shards"
 
 
 # ---- preemption ----
@@ -217,6 +325,57 @@ def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(references):
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     resume(run, references)
     assert_same_curves(run, references / "ddp")
+
+
+# ---- Ctrl-C ----
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(references):
+    run = references / "ddp-interrupted"
+    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references)
+    wait_for(proc, reached(run, 14), "step 14")
+    os.killpg(proc.pid, signal.SIGINT)  # the launcher and both ranks, as from a terminal
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED_EXIT_CODE, stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert f"interrupted at step {summary['steps_done']}; checkpoint saved to {run / 'checkpoints' / LAST}" in stderr
+    assert "Traceback" not in stderr
+    resume(run, references)
+    assert_same_curves(run, references / "ddp")
+
+
+class CtrlC(pl.Callback):
+    """Presses Ctrl-C `presses` times (SIGINT to this process) after optimizer step `at`."""
+
+    def __init__(self, at: int, presses: int):
+        self.at, self.presses, self.pressed = at, presses, False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.at and not self.pressed:
+            self.pressed = True
+            for _ in range(self.presses):
+                signal.raise_signal(signal.SIGINT)  # its handler has run when this returns
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_or_at_once_on_the_second(tmp_path, presses):
+    checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=5)
+    # Preemption off: Ctrl-C is handled all the same.
+    callbacks = [checkpoints, PreemptionHandler(checkpoints, enabled=False), CtrlC(at=7, presses=presses)]
+    trainer = pl.Trainer(max_steps=50, val_check_interval=100, check_val_every_n_epoch=None, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    outside = signal.getsignal(signal.SIGINT)
+    with ctrl_c_stops_at_once(), pytest.raises(Interrupted) as stopped:
+        trainer.fit(ScriptedValidation({}))
+    assert signal.getsignal(signal.SIGINT) is outside  # every handler put back
+    if presses == 1:  # the flag is judged at the end of step 8: saved there, stopped before step 9
+        assert (stopped.value.step, stopped.value.checkpoint) == (8, tmp_path / LAST)
+        assert checkpoint_step(tmp_path / LAST) == 8 and trainer.global_step == 8
+    else:  # the second press raised at once, in step 7: no checkpoint of it
+        assert (stopped.value.step, stopped.value.checkpoint) == (None, None)
+        assert checkpoint_step(tmp_path / LAST) == 5 and trainer.global_step == 7
 
 
 # ---- NaN and spike batches ----

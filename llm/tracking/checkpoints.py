@@ -55,9 +55,13 @@ class PeriodicCheckpoint(Callback):
         final = self.dirpath / name
         rank_zero = trainer.is_global_zero
         if not getattr(trainer.lightning_module.parallelism, "sharded_checkpoints", False):
-            if name == LAST and rank_zero:
-                self._rotate()
-            trainer.save_checkpoint(final)
+            kept = self._rotate() if name == LAST and rank_zero else None
+            try:
+                trainer.save_checkpoint(final)
+            except BaseException:  # out of room, interrupted, ...: nothing replaced last.ckpt
+                if kept is not None:
+                    self._put_back(kept)
+                raise
         else:
             tmp, old = self.dirpath / f".{name}.tmp", self.dirpath / f".{name}.old"
             if rank_zero and tmp.exists():
@@ -122,21 +126,35 @@ class PeriodicCheckpoint(Callback):
         if rank_zero:
             _point(self.dirpath / BEST, LAST)
 
-    def _rotate(self) -> None:
-        """Rename last.ckpt to step-<its step>.ckpt, so the new last.ckpt replaces nothing."""
+    def _rotate(self) -> Optional[Path]:
+        """Rename last.ckpt to step-<its step>.ckpt, so the new last.ckpt replaces nothing.
+        Returns the step-<N>.ckpt it became, if it did."""
         last = self.dirpath / LAST
         if not last.exists():
-            return
+            return None
         step = self.saved_step if self.saved_step >= 0 else _readable_step(last)
         if step is None:  # unreadable: kept for inspection, out of the way
             remove_path(last.with_name(LAST + CORRUPT))
             last.rename(last.with_name(LAST + CORRUPT))
-            return
+            return None
         kept = self.dirpath / step_checkpoint(step)
         remove_path(kept)
         last.rename(kept)
         if step == self.best_step:
             _point(self.dirpath / BEST, kept.name)
+        return kept
+
+    def _put_back(self, kept: Path) -> None:
+        """Undo `_rotate` after a write that failed: the previous checkpoint is last.ckpt again.
+        best.ckpt is pointed back first; if even that cannot be written (a full disk), both stay
+        as they are, which is just as whole: the previous checkpoint is then step-<N>.ckpt."""
+        best = self.dirpath / BEST
+        try:
+            if best.is_symlink() and os.readlink(best) == kept.name:
+                _point(best, LAST)
+            kept.rename(self.dirpath / LAST)
+        except OSError:
+            pass
 
     def _prune(self) -> None:
         older = sorted(step_files(self.dirpath), reverse=True)
