@@ -358,14 +358,18 @@ class CtrlC(pl.Callback):
                 signal.raise_signal(signal.SIGINT)  # its handler has run when this returns
 
 
+def ctrl_c_trainer(checkpoints: PeriodicCheckpoint, *callbacks: pl.Callback) -> pl.Trainer:
+    # Preemption off: Ctrl-C is handled all the same.
+    return pl.Trainer(max_steps=50, val_check_interval=100, check_val_every_n_epoch=None,
+                      callbacks=[checkpoints, PreemptionHandler(checkpoints, enabled=False), *callbacks],
+                      plugins=[AtomicCheckpointIO()], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_or_at_once_on_the_second(tmp_path, presses):
     checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=5)
-    # Preemption off: Ctrl-C is handled all the same.
-    callbacks = [checkpoints, PreemptionHandler(checkpoints, enabled=False), CtrlC(at=7, presses=presses)]
-    trainer = pl.Trainer(max_steps=50, val_check_interval=100, check_val_every_n_epoch=None, callbacks=callbacks,
-                         plugins=[AtomicCheckpointIO()], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = ctrl_c_trainer(checkpoints, CtrlC(at=7, presses=presses))
     outside = signal.getsignal(signal.SIGINT)
     with ctrl_c_stops_at_once(), pytest.raises(Interrupted) as stopped:
         trainer.fit(ScriptedValidation({}))
@@ -376,6 +380,21 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_or_at_once_on_the_s
     else:  # the second press raised at once, in step 7: no checkpoint of it
         assert (stopped.value.step, stopped.value.checkpoint) == (None, None)
         assert checkpoint_step(tmp_path / LAST) == 5 and trainer.global_step == 7
+
+
+class PressesCtrlCWhenCollected:
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # Python prints the exception raised in a __del__, and drops it
+
+
+def test_a_ctrl_c_whose_exception_python_dropped_still_stops_the_fit(tmp_path):
+    checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=5)
+    trainer = ctrl_c_trainer(checkpoints)
+    with ctrl_c_stops_at_once(), pytest.raises(Interrupted) as stopped:
+        PressesCtrlCWhenCollected()  # collected at once: its Interrupted is dropped
+        trainer.fit(ScriptedValidation({}))
+    assert (stopped.value.step, stopped.value.checkpoint) == (1, tmp_path / LAST)  # stopped at the first step
+    assert checkpoint_step(tmp_path / LAST) == 1
 
 
 # ---- NaN and spike batches ----

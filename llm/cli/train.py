@@ -12,7 +12,11 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+try:
+    import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore; brings torch: seconds)
+except KeyboardInterrupt:  # Ctrl-C while the command starts: one line, no traceback
+    sys.stderr.write("interrupted before the run started; nothing was saved\n")
+    sys.exit(128 + signal.SIGINT)
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
 from llm.resources import CONF_DIR
 
@@ -35,8 +39,7 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         return _train(cfg)
     except KeyboardInterrupt:  # a Ctrl-C before llm-train's own handler was in place (while importing)
-        _interrupted(cfg, None)
-        _exit_interrupted()
+        _exit_interrupted(cfg, None)
 
 
 def _train(cfg: DictConfig) -> float | None:
@@ -57,8 +60,7 @@ def _train(cfg: DictConfig) -> float | None:
         _preempted(cfg, e)
         sys.exit(PREEMPTED_EXIT_CODE)
     except Interrupted as e:
-        _interrupted(cfg, e)
-        _exit_interrupted()  # also in a multirun: Ctrl-C stops the sweep
+        _exit_interrupted(cfg, e)  # also in a multirun: Ctrl-C stops the sweep
     except (GuardGaveUp, RankFailed) as e:
         sys.stderr.write(f"error: {e}\n")
         if multirun:
@@ -98,10 +100,25 @@ def _preempted(cfg: DictConfig, e: Exception) -> None:
             log.warning(note)
 
 
+def _exit_interrupted(cfg: Optional[DictConfig], e: Optional[BaseException]) -> None:
+    """Report the interrupted run (`cfg`: None before Hydra composed one; `e`: the Interrupted,
+    or None for a KeyboardInterrupt that came before the run started) and exit with 130. Ctrl-C
+    is ignored from here: the process is on its way out, and another one would only cut the
+    report short or print a traceback from the interpreter's shutdown (torch's exit hooks)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no handler can be set here
+        pass
+    if cfg is None:
+        sys.stderr.write("interrupted before the run started; nothing was saved\n")
+    else:
+        _interrupted(cfg, e)
+    sys.exit(_INTERRUPTED_EXIT_CODE)
+
+
 def _interrupted(cfg: DictConfig, e: Optional[BaseException]) -> None:
-    """Say in one line where the run stopped, which checkpoint it keeps and how to continue, and
-    make sure summary.json (if there is one) says "interrupted". `e`: the Interrupted, or None
-    for a KeyboardInterrupt that came before the run started."""
+    """Say in one line where the run stopped, which checkpoint it keeps and how to continue.
+    summary.json says "interrupted" (Run.train records the Interrupted that ended it)."""
     from llm.files import write_json
     from llm.parallel.launch import is_rank_zero, spawned_rank
     from llm.run.layout import RunDir
@@ -109,21 +126,23 @@ def _interrupted(cfg: DictConfig, e: Optional[BaseException]) -> None:
     if not is_rank_zero() or spawned_rank():
         return  # the process that started the ranks speaks for them
     run = RunDir(cfg.paths.run_dir)
-    summary = _read_json(run.summary)
-    if summary is not None and summary.get("status") not in ("interrupted", "completed"):
-        summary["status"] = "interrupted"  # e.g. a rank that failed on its way out of a second Ctrl-C
-        write_json(run.summary, summary)
-    if e is not None and not run.run_file.is_file():
-        from llm.run.run import discard_unstarted
+    if not run.run_file.is_file():  # stopped before the run started
+        if e is not None:  # (llm.run is imported by now)
+            from llm.run.run import discard_unstarted
 
-        discard_unstarted(run.path)  # stopped before the run started: Hydra's files go, as for a refused run
+            discard_unstarted(run.path)  # Hydra's files go, as for a refused run
+        sys.stderr.write("interrupted before the run started; nothing was saved\n")
+        return
+    summary = _read_json(run.summary)
+    if summary is not None and summary.get("status") == "running":  # left so by a process that was stopped
+        summary["status"] = "interrupted"
+        write_json(run.summary, summary)
     if e is None:
         line = "interrupted before the run started"
     else:
         step = e.step if getattr(e, "step", None) is not None else (summary or {}).get("steps_done")
         line = "interrupted" + (f" at step {step}" if step is not None else "") + _kept(run.path, step, e)
-    line += f"; continue with llm-train resume={run.path}" if run.run_file.is_file() else "; nothing was saved"
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(f"{line}; continue with llm-train resume={run.path}\n")
 
 
 def _kept(run_dir: Path, step: Optional[int], e: BaseException) -> str:
@@ -168,16 +187,6 @@ def _no_space(cfg: DictConfig, e: BaseException) -> Optional[str]:
     return f"{what}: {kept}; free space, then {then}"
 
 
-def _exit_interrupted() -> None:
-    """Exit with 130. A further Ctrl-C is ignored from here: the process is on its way out, and
-    it would only print a traceback from the interpreter's shutdown (torch's exit hooks)."""
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: no handler can be set here
-        pass
-    sys.exit(_INTERRUPTED_EXIT_CODE)
-
-
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     try:
         return json.loads(path.read_text())
@@ -202,8 +211,7 @@ def main() -> None:
             sys.exit(CONFIG_ERROR_EXIT_CODE)
         raise
     except KeyboardInterrupt:  # a Ctrl-C while the command line was being composed
-        sys.stderr.write("interrupted before the run started\n")
-        _exit_interrupted()
+        _exit_interrupted(None, None)
     finally:
         report_sweep()  # after a multirun: index.json and a line per failed job
 

@@ -76,7 +76,8 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
     Ctrl-C (stop at once, without a checkpoint). This process waits for them to save and stop, then
     raises Interrupted; after a second Ctrl-C it stops waiting once one rank has stopped, after a
     third at once, and the ranks still running are ended."""
-    from llm.tracking.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted, Preempted
+    from llm.tracking.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted, Preempted,
+                                         ctrl_c_ignored)
 
     port = _free_port()
     procs: list[subprocess.Popen] = []
@@ -94,7 +95,8 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
     previous = {}
     if threading.current_thread() is threading.main_thread():  # where signal handlers may be set
         previous = {signum: signal.signal(signum, forward) for signum in SIGNALS}
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, count_ctrl_c)
+        if not ctrl_c_ignored():  # (ignored: the ranks inherit that)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, count_ctrl_c)
     # Share the cores between the ranks instead of oversubscribing them (as torchrun does).
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
     try:

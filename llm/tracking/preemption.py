@@ -66,18 +66,31 @@ class Interrupted(BaseException):
                          + (f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""))
 
 
+_ctrl_c_pending = False  # interrupt_now ran: if its exception was lost, the fit still stops
+
+
 def interrupt_now(signum: int, frame: Any) -> None:
     """SIGINT handler: stop at once, like Python's default handler, but with `Interrupted`."""
+    global _ctrl_c_pending
+    _ctrl_c_pending = True  # an exception raised inside a __del__ is printed and dropped by Python
     raise Interrupted()
+
+
+def ctrl_c_ignored() -> bool:
+    """Whether this process was started with SIGINT ignored (`llm-train ... &` in a script, or a
+    launcher that was): it then stays ignored, as Python itself leaves it, and so in its ranks."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 @contextmanager
 def ctrl_c_stops_at_once() -> Iterator[None]:
     """Within: Ctrl-C raises `Interrupted` wherever the run is (the training steps put the
     graceful handler of PreemptionHandler in its place while they run)."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or ctrl_c_ignored():
         yield
         return
+    global _ctrl_c_pending
+    _ctrl_c_pending = False
     previous = signal.signal(signal.SIGINT, interrupt_now)
     try:
         yield
@@ -124,7 +137,9 @@ class PreemptionHandler(Callback):
             return
         # Lightning puts back the handler it found (llm-train's interrupt_now) when the fit ends.
         self._rank_zero = trainer.is_global_zero
-        signal.signal(signal.SIGINT, interrupt_now if self.ctrl_c else self._handle_ctrl_c)  # (a fit after a rollback)
+        self.ctrl_c = self.ctrl_c or _ctrl_c_pending  # a Ctrl-C whose Interrupted was dropped: stop at the first step
+        if not ctrl_c_ignored():
+            signal.signal(signal.SIGINT, interrupt_now if self.ctrl_c else self._handle_ctrl_c)  # (a fit after a rollback)
         if not self.enabled:
             return
         if getattr(trainer, "received_sigterm", False):  # arrived before our handler: Lightning noted it
