@@ -371,8 +371,12 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint_or_at_once_on_the_s
     checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=5)
     trainer = ctrl_c_trainer(checkpoints, CtrlC(at=7, presses=presses))
     outside = signal.getsignal(signal.SIGINT)
-    with ctrl_c_stops_at_once(), pytest.raises(Interrupted) as stopped:
-        trainer.fit(ScriptedValidation({}))
+    with ctrl_c_stops_at_once():
+        with pytest.raises(Interrupted) as stopped:
+            trainer.fit(ScriptedValidation({}))
+        again = ctrl_c_trainer(PeriodicCheckpoint(tmp_path / "again", every_n_steps=5))
+        again.fit(ScriptedValidation({}))  # the next fit in this process is not stopped by those presses
+        assert again.global_step == 50
     assert signal.getsignal(signal.SIGINT) is outside  # every handler put back
     if presses == 1:  # the flag is judged at the end of step 8: saved there, stopped before step 9
         assert (stopped.value.step, stopped.value.checkpoint) == (8, tmp_path / LAST)

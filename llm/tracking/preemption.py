@@ -66,13 +66,15 @@ class Interrupted(BaseException):
                          + (f"; checkpoint saved to {checkpoint}" if checkpoint is not None else ""))
 
 
-_ctrl_c_pending = False  # interrupt_now ran: if its exception was lost, the fit still stops
+# interrupt_now ran and no fit has seen its Interrupted (which Python drops when it is raised in a
+# __del__): the next fit stops at its first step instead of losing the Ctrl-C.
+_ctrl_c_pending = False
 
 
 def interrupt_now(signum: int, frame: Any) -> None:
     """SIGINT handler: stop at once, like Python's default handler, but with `Interrupted`."""
     global _ctrl_c_pending
-    _ctrl_c_pending = True  # an exception raised inside a __del__ is printed and dropped by Python
+    _ctrl_c_pending = True
     raise Interrupted()
 
 
@@ -96,6 +98,7 @@ def ctrl_c_stops_at_once() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _ctrl_c_pending = False
 
 
 class PreemptionHandler(Callback):
@@ -137,7 +140,7 @@ class PreemptionHandler(Callback):
             return
         # Lightning puts back the handler it found (llm-train's interrupt_now) when the fit ends.
         self._rank_zero = trainer.is_global_zero
-        self.ctrl_c = self.ctrl_c or _ctrl_c_pending  # a Ctrl-C whose Interrupted was dropped: stop at the first step
+        self.ctrl_c = self.ctrl_c or _ctrl_c_pending  # a Ctrl-C whose Interrupted was dropped: stop at step 1
         if not ctrl_c_ignored():
             signal.signal(signal.SIGINT, interrupt_now if self.ctrl_c else self._handle_ctrl_c)  # (a fit after a rollback)
         if not self.enabled:
@@ -169,6 +172,11 @@ class PreemptionHandler(Callback):
         # A Ctrl-C in the last step: the run stops here rather than go on to its finish.
         if self.stopping and self.interrupting:
             self._stop(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        global _ctrl_c_pending
+        if isinstance(exception, Interrupted):
+            _ctrl_c_pending = False  # seen: it ends this fit, and must not stop the next one
 
     def _stop(self, trainer: pl.Trainer) -> None:
         if self.interrupting:
