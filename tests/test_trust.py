@@ -234,3 +234,11 @@ def test_a_token_budget_resumed_with_another_seq_len_trains_exactly_its_tokens(f
                                   tmp_path))
     assert summary["steps_done"] == 4 + 2048 // (8 * 32)  # the remaining 2,048 tokens at 256 per step
     assert summary["D"] == 4096
+
+
+def test_a_run_refused_after_it_took_the_lock_leaves_no_directory(tmp_path, monkeypatch, capsys, single_thread):
+    (tmp_path / "short.txt").write_text("too short\n")
+    code, stderr = llm_cli("train", [*TINY_RUN, "data=text", f"data.corpus.paths={tmp_path}/short.txt",
+                                     "hydra.run.dir=runs/refused"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "too few for one block" in stderr
+    assert not (tmp_path / "runs" / "refused").exists()  # neither Hydra's files nor an ownerless .lock

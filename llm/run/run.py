@@ -374,6 +374,8 @@ def discard_unstarted(run_dir: str | Path) -> None:
     shutil.rmtree(path.path / HYDRA_OUTPUT, ignore_errors=True)
     for log_file in (path.log, *path.path.glob("rank*.log")):
         log_file.unlink(missing_ok=True)
+    if path.lock.is_file() and path.lock.stat().st_size == 0:  # released: no process owns the directory
+        path.lock.unlink(missing_ok=True)
     try:
         path.path.rmdir()
     except OSError:
