@@ -72,10 +72,14 @@ def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step
     `while_open` runs while the W&B run is active (it logs the sample table)."""
     import wandb
 
+    from llm.tracking.run import redact_secrets, redacted_argv
+
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, dir=str(out_dir), job_type="eval",
-                     group=logger.group or run_id, name=f"eval {run_id or out_dir.name}",
-                     tags=["eval", *logger.tags], notes=logger.notes, config=config)
+    with redacted_argv():  # W&B records the command line as the run's `args`: redacted as in llm-train
+        run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, dir=str(out_dir), job_type="eval",
+                         group=redact_secrets(logger.group or run_id), name=redact_secrets(f"eval {run_id or out_dir.name}"),
+                         tags=redact_secrets(["eval", *logger.tags]), notes=redact_secrets(logger.notes),
+                         config=redact_secrets(config))
     run.log({**metrics, "trainer/global_step": step})
     run.summary.update({**metrics, "step": step})
     if while_open is not None:
