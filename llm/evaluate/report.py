@@ -77,7 +77,8 @@ def log_wandb(logger: Any, mode: str, run_id: Optional[str], out_dir: Path, step
     os.environ.setdefault("WANDB_SILENT", "true")
     with redacted_argv():  # W&B records the command line as the run's `args`: redacted as in llm-train
         run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, dir=str(out_dir), job_type="eval",
-                         group=redact_secrets(logger.group or run_id), name=redact_secrets(f"eval {run_id or out_dir.name}"),
+                         group=redact_secrets(logger.group or run_id),
+                         name=redact_secrets(f"eval {run_id or out_dir.name}"),
                          tags=redact_secrets(["eval", *logger.tags]), notes=redact_secrets(logger.notes),
                          config=redact_secrets(config))
     run.log({**metrics, "trainer/global_step": step})

@@ -2,10 +2,10 @@
 on top (e.g. budget.steps to extend it). Changing a group of an existing run is refused.
 
 run.json is data on disk that someone else may have written: it may only build the exact
-`_target_`s the config groups define (or one the command line names again), its redacted
-credentials must be given again, and a resumed run refuses data or a tokenizer that differ from
-the ones it trained on unless told `resume_new_data=true` (it keeps its tokenizer.json either way). Hyperparameters given on the command
-line take effect: the optimizer's are applied over the ones Lightning restored from the checkpoint.
+`_target_`s the config groups define (or one the command line names again), and its redacted
+credentials must be given again. A resumed run keeps its tokenizer.json, and refuses a corpus
+that changed unless told `resume_new_data=true`. Hyperparameters given on the command line take
+effect: the optimizer's are applied over the ones Lightning restored from the checkpoint.
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ def apply_hyperparameters(optimizer: Any, scheduler: Optional[Any], optim: dict[
             if key in optim and key in group and _differs(group[key], optim[key]):
                 changes[key] = f"optim.{key} {_show(group[key])} -> {_show(optim[key])}"
                 group[key] = tuple(optim[key]) if isinstance(group[key], tuple) else optim[key]
-        if "weight_decay" in optim and group.get("weight_decay") and _differs(group["weight_decay"], optim["weight_decay"]):
+        decayed = bool(group.get("weight_decay"))  # groups without decay (norms, biases, embeddings) keep 0
+        if "weight_decay" in optim and decayed and _differs(group["weight_decay"], optim["weight_decay"]):
             changes["weight_decay"] = f"optim.weight_decay {group['weight_decay']} -> {optim['weight_decay']}"
             group["weight_decay"] = optim["weight_decay"]
         if "lr" not in optim:

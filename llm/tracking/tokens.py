@@ -43,7 +43,8 @@ class TokenCount(Callback):
         self.base_step, self.base_tokens, self.base_flops = 0, 0, 0.0
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.base_step, self.base_tokens, self.base_flops = int(state["step"]), int(state["tokens"]), float(state["flops"])
+        self.base_step, self.base_tokens = int(state["step"]), int(state["tokens"])
+        self.base_flops = float(state["flops"])
         self._restored = True
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
