@@ -12,11 +12,14 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
+# llm.tracking.preemption.INTERRUPTED_EXIT_CODE, not imported here: that module brings Lightning.
+_INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
+
 try:
     import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore; brings torch: seconds)
 except KeyboardInterrupt:  # Ctrl-C while the command starts: one line, no traceback
     sys.stderr.write("interrupted before the run started; nothing was saved\n")
-    sys.exit(128 + signal.SIGINT)
+    sys.exit(_INTERRUPTED_EXIT_CODE)
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
 from llm.resources import CONF_DIR
 
@@ -25,8 +28,6 @@ log = logging.getLogger("llm.cli.train")
 # Set once Hydra hands a composed config to the app: an exit before that is Hydra refusing the
 # command line (a bad override, a value its type or Enum refuses), which is a config error (exit 2).
 _composed = False
-# llm.tracking.preemption.INTERRUPTED_EXIT_CODE, not imported here: that module brings Lightning.
-_INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
