@@ -97,9 +97,11 @@ def setup() -> None:
     quiet_libraries()
 
 
-# Exit codes of the entry points: 0 done; 1 a failure (a traceback, or a run the loss guard
-# stopped); 2 a config or input error (the message names the key or file and the fix); 75 a
-# preempted run that saved a checkpoint (llm.tracking.preemption.PREEMPTED_EXIT_CODE): resume it.
+# Exit codes of the entry points: 0 done; 1 a failure (a traceback, a run the loss guard stopped,
+# or no space left for a checkpoint); 2 a config or input error (the message names the key or
+# file and the fix); 75 a preempted run that saved a checkpoint
+# (llm.tracking.preemption.PREEMPTED_EXIT_CODE): resume it; 130 stopped by Ctrl-C (with a
+# checkpoint after the first press; llm.tracking.preemption.INTERRUPTED_EXIT_CODE).
 CONFIG_ERROR_EXIT_CODE = 2
 
 

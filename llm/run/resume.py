@@ -86,7 +86,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, di
         is_group = key in GROUPS
         if is_group and saved["choices"].get(key) == value:
             continue  # the run's own choice, repeated (a requeued job runs its command line again)
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and OmegaConf.select(merged, key, default=None) != value:
             raise ConfigError([f"{key}={value}: a resumed run keeps the tokenizer its model was trained with "
                                f"({RunDir(cfg.paths.run_dir).tokenizer}); start a new run to change it"])
         if is_group:

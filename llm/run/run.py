@@ -2,8 +2,8 @@
 
 A Run owns the directory (claimed by `start`; a refused or dry run leaves none), resume and SLURM
 requeue, run.json and config.yaml, the loggers and callbacks, the fit with the loss guard's
-rollbacks and preemption, the WSD branches, and summary.json's lifecycle
-(running -> completed | failed | preempted). Whatever is specific to a stage comes from its Recipe
+rollbacks and preemption, the WSD branches, and summary.json's lifecycle (running -> completed |
+failed | preempted | interrupted). Whatever is specific to a stage comes from its Recipe
 (llm/recipes), the same for the main fit, every rollback and every branch.
 """
 
