@@ -11,31 +11,57 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the schemas)
-from llm.cli.common import setup
+from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
+from llm.cli.generate import HydraEntry
 from llm.cli.train import CONF_DIR
+from llm.fields import at_least
 
 setup()
 log = logging.getLogger("llm.cli.bench")  # not __name__: that is __main__ under `python -m`
+ENTRY = HydraEntry()
+
+
+@dataclass
+class BenchSettings:
+    """The `bench` keys of conf/bench.yaml, typed and ranged like every other group."""
+
+    steps: int = at_least(1, 20, high=10**6)
+    warmup: int = at_least(0, 3, high=10**6)
+    repeats: int = at_least(1, 3, high=1000)
+    parallel: list[str] = field(default_factory=list)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 def _app(cfg: DictConfig) -> None:
-    from llm.bench.step import benchmark
-    from llm.config import ConfigError, validate
-
-    bench = cfg.bench
-    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
+    ENTRY.composed = True
     try:
-        validate(run_cfg)
-    except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        _bench(cfg)
+    except Exception as e:  # a config or input error: its message, exit 2, and no output folder left
+        cause = config_error_in(e)
+        if cause is None:
+            raise
+        from llm.run.run import discard_unstarted
+
+        sys.stderr.write(f"error: {cause}\n")
+        discard_unstarted(cfg.paths.run_dir)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def _bench(cfg: DictConfig) -> None:
+    from llm.bench.step import benchmark
+    from llm.config import validate
+    from llm.config.validate import checked
+
+    bench = checked(BenchSettings, OmegaConf.to_container(cfg.bench, resolve=True), "bench")
+    run_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
+    validate(run_cfg)
     out_dir = Path(cfg.paths.run_dir)
     if bench.parallel:
         from llm.bench.parallel import benchmark_parallel
@@ -75,7 +101,7 @@ def _task_overrides() -> list[str]:
 
 
 def main() -> None:
-    _app()
+    ENTRY.run(_app)
 
 
 if __name__ == "__main__":

@@ -25,22 +25,24 @@ from omegaconf import DictConfig
 
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 from llm.cli.common import exit_on_config_error, setup
-from llm.cli.generate import register_help
+from llm.cli.generate import HydraEntry, register_help
 from llm.cli.train import CONF_DIR
 
 setup()
 register_help()
+ENTRY = HydraEntry()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _app(cfg: DictConfig) -> None:
     from llm.evaluate.evaluation import run_eval
 
+    ENTRY.composed = True
     exit_on_config_error(run_eval, cfg)
 
 
 def main() -> None:
-    _app()
+    ENTRY.run(_app)
 
 
 if __name__ == "__main__":

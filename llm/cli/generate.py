@@ -18,12 +18,14 @@ Everything is checked before a model is loaded; a bad setting exits with code 2,
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import llm.config  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
-from llm.cli.common import exit_on_config_error, setup
+from llm.cli.common import CONFIG_ERROR_EXIT_CODE, exit_on_config_error, setup
 from llm.cli.train import CONF_DIR
 
 
@@ -33,19 +35,39 @@ def register_help() -> None:
         OmegaConf.register_new_resolver("llm_cli_doc", lambda name: importlib.import_module(f"llm.cli.{name}").__doc__)
 
 
+class HydraEntry:
+    """Runs a Hydra app so that Hydra refusing the command line (an unknown key, a bad group
+    option), which it reports with exit code 1 before the app starts, exits with 2 instead, the
+    code of every other config error (as llm-train does). The app sets `composed` first thing."""
+
+    def __init__(self) -> None:
+        self.composed = False
+
+    def run(self, app: Callable[[], object]) -> None:
+        self.composed = False  # per invocation: tests may run several in one process
+        try:
+            app()
+        except SystemExit as e:
+            if e.code == 1 and not self.composed:
+                sys.exit(CONFIG_ERROR_EXIT_CODE)
+            raise
+
+
 setup()
 register_help()
+ENTRY = HydraEntry()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def _app(cfg: DictConfig) -> None:
     from llm.evaluate.generation import run_generate
 
+    ENTRY.composed = True
     exit_on_config_error(run_generate, cfg)
 
 
 def main() -> None:
-    _app()
+    ENTRY.run(_app)
 
 
 if __name__ == "__main__":

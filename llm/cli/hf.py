@@ -20,17 +20,33 @@ from pathlib import Path
 log = logging.getLogger("llm.cli.hf")  # not __name__: that is __main__ under `python -m`
 
 
+def _refuse_file_as_folder(path: Path, key: str) -> None:
+    """An output folder that is an existing file (or a link to nothing) cannot be written into."""
+    from llm.files import InputError
+
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{key}: {path} is a broken symbolic link; remove it or give another folder")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{key}: {path} is a file, not a folder; give a folder to write (created if missing)")
+
+
 def export(args: argparse.Namespace) -> None:
     from llm.interop import export_checkpoint
 
+    _refuse_file_as_folder(args.out_dir, "out_dir")  # before the checkpoint is read
     out = export_checkpoint(args.source, args.out_dir, args.family)
     log.info(f"exported -> {out}")
 
 
 def import_(args: argparse.Namespace) -> None:
     from llm.checkpoint.save import save_network
+    from llm.files import InputError
     from llm.interop import import_hf
 
+    if args.out_file.is_dir():  # checked first: nothing is read, nothing half-written
+        raise InputError(f"out_file: {args.out_file} is a directory; give the checkpoint file to write, e.g. "
+                         f"{args.out_file / 'model.ckpt'}")
+    _refuse_file_as_folder(args.out_file.parent, "out_file")
     model, tokenizer = import_hf(args.folder)
     save_network(model, args.out_file)  # an ordinary checkpoint: llm-generate, llm-eval, init_from read it
     log.info(f"imported -> {args.out_file}")

@@ -207,7 +207,7 @@ class AdamWSchema:
     _partial_: bool = True
     lr: float = positive(3e-3, high=1.0)  # Adam moves each weight by about lr per step
     betas: list[float] = unit_interval(high_open=True, factory=lambda: [0.9, 0.95])
-    eps: float = positive(1e-8)
+    eps: float = positive(1e-8, high=1.0)  # a floor under sqrt(v): above 1 it swamps every update
     weight_decay: float = at_least(0, 0.1)
     fused: Optional[bool] = None  # null: fused where the device supports it
 
@@ -215,8 +215,8 @@ class AdamWSchema:
 @dataclass
 class ConstantSchema:
     _target_: str = "llm.stages.schedule.Constant"
-    # warmup: a fraction of the run (< 1) or a number of steps (>= 1)
-    warmup: float = at_least(0, 0.05)
+    # warmup: a fraction of the run (< 1) or a number of steps (>= 1; no run here takes 10^9 steps)
+    warmup: float = at_least(0, 0.05, high=1e9)
 
 
 @dataclass

@@ -272,6 +272,7 @@ class Typed:
     corpus: Any
     method: Any
     run: RunSchema
+    schedule: Any = None
 
 
 def type_groups(cfg: DictConfig) -> tuple[Optional[Typed], list[str]]:
@@ -309,7 +310,7 @@ def type_groups(cfg: DictConfig) -> tuple[Optional[Typed], list[str]]:
     return Typed(model=typed_groups["model"], data=typed_groups["data"], trainer=typed_groups["trainer"],
                  budget=typed_groups["budget"], tokenizer=typed_groups["tokenizer"], optim=typed_groups["optim"],
                  parallelism=typed_groups["parallelism"], corpus=typed_groups["data.corpus"],
-                 method=typed_groups["posttrain"], run=typed_groups["run"]), []
+                 method=typed_groups["posttrain"], run=typed_groups["run"], schedule=typed_groups["schedule"]), []
 
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
@@ -331,6 +332,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     problems += tokenizer_problems(cfg, t)
     problems += layout_problems(cfg, t, world)
     problems += budget_problems(t.budget)
+    problems += schedule_problems(t.schedule, t.budget)
     problems += optim_problems(t.optim)
     problems += data_problems(cfg, t)
     problems += method_problems(cfg, t, world)
@@ -448,6 +450,17 @@ def budget_problems(budget: BudgetSchema) -> list[str]:
             "e.g. budget=steps budget.steps=500, or budget.steps=null budget.tokens=1e6"]
 
 
+def schedule_problems(schedule: Any, budget: BudgetSchema) -> list[str]:
+    """A warmup given in steps (>= 1) must end within a run of budget.steps: the lr would otherwise
+    never reach optim.lr (with a token or FLOP budget the steps are known only when planned)."""
+    warmup = getattr(schedule, "warmup", None)
+    if warmup is None or warmup < 1 or budget.steps is None or warmup <= budget.steps:
+        return []
+    return [f"schedule.warmup={warmup:g}: a warmup of {warmup:g} steps is longer than the run (budget.steps="
+            f"{budget.steps}), so the lr would never reach optim.lr; allowed: a fraction of the run < 1, or "
+            f"1..{budget.steps} steps"]
+
+
 def optim_problems(optim: Any) -> list[str]:
     if not isinstance(optim, AdamWSchema):
         return []
@@ -559,30 +572,42 @@ def _on_policy_problems(method: Any, stage: str, t: Typed) -> list[str]:
 
 
 def check_input_files(cfg: DictConfig) -> None:
-    """The files a valid config names (a tokenizer.json, text corpus patterns) exist and read:
-    ConfigError otherwise, before any work. Separate from `validate`, which reads no files."""
+    """The files a valid config names (a tokenizer.json, text corpus patterns, post-training JSONL
+    files) exist and read, and a pretrained tokenizer fits model.vocab_size: ConfigError otherwise,
+    before any work (and before a run directory is made). Separate from `validate`, which reads no
+    files; the contents of data files are checked as they are read."""
+    from llm.files import InputError, checked_path
+
     problems = []
     tokenizer = cfg.tokenizer
     if tokenizer.get("kind") == "pretrained" and tokenizer.get("path"):
-        from llm.tokenizer.tokenizer import load_backend
+        from llm.tokenizer.tokenizer import Tokenizer
 
         try:
-            load_backend(tokenizer.path)
-        except (OSError, ValueError) as e:
-            problems.append(f"tokenizer.path={tokenizer.path!r}: {e}; give a tokenizer.json (or the folder holding one)")
+            vocab = Tokenizer.load(tokenizer.path).vocab_size
+        except InputError as e:
+            problems.append(str(e))
+        else:
+            if cfg.model.get("vocab_size") is not None and vocab > cfg.model.vocab_size:
+                problems.append(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                                f"({vocab}) in {tokenizer.path}; allowed: >= {vocab}, or null to take it from the tokenizer")
     corpus = OmegaConf.select(cfg, "data.corpus")
     if isinstance(corpus, DictConfig) and str(corpus.get("_target_", "")).endswith("TextCorpus"):
         from llm.data.text import match_files
 
         paths = corpus.get("paths")
-        patterns = [paths] if isinstance(paths, str) else list(paths or [])
         try:
-            if not patterns:
-                raise FileNotFoundError("no pattern given")
-            match_files(patterns)
-        except FileNotFoundError as e:
-            problems.append(f"data.corpus.paths={paths if isinstance(paths, str) else patterns!r}: {e}; give text files "
-                            "or a glob that matches some (quote globs for the shell: 'data/**/*.txt')")
+            match_files([paths] if isinstance(paths, str) else list(paths or []))
+        except InputError as e:
+            problems.append(str(e))
+    data = OmegaConf.select(cfg, "posttrain.data")
+    for key in ("source", "val_source"):
+        source = data.get(key) if isinstance(data, DictConfig) else None
+        if isinstance(source, str) and source != "tasks" and not source.startswith("hf:"):
+            try:  # read (and each row checked) with the rest of the data
+                checked_path(source, f"posttrain.data.{key}", "file", "give a JSONL file of rows in one of TRL's "
+                             "formats, hf:NAME for a Hugging Face dataset, or tasks (the built-in tasks)")
+            except InputError as e:
+                problems.append(str(e))
     if problems:
         raise ConfigError(problems)
-

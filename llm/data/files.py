@@ -68,8 +68,11 @@ class FileCorpus:
             }
         return self._selected
 
-    @staticmethod
-    def _take(entries: list[Entry], budget: float | None) -> list[Entry]:
+    def _readable(self, path: Path) -> bool:
+        """Whether a file can join the corpus: here, one that cannot be read as UTF-8 is skipped."""
+        return read_text(path) is not None
+
+    def _take(self, entries: list[Entry], budget: float | None) -> list[Entry]:
         taken, used = [], 0
         for rel, path in entries:
             try:
@@ -78,7 +81,7 @@ class FileCorpus:
                 continue
             if budget is not None and used + size > budget:
                 continue
-            if read_text(path) is None:
+            if not self._readable(path):
                 continue
             taken.append((rel, path))
             used += size

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from llm.config import ConfigError
-from llm.files import json_lines
+from llm.data.jsonl import input_json_lines
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -47,13 +47,21 @@ KINDS: dict[str, tuple[str, ...]] = {
 MAX_REPORTED = 10  # problems listed in one error; enough to see the pattern
 
 
-class DatasetError(ConfigError):
-    """A post-training dataset that cannot be used: one line per problem, naming file and line."""
+# What to do about a dataset file that cannot be used, whatever is wrong with it.
+FIX = ("give a UTF-8 JSONL file, one JSON object per line in one of TRL's formats: "
+       + "; ".join(f"{name} ({', '.join(keys)})" for name, keys in FORMATS.items()))
 
-    def __init__(self, problems: list[str]):
+
+class DatasetError(ConfigError):
+    """A post-training dataset that cannot be used: one line per problem, naming file and line,
+    and (when known) the config key that named the dataset."""
+
+    def __init__(self, problems: list[str], key: str = ""):
         super().__init__(problems)
+        self.key = key
         lines = "\n".join(f"  - {p}" for p in problems)
-        self.args = (f"Invalid dataset ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}",)
+        self.args = (f"Invalid dataset{f' {key}' if key else ''} ({len(problems)} problem{'s' * (len(problems) > 1)}):"
+                     f"\n{lines}\n  fix: {FIX}",)
 
 
 # ------------------------------------------------------------------ examples
@@ -176,12 +184,14 @@ class Row:
     data: Any
 
 
-def read_jsonl(path: str | Path) -> list[Row]:
-    """The records of a JSONL file (blank lines skipped); lines that are not JSON objects raise."""
+def read_jsonl(path: str | Path, key: str = "dataset") -> list[Row]:
+    """The records of a JSONL file (blank lines skipped); lines that are not JSON raise, naming
+    their number. A file that cannot be read as UTF-8 text (a directory, a broken link, binary
+    bytes) is an InputError naming `key`, the config key that gave the path."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DatasetError([f"{path}: no such file"])
-    lines = json_lines(path)
+    if not path.exists() and not path.is_symlink():
+        raise DatasetError([f"{path}: no such file"], key)
+    lines = input_json_lines(path, key, FIX, allow_empty=True)  # an empty file: "no rows", below
     problems = [f"{path}:{line.number}: not valid JSON ({line.error})" for line in lines if line.error is not None]
     if problems:
         raise DatasetError(_capped(problems))
@@ -189,13 +199,13 @@ def read_jsonl(path: str | Path) -> list[Row]:
 
 
 def load_rows(source: str | Path | Iterable[Mapping[str, Any]], hf_split: str = "train",
-              hf_config: str | None = None) -> list[Row]:
+              hf_config: str | None = None, key: str = "dataset") -> list[Row]:
     """Rows of a JSONL path, of "hf:NAME" (datasets.load_dataset(NAME, hf_config, split=hf_split)),
     or of an in-memory sequence of dicts such as a `datasets.Dataset` or TaskMix rows."""
     if isinstance(source, str) and source.startswith("hf:"):
         return _hf_rows(source[3:], hf_split, hf_config)
     if isinstance(source, (str, Path)):
-        return read_jsonl(source)
+        return read_jsonl(source, key)
     name = type(source).__name__
     return [Row(f"{name}[{index}]", record) for index, record in enumerate(source)]
 
@@ -378,10 +388,17 @@ def parse_rows(rows: Sequence[Row], kind: str, format: str | None = None,
 
 def read_examples(source: str | Path | Iterable[Mapping[str, Any]], kind: str, format: str | None = None,
                   template: ChatTemplate | None = None, skip_malformed: bool = False,
-                  hf_split: str = "train", hf_config: str | None = None) -> list[Example]:
-    """load_rows then parse_rows: the examples of one dataset, every row checked."""
+                  hf_split: str = "train", hf_config: str | None = None, key: str = "") -> list[Example]:
+    """load_rows then parse_rows: the examples of one dataset, every row checked. `key` is the
+    config key that named the dataset (posttrain.data.source), for the messages."""
     name = str(source) if isinstance(source, (str, Path)) else type(source).__name__
-    return parse_rows(load_rows(source, hf_split, hf_config), kind, format, template, skip_malformed, name)
+    try:
+        return parse_rows(load_rows(source, hf_split, hf_config, key or "dataset"), kind, format, template,
+                          skip_malformed, name)
+    except DatasetError as e:
+        if key and not e.key:
+            raise DatasetError(e.problems, key) from None
+        raise
 
 
 def _capped(problems: list[str]) -> list[str]:

@@ -101,9 +101,9 @@ def build_posttrain_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int,
     else:
         train_source, val_source = data_cfg.source, data_cfg.val_source
     read = dict(kind=kind, format=data_cfg.format, template=template, hf_split=data_cfg.hf_split)
-    train = read_examples(train_source, **read)
+    train = read_examples(train_source, key="posttrain.data.source", **read)
     if val_source is not None:
-        val = read_examples(val_source, **read)
+        val = read_examples(val_source, key="posttrain.data.val_source", **read)
     else:  # a deterministic held-out share of the one source
         from llm.data.corpus import hash_fraction
 

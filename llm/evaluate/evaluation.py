@@ -26,6 +26,7 @@ from llm.evaluate.options import EvalSettings, check_eval, collect, typed_settin
 from llm.evaluate.perplexity import HeldOut, held_out, perplexity
 from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, write_eval_json
 from llm.evaluate.tasks import Task, read_tasks, task_accuracy
+from llm.interop.hf import check_hf_folder
 from llm.generate.decode import ABSOLUTE_POSITIONS
 from llm.generate.quantize import model_bytes, quantize_int8
 from llm.tracking.samples import SampleLog
@@ -99,6 +100,8 @@ def plan_eval(cfg: DictConfig) -> EvalPlan:
     s: EvalSettings = typed_settings(cfg, EvalSettings)
     problems = check_eval(s, cfg.logger.kind)
     ref: Optional[CheckpointRef] = collect(problems, resolve, s.checkpoint, cfg.paths.runs_dir, "checkpoint")
+    if ref is not None and ref.kind == "hf":  # its config.json and tokenizer, before any weights
+        collect(problems, check_hf_folder, ref.path, "checkpoint")
     tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     saved = saved_run_config(ref, cfg) if ref else None
     corpus = collect(problems, data_corpus, cfg, saved) if ref and s.perplexity else None

@@ -26,6 +26,7 @@ from llm.evaluate.completion import Completer, Completion, DecodeSettings, TextS
 from llm.evaluate.device import resolve_device
 from llm.evaluate.jsonl import read_records, write_records
 from llm.evaluate.options import GenerateSettings, check_generate, collect, typed_settings
+from llm.interop.hf import check_hf_folder
 from llm.run.layout import RunDir
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     draft_ref = None
     if s.strategy == "speculative" and s.draft_checkpoint is not None:
         draft_ref = collect(problems, resolve, s.draft_checkpoint, runs_dir, "draft_checkpoint")
+    for key, checked in (("checkpoint", ref), ("draft_checkpoint", draft_ref)):
+        if checked is not None and checked.kind == "hf":  # its config.json and tokenizer, before any weights
+            collect(problems, check_hf_folder, checked.path, key)
     tok_path = collect(problems, tokenizer_file, ref, s.tokenizer.path) if ref else None
     prompts = [s.prompt] if s.prompt is not None else None
     if s.prompts_file is not None and Path(s.prompts_file).expanduser().is_file():

@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from llm import fields
 from llm.config import ConfigError
 from llm.fields import at_least, bounded
+from llm.files import InputError, checked_path
+from llm.model.config import MAX_SEQ_LEN
 
 T = TypeVar("T")
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
@@ -50,12 +52,12 @@ class GenerateSettings:
     prompts_file: Optional[str] = None
     output_file: Optional[str] = None
     add_bos: bool = False
-    max_new_tokens: int = at_least(1, 64)
+    max_new_tokens: int = at_least(1, 64)  # and <= MAX_SEQ_LEN (check_generate)
     strategy: str = "greedy"
     temperature: float = at_least(0, 1.0)  # 0: greedy
     top_k: Optional[int] = at_least(1, None, null="for no top-k filter")
     top_p: Optional[float] = bounded(None, low=0, low_open=True, high=1, null="for no nucleus filter")
-    beam_width: int = at_least(1, 4)
+    beam_width: int = at_least(1, 4, high=1024)  # one KV-cache row per beam
     draft_checkpoint: Optional[str] = None
     speculative_k: int = at_least(1, 4)  # draft tokens proposed per verification
     seed: int = 0
@@ -77,11 +79,11 @@ class EvalSettings:
     checkpoint: Optional[str] = None
     tokenizer: TokenizerKey = field(default_factory=TokenizerKey)
     perplexity: bool = True
-    seq_len: Optional[int] = at_least(1, None, null="for the run's data.seq_len")
+    seq_len: Optional[int] = at_least(1, None, high=MAX_SEQ_LEN, null="for the run's data.seq_len")
     batch_size: Optional[int] = at_least(1, None, null="for the run's data.micro_batch_size")
     max_batches: Optional[int] = at_least(1, None, null="for the whole split")
     tasks_file: Optional[str] = None
-    task_max_new_tokens: int = at_least(1, 32)
+    task_max_new_tokens: int = at_least(1, 32, high=MAX_SEQ_LEN)
     task_stop: list[str] = field(default_factory=list)
     add_bos: bool = False
     quantize: str = "none"
@@ -94,12 +96,15 @@ class EvalSettings:
 
 
 def collect(problems: list[str], fn: Callable[..., T], *args: Any) -> Optional[T]:
-    """fn(*args); if it raises ConfigError, None, with its problems added to `problems` (so that
-    every problem is reported at once)."""
+    """fn(*args); if it raises ConfigError or InputError, None, with its problems added to
+    `problems` (so that every problem is reported at once)."""
     try:
         return fn(*args)
     except ConfigError as e:
         problems += e.problems
+        return None
+    except InputError as e:
+        problems.append(str(e))
         return None
 
 
@@ -144,9 +149,24 @@ def _check_stops(problems: list[str], key: str, stops: list[str]) -> None:
             problems.append(f"{key}[{i}]='': a stop string must be non-empty")
 
 
+def _check_length(problems: list[str], key: str, tokens: int) -> None:
+    """New tokens are at most the longest context a model here may have: the KV cache is
+    allocated for the prompt and all of them before the first is generated."""
+    if tokens > MAX_SEQ_LEN:
+        problems.append(f"{key}={tokens}: must be <= {MAX_SEQ_LEN} (the longest context a model may have; the KV "
+                        "cache is allocated for the prompt and every new token up front)")
+
+
 def _check_file(problems: list[str], key: str, value: Optional[str]) -> None:
-    if value is not None and not Path(value).expanduser().is_file():
-        problems.append(f"{key}={value!r}: no such file")
+    """A JSONL file the key names exists and is a readable file (its content is read later)."""
+    if value is None:
+        return
+    fix = "give a JSONL file, one JSON object per line"
+    path = Path(value).expanduser()
+    if not path.exists() and not path.is_symlink():
+        problems.append(f"{key}={value!r}: no such file; {fix}")
+        return
+    collect(problems, checked_path, path, key, "file", fix)
 
 
 def check_generate(s: GenerateSettings) -> list[str]:
@@ -160,6 +180,7 @@ def check_generate(s: GenerateSettings) -> list[str]:
                         "prompt='text' completes one prompt, prompts_file=<file.jsonl> one per line")
     _check_file(problems, "prompts_file", s.prompts_file)
     problems += fields.problems(s)  # every number against its declared range
+    _check_length(problems, "max_new_tokens", s.max_new_tokens)
     if s.strategy == "sample" and s.temperature == 0:
         problems.append("temperature=0: strategy=sample needs temperature > 0 (temperature 0 is strategy=greedy)")
     _check_stops(problems, "stop", s.stop)

@@ -17,7 +17,6 @@ so the embedding keeps the checkpoint's exact row count), else the checkpoint's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from llm.files import write_json
+from llm import fields
+from llm.files import InputError, checked_path, read_input_json, write_json
 from llm.interop import gpt2, llama
 from llm.interop.common import POSITION_NAMES, Tensors
 from llm.interop.hf_tokenizer import read_tokenizer, write_tokenizer_files
@@ -91,25 +91,38 @@ def export_hf(
     return out
 
 
-def read_hf_tensors(folder: Path) -> Tensors:
+FOLDER_FIX = "give a transformers model folder (config.json, model.safetensors or pytorch_model.bin) as saved by " \
+             "save_pretrained or llm-hf export"
+
+
+def read_hf_tensors(folder: Path, key: str = "folder") -> Tensors:
     """All tensors of a folder: model.safetensors or pytorch_model.bin, whole or sharded
-    (an *.index.json naming the shards). Pickles are read with weights_only=True."""
+    (an *.index.json naming the shards). Pickles are read with weights_only=True. A weights file
+    that does not load (cut short, not weights) is an InputError naming it and `key`."""
 
     def load(file: Path) -> Tensors:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        checked_path(file, key, "file", FOLDER_FIX)
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+                return load_file(str(file))
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # safetensors and torch raise several kinds on a torn or foreign file
+            raise InputError(f"{key}: {file} does not load as weights ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}; cut short?); {FOLDER_FIX}") from e
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return load(folder / name)
         index = folder / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load(folder / shard).items()}
-    raise FileNotFoundError(f"{folder} has no model.safetensors or pytorch_model.bin (whole or sharded)")
+        if index.exists():
+            weight_map = read_input_json(index, key, FOLDER_FIX).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InputError(f"{key}: {index} has no weight_map of tensor names to shard files; {FOLDER_FIX}")
+            return {k: v for shard in sorted(set(weight_map.values())) for k, v in load(folder / shard).items()}
+    raise FileNotFoundError(f"{key}: {folder} has no model.safetensors or pytorch_model.bin (whole or sharded); "
+                            f"{FOLDER_FIX}")
 
 
 def _vocab_fields(model_rows: int, tokenizer_size: Optional[int]) -> dict[str, int]:
@@ -135,27 +148,65 @@ def _grow_vocab(state: Tensors, rows: int) -> Tensors:
     return state
 
 
-def import_hf(path: str | Path) -> tuple[Transformer, Optional[Tokenizer]]:
-    """Our Transformer (fp32) and Tokenizer (None without tokenizer.json) for a local Llama- or
-    GPT-2-family folder. ValueError naming the config key for anything we cannot represent
-    (rope_scaling, another model_type, GPT-2's tanh GELU, ...). See `llm.interop.hf_tokenizer`
-    for how the HF special tokens become ours."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a transformers model folder")
-    hf = json.loads((folder / "config.json").read_text())
+def read_hf_config(folder: Path, key: str = "folder") -> tuple[dict, ModuleType, ModelConfig]:
+    """A transformers folder's config.json, its family module and our config for it, read through
+    the checked path: InputError naming `key` for a folder or config.json that is not one, ValueError
+    naming the config key for a model we cannot represent."""
+    checked_path(folder, key, "dir", FOLDER_FIX)
+    config_file = folder / "config.json"
+    if not config_file.exists() and not config_file.is_symlink():
+        raise FileNotFoundError(f"{key}: {folder} has no config.json: not a transformers model folder; {FOLDER_FIX}")
+    hf = read_input_json(config_file, key, FOLDER_FIX)
     families = {module.MODEL_TYPE: module for module in FAMILIES.values()}
     family = families.get(hf.get("model_type"))
     if family is None:
         raise ValueError(f"unsupported config.json model_type={hf.get('model_type')!r}: "
                          f"expected one of {', '.join(families)}")
-    cfg = family.from_config(hf)
-    tokenizer = read_tokenizer(folder, hf) if (folder / "tokenizer.json").is_file() else None
-    state = family.from_state(read_hf_tensors(folder), cfg)
+    try:
+        cfg = family.from_config(hf)
+    except (TypeError, ArithmeticError, KeyError) as e:  # a value of the wrong type (a string for a size), a 0
+        raise InputError(f"{key}: {config_file} holds a value of the wrong type or range ({type(e).__name__}: {e}); "
+                         f"{FOLDER_FIX}") from e
+    problems = fields.problems(cfg)
+    if problems:
+        raise InputError(f"{key}: {config_file} describes a model outside what we can build ({'; '.join(problems)}); "
+                         f"{FOLDER_FIX}")
+    return hf, family, cfg
+
+
+def check_hf_folder(folder: str | Path, key: str = "checkpoint") -> None:
+    """What a command checks of a transformers folder before loading its weights: config.json (and
+    tokenizer.json, when there is one) read and understood; InputError naming `key` otherwise."""
+    folder = Path(folder)
+    try:
+        hf, _, _ = read_hf_config(folder, key)
+        if (folder / "tokenizer.json").exists() or (folder / "tokenizer.json").is_symlink():
+            read_tokenizer(folder, hf, key)
+    except InputError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # a model we cannot represent: named by its config key
+        raise InputError(f"{key}: {folder}: {e}") from e
+
+
+def import_hf(path: str | Path, key: str = "folder") -> tuple[Transformer, Optional[Tokenizer]]:
+    """Our Transformer (fp32) and Tokenizer (None without tokenizer.json) for a local Llama- or
+    GPT-2-family folder. ValueError naming the config key for anything we cannot represent
+    (rope_scaling, another model_type, GPT-2's tanh GELU, ...); InputError naming `key` (the
+    argument or config key that gave the folder) for files that are damaged or not what their name
+    says. See `llm.interop.hf_tokenizer` for how the HF special tokens become ours."""
+    folder = Path(path)
+    hf, family, cfg = read_hf_config(folder, key)
+    has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "tokenizer.json").is_symlink()
+    tokenizer = read_tokenizer(folder, hf, key) if has_tokenizer else None
+    state = family.from_state(read_hf_tensors(folder, key), cfg)
     cfg = replace(cfg, **_vocab_fields(cfg.vocab_size, tokenizer.vocab_size if tokenizer else None))
     state = _grow_vocab(state, cfg.padded_vocab_size)
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than config.json says: not this model's weights
+        raise InputError(f"{key}: the weights in {folder} do not fit its config.json ({str(e).splitlines()[-1].strip()}); "
+                         f"{FOLDER_FIX}") from e
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:  # a mapping bug, not a user error: say exactly what
         raise ValueError(f"{folder}: converted state does not fit the model "

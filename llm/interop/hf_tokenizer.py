@@ -27,7 +27,10 @@ from typing import Any
 
 import tokenizers
 
+from llm.files import InputError, read_input_json
 from llm.tokenizer import BOS, EOS, PAD, Tokenizer
+
+FIX = "give the folder as save_pretrained or llm-hf export wrote it (tokenizer.json from Hugging Face tokenizers)"
 
 ROLES = (("eos", EOS), ("bos", BOS), ("pad", PAD))  # the order rules are applied in
 
@@ -57,13 +60,16 @@ def _content(token: Any) -> str | None:
     return token if isinstance(token, str) else None
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _json(path: Path, key: str) -> dict[str, Any]:
+    """An optional JSON object file of the folder: {} when absent, InputError when damaged."""
+    return read_input_json(path, key, FIX) if path.exists() or path.is_symlink() else {}
 
 
-def hf_special_tokens(folder: Path, model_config: dict[str, Any], backend: tokenizers.Tokenizer) -> dict[str, str]:
+def hf_special_tokens(folder: Path, model_config: dict[str, Any], backend: tokenizers.Tokenizer,
+                      key: str = "folder") -> dict[str, str]:
     """role ("bos", "eos", "pad") -> token string, as the HF folder declares them."""
-    tokenizer_config, tokens_map = _json(folder / "tokenizer_config.json"), _json(folder / "special_tokens_map.json")
+    tokenizer_config = _json(folder / "tokenizer_config.json", key)
+    tokens_map = _json(folder / "special_tokens_map.json", key)
     roles = {}
     for role, _ in ROLES:
         token = _content(tokenizer_config.get(f"{role}_token")) or _content(tokens_map.get(f"{role}_token"))
@@ -85,12 +91,16 @@ def _rename(node: Any, old: str, new: str) -> Any:
     return new if node == old else node
 
 
-def read_tokenizer(folder: Path, model_config: dict[str, Any]) -> Tokenizer:
-    """Our Tokenizer for a HF folder's tokenizer.json, with our special tokens (module docstring)."""
+def read_tokenizer(folder: Path, model_config: dict[str, Any], key: str = "folder") -> Tokenizer:
+    """Our Tokenizer for a HF folder's tokenizer.json, with our special tokens (module docstring).
+    Files that are damaged or not a tokenizer's are an InputError naming `key` and the file."""
     path = folder / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    roles = hf_special_tokens(folder, model_config, backend)
+    spec = read_input_json(path, key, FIX)
+    try:
+        backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # the Rust side raises a bare Exception on JSON that is not a tokenizer
+        raise InputError(f"{key}: {path} is not a valid tokenizer.json ({str(e).splitlines()[0]}); {FIX}") from e
+    roles = hf_special_tokens(folder, model_config, backend, key)
     used = set()
     for role, ours in ROLES:
         if backend.token_to_id(ours) is not None:

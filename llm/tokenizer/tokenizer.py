@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 import tokenizers
 
-from llm.files import write_text
+from llm.files import InputError, read_input_json, write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -60,27 +61,39 @@ class Tokenizer:
         write_text(_resolve(path), self.backend.to_str(pretty=True))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike, key: str = "tokenizer.path") -> Tokenizer:
+        """A tokenizer.json this framework wrote (or a folder holding one); InputError naming `key`
+        for a file that is not one."""
         path = _resolve(path)
-        backend = load_backend(path)
+        backend = load_backend(path, key)
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"tokenizer {path} lacks the special tokens {missing}")
+            raise InputError(f"{key}: tokenizer {path} lacks the special tokens {missing}; give the tokenizer.json of a "
+                             "run (or tokenizer=pretrained, which adds them)")
         return cls(backend)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, model={type(self.backend.model).__name__})"
 
 
-def load_backend(path: str | os.PathLike) -> tokenizers.Tokenizer:
-    """Read a tokenizer.json, with errors that name the file."""
+class TokenizerNotFound(InputError, FileNotFoundError):
+    """No tokenizer file where one was named: an InputError (exit 2 in every CLI), and a FileNotFoundError."""
+
+
+LOAD_FIX = "give a tokenizer.json (one a run wrote, or a Hugging Face tokenizers file) or the folder holding one"
+
+
+def load_backend(path: str | os.PathLike, key: str = "tokenizer.path") -> tokenizers.Tokenizer:
+    """Read a tokenizer.json through the checked path: InputError naming `key` and the file for
+    anything else (missing, a directory without one, not UTF-8, cut short, JSON of something else)."""
     path = _resolve(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if not path.exists() and not path.is_symlink():
+        raise TokenizerNotFound(f"{key}: tokenizer file not found: {path}; {LOAD_FIX}")
+    spec = read_input_json(path, key, LOAD_FIX)
     try:
-        return tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a bare Exception on bad JSON
-        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+        return tokenizers.Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # the Rust side raises a bare Exception on JSON that is not a tokenizer
+        raise InputError(f"{key}: {path} is not a valid tokenizer.json ({str(e).splitlines()[0]}); {LOAD_FIX}") from e
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
