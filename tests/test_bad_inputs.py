@@ -64,14 +64,11 @@ def inputs(tmp_path_factory) -> Path:
         "tasks.jsonl": jsonl({"prompt": "1+1=", "answer": "2"}),
         "sft.jsonl": jsonl({"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4"}),
         "latin1.jsonl": b'{"prompt": "caf\xe9", "completion": "x"}\n',
-        "empty.jsonl": "", "blank.jsonl": "\n  \n\n",
+        "empty.jsonl": "",
         "bad_line.jsonl": jsonl({"prompt": "1+1=", "completion": "2"}) + '{"prompt": "2+2=", "completion": \n',
         "list_line.jsonl": '["1+1=", "2"]\n',
         "number.jsonl": jsonl({"prompt": 3, "answer": 4}),
         "no_format.jsonl": jsonl({"question": "1+1=", "reply": "2"}),
-        "same_pair.jsonl": jsonl({"prompt": "1+1=", "chosen": "2", "rejected": "2"}),
-        "messages.jsonl": jsonl({"messages": [{"content": "hi"}, {"role": "assistant", "content": "hello"}]}),
-        "prompt_only.jsonl": jsonl({"prompt": ""}),
     }
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -275,21 +272,16 @@ FILE_CASES: list[Case] = [
      ["list_line.jsonl:1: expected a JSON object, got list"]),
     ("sft rows of no known format", "train", [*SFT, "posttrain.data.source={in}/no_format.jsonl"], None, 2,
      ["no_format.jsonl:1: cannot tell the format from the keys ['question', 'reply']", "prompt_completion (prompt, "]),
-    ("sft messages without a role", "train", [*SFT, "posttrain.data.source={in}/messages.jsonl"], None, 2,
-     ["messages.jsonl:1: messages[0] must be"]),
     ("sft held-out rows not UTF-8", "train", [*SFT, "posttrain.data.source={in}/sft.jsonl",
                                               "posttrain.data.val_source={in}/latin1.jsonl"], None, 2,
      ["posttrain.data.val_source:", "latin1.jsonl is not UTF-8 text"]),
     ("dpo pairs not UTF-8", "train", [*DPO, "posttrain.data.source={in}/latin1.jsonl"], None, 2,
      ["posttrain.data.source:", "latin1.jsonl is not UTF-8 text"]),
-    ("dpo pair with nothing to prefer", "train", [*DPO, "posttrain.data.source={in}/same_pair.jsonl"], None, 2,
-     ["same_pair.jsonl:1: 'chosen' equals 'rejected'"]),
     ("grpo prompts not UTF-8", "train", [*GRPO, "posttrain.data.source={in}/latin1.jsonl"], None, 2,
      ["posttrain.data.source:", "latin1.jsonl is not UTF-8 text"]),
-    ("grpo prompt empty", "train", [*GRPO, "posttrain.data.source={in}/prompt_only.jsonl"], None, 2,
-     ["prompt_only.jsonl:1: 'prompt' is empty"]),
     # -- runs and checkpoints --
-    ("resume of a missing directory", "train", ["resume={in}/no_such_run"], None, 2, ["not a run directory", "run.json"]),
+    ("resume of a missing directory", "train", ["resume={in}/no_such_run"], None, 2,
+     ["not a run directory", "run.json"]),
     ("resume with run.json not JSON", "train", ["resume={run}"], write("run.json", "{oops"), 2,
      ["run.json is damaged", "start a new run"]),
     ("resume with run.json not UTF-8", "train", ["resume={run}"], write("run.json", LATIN1), 2,
@@ -304,6 +296,10 @@ FILE_CASES: list[Case] = [
      ["another architecture", "model.n_layers=2 there, 3 here"]),
     ("init_from a text file", "train", [*SFT, "init_from={in}/notes.ckpt"], None, 2,
      ["notes.ckpt", "not a readable checkpoint"]),
+    ("init_from a run whose tokenizer is not UTF-8", "train", [*SFT, "init_from={run}"],
+     write("tokenizer.json", LATIN1), 2, ["tokenizer.json is not UTF-8 text"]),
+    ("resume of a run whose tokenizer is not UTF-8", "train", ["resume={run}"], write("tokenizer.json", LATIN1), 2,
+     ["tokenizer.json is not UTF-8 text"]),
     # -- llm-generate: prompts, tokenizers, checkpoints --
     ("generate from garbage", "generate", ["checkpoint={in}/garbage.ckpt", "prompt=x",
                                            "tokenizer.path={in}/byte_tokenizer.json"], None, 2,
@@ -352,6 +348,8 @@ FILE_CASES: list[Case] = [
     ("generate tokenizer without our special tokens", "generate",
      [*GENERATE, "tokenizer.path={in}/plain_tokenizer.json"], None, 2,
      ["plain_tokenizer.json lacks the special tokens", "<|bos|>"]),
+    ("generate tokenizer a dangling symlink", "generate", [*GENERATE, "tokenizer.path={in}/dangling.json"], None, 2,
+     ["tokenizer.path=", "dangling.json", "no such tokenizer file"]),
     ("generate tokenizer folder without one", "generate", [*GENERATE, "tokenizer.path={in}/empty_dir"], None, 2,
      ["tokenizer.path=", "empty_dir", "no such tokenizer file"]),
     ("generate with the run's tokenizer not UTF-8", "generate", ["checkpoint={run}", "prompt=x"],
@@ -372,6 +370,9 @@ FILE_CASES: list[Case] = [
      write("tokenizer_config.json", "{oops"), 2, ["tokenizer_config.json is not JSON"]),
     ("generate from a folder without weights", "generate", ["checkpoint={hf}", "prompt=x"],
      remove("model.safetensors"), 2, ["has no weights"]),
+    ("speculative draft whose tokenizer is not UTF-8", "generate",
+     [*GENERATE, "strategy=speculative", "draft_checkpoint={run}"], write("tokenizer.json", LATIN1), 2,
+     ["draft_checkpoint:", "tokenizer.json is not UTF-8 text"]),
     ("generate key that does not exist", "generate", [*GENERATE, "prompts=x"], None, 2,
      ["Could not override 'prompts'", "Key 'prompts' is not in struct"]),
     # -- llm-eval: tasks, run.json, data --
@@ -384,6 +385,8 @@ FILE_CASES: list[Case] = [
     ("tasks file without answers", "evaluate", [*EVAL[:2], "tasks_file={in}/sft.jsonl"], None, 2,
      ["line 1 needs a string field 'answer' (it has no 'answer')"]),
     ("tasks file empty", "evaluate", [*EVAL[:2], "tasks_file={in}/empty.jsonl"], None, 2, ["empty.jsonl is empty"]),
+    ("tasks file a dangling symlink", "evaluate", [*EVAL[:2], "tasks_file={in}/dangling.jsonl"], None, 2,
+     ["tasks_file:", "dangling.jsonl is a broken symbolic link"]),
     ("tasks file a directory", "evaluate", [*EVAL[:2], "tasks_file={in}/a_directory.jsonl"], None, 2,
      ["a_directory.jsonl is a directory, not a file"]),
     ("eval of a run whose run.json is not UTF-8", "evaluate", ["checkpoint={run}"], write("run.json", LATIN1), 2,
@@ -434,8 +437,8 @@ FILE_CASES: list[Case] = [
      ["model.safetensors does not load as weights"]),
     ("import weights of text", "hf", ["import", "{hf}", "{tmp}/out/model.ckpt"],
      write("model.safetensors", "not weights\n"), 2, ["model.safetensors does not load as weights"]),
-    ("import a folder without weights", "hf", ["import", "{hf}", "{tmp}/out/model.ckpt"], remove("model.safetensors"), 2,
-     ["has no model.safetensors or pytorch_model.bin"]),
+    ("import a folder without weights", "hf", ["import", "{hf}", "{tmp}/out/model.ckpt"],
+     remove("model.safetensors"), 2, ["has no model.safetensors or pytorch_model.bin"]),
     ("import a shard index not JSON", "hf", ["import", "{hf}", "{tmp}/out/model.ckpt"],
      lambda hf: ((hf / "model.safetensors").rename(hf / "shard-1.safetensors"),
                  (hf / "model.safetensors.index.json").write_text('{"weight_map": ')), 2,
@@ -481,7 +484,8 @@ FILE_CASES: list[Case] = [
 # a whole stage. A value of the wrong type (a word, or nan / inf / 1e30 for an integer) is refused
 # by Hydra while it composes, one key at a time: a key of each group stands for the rest.
 HUGE = "1099511627776"  # 2^40: past every declared maximum (sizes, lengths, counts)
-SIZES = ("n_layers", "d_model", "n_heads", "head_dim", "max_seq_len", "vocab_size", "mlp_hidden", "attention.n_kv_heads")
+SIZES = ("n_layers", "d_model", "n_heads", "head_dim", "max_seq_len", "vocab_size", "mlp_hidden",
+         "attention.n_kv_heads")
 
 
 def pretraining(value: str, floats: bool = True, ints: bool = True, huge: bool = False) -> dict[str, str]:
@@ -520,7 +524,7 @@ NUMERIC_CASES: list[Case] = [
         ("pretraining numbers -1", *every(WSD, {**pretraining("-1"), "data.val_batches": "-1",
                                                 "optim.weight_decay": "-1"})),
         ("pretraining numbers 0", *every(WSD, {k: v for k, v in pretraining("0").items() if k not in ZERO_ALLOWED})),
-        # (model.norm_eps and model.position.rope_base have no upper bound: see the report in the module docstring)
+        # (model.norm_eps and model.position.rope_base declare no upper bound in llm/model/config.py)
         ("pretraining numbers huge", *every(WSD, {**pretraining(HUGE, floats=False, huge=True),
                                                   **{k: v for k, v in pretraining("1e30", ints=False, huge=True).items()
                                                      if k not in ("model.norm_eps", "model.position.rope_base")}})),
@@ -531,7 +535,6 @@ NUMERIC_CASES: list[Case] = [
         ("data.seq_len nan", *composing(BYTES, "data.seq_len", "nan", "Integer")),
         ("optim.lr a word", *composing(BYTES, "optim.lr", "fast", "Float")),
         ("budget.steps 1e30", *composing(BYTES, "budget.steps", "1e30", "Integer")),
-        ("model.vocab_size a word", *composing(BYTES, "model.vocab_size", "big", "Integer")),
         # post-training: each method's keys (posttrain.*, its data and LoRA)
         ("sft numbers nan and inf", *every(SFT, alternating(("nan", "inf"), "posttrain.data.val_fraction",
                                                             "posttrain.lora.alpha", "posttrain.lora.dropout"))),

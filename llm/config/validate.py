@@ -590,7 +590,8 @@ def check_input_files(cfg: DictConfig) -> None:
         else:
             if cfg.model.get("vocab_size") is not None and vocab > cfg.model.vocab_size:
                 problems.append(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
-                                f"({vocab}) in {tokenizer.path}; allowed: >= {vocab}, or null to take it from the tokenizer")
+                                f"({vocab}) in {tokenizer.path}; allowed: >= {vocab}, or null to take it from the "
+                                "tokenizer")
     corpus = OmegaConf.select(cfg, "data.corpus")
     if isinstance(corpus, DictConfig) and str(corpus.get("_target_", "")).endswith("TextCorpus"):
         from llm.data.text import match_files

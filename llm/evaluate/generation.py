@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -28,9 +28,7 @@ from llm.evaluate.jsonl import read_records, write_records
 from llm.evaluate.options import GenerateSettings, check_generate, collect, typed_settings
 from llm.interop.hf import check_hf_folder
 from llm.run.layout import RunDir
-
-if TYPE_CHECKING:
-    from llm.tokenizer import Tokenizer
+from llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)  # llm-generate's logging goes to stderr (conf/hydra/job_logging/llm_stderr.yaml)
 
@@ -57,16 +55,18 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
 
     device = resolve_device(s.device, s.quantize)
     tokenizer = load_tokenizer(tok_path)
+    draft_tokenizer = RunDir(draft_ref.run_dir).tokenizer if draft_ref and draft_ref.run_dir else None
+    if draft_tokenizer is not None and (draft_tokenizer.exists() or draft_tokenizer.is_symlink()):
+        # The draft run's own tokenizer, compared before either model is loaded.
+        if Tokenizer.load(draft_tokenizer, "draft_checkpoint").content_hash() != tokenizer.content_hash():
+            raise ConfigError([f"draft_checkpoint={s.draft_checkpoint!r}: trained with another tokenizer than "
+                               f"{tok_path}; the draft must share the target's tokenizer"])
     model = _load(ref, device, tokenizer, s.quantize, "checkpoint")
     draft = _load(draft_ref, device, tokenizer, s.quantize, "draft_checkpoint") if draft_ref else None
     if draft is not None and draft.cfg.padded_vocab_size != model.cfg.padded_vocab_size:
         raise ConfigError([f"draft_checkpoint={s.draft_checkpoint!r}: its vocabulary ({draft.cfg.padded_vocab_size}) "
                            f"differs from the checkpoint's ({model.cfg.padded_vocab_size}); the draft must share the "
                            "target's tokenizer"])
-    if draft_ref is not None and draft_ref.run_dir is not None and RunDir(draft_ref.run_dir).tokenizer.is_file():
-        if load_tokenizer(RunDir(draft_ref.run_dir).tokenizer).content_hash() != tokenizer.content_hash():
-            raise ConfigError([f"draft_checkpoint={s.draft_checkpoint!r}: trained with another tokenizer than "
-                               f"{tok_path}; the draft must share the target's tokenizer"])
 
     settings = DecodeSettings(
         strategy=s.strategy, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,

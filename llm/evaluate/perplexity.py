@@ -77,8 +77,9 @@ class HeldOut:
         if self.n_tokens < seq_len + 1:  # an input problem, reported before any model work
             from llm.config import ConfigError
 
-            raise ConfigError([f"seq_len={seq_len}: the val split of {self.corpus} has only {self.n_tokens} tokens, too "
-                               f"few for one block of {seq_len + 1}; give a seq_len <= {self.n_tokens - 1} or more text"])
+            raise ConfigError([f"seq_len={seq_len}: the val split of {self.corpus} has only {self.n_tokens} tokens, "
+                               f"too few for one block of {seq_len + 1}; give a seq_len <= {self.n_tokens - 1} or "
+                               "more text"])
         return validation_batches(self.tokens, seq_len, batch_size, max_batches)
 
 

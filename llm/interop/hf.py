@@ -205,8 +205,8 @@ def import_hf(path: str | Path, key: str = "folder") -> tuple[Transformer, Optio
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape than config.json says: not this model's weights
-        raise InputError(f"{key}: the weights in {folder} do not fit its config.json ({str(e).splitlines()[-1].strip()}); "
-                         f"{FOLDER_FIX}") from e
+        why = str(e).splitlines()[-1].strip()
+        raise InputError(f"{key}: the weights in {folder} do not fit its config.json ({why}); {FOLDER_FIX}") from e
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:  # a mapping bug, not a user error: say exactly what
         raise ValueError(f"{folder}: converted state does not fit the model "

@@ -68,8 +68,8 @@ class Tokenizer:
         backend = load_backend(path, key)
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
         if missing:
-            raise InputError(f"{key}: tokenizer {path} lacks the special tokens {missing}; give the tokenizer.json of a "
-                             "run (or tokenizer=pretrained, which adds them)")
+            raise InputError(f"{key}: tokenizer {path} lacks the special tokens {missing}; give the tokenizer.json "
+                             "of a run (or tokenizer=pretrained, which adds them)")
         return cls(backend)
 
     def __repr__(self) -> str:
