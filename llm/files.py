@@ -9,7 +9,7 @@ Appended files (metrics.jsonl, samples.jsonl) may end in a torn line after a kil
 skips lines that are not JSON, and `json_lines` says which ones, for readers that must refuse them.
 
 Files a user points a command at (corpora, prompts, tasks, CSV, run.json, tokenizers) are read
-through `checked_path`, `read_input_text` and `read_input_json`: anything wrong with them (missing,
+through `checked_path`, `read_input_text`, `read_input_json` and `read_input_jsonl`: anything wrong with them (missing,
 a directory where a file is needed or the reverse, unreadable, not UTF-8, empty, not JSON) is an
 `InputError` naming the file, its key and the fix, which every CLI turns into exit code 2.
 
@@ -25,7 +25,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 
 class InputError(ValueError):
@@ -149,16 +149,28 @@ class JsonLine:
 
 def json_lines(path: str | os.PathLike) -> list[JsonLine]:
     """Every non-blank line of the file, parsed; FileNotFoundError when there is no file."""
-    lines = []
     with open(Path(path).expanduser(), encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append(JsonLine(number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                lines.append(JsonLine(number, error=f"{e.msg} at column {e.colno}"))
-    return lines
+        return _parsed(f)
+
+
+def read_input_jsonl(path: str | os.PathLike, key: str, fix: str = "", allow_empty: bool = False) -> list[JsonLine]:
+    """Every non-blank line of a JSON-lines file a command was given (post-training data, prompts,
+    tasks, a run's metrics), parsed and numbered as an editor shows them, so that a bad line is
+    reported by number rather than skipped; the file itself is checked as `read_input_text` does."""
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and the like, which are not line ends here
+    return _parsed(read_input_text(path, key, fix, allow_empty).split("\n"))
+
+
+def _parsed(lines: Iterable[str]) -> list[JsonLine]:
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append(JsonLine(number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            parsed.append(JsonLine(number, error=f"{e.msg} at column {e.colno}"))
+    return parsed
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from llm.config import ConfigError
-from llm.data.jsonl import input_json_lines
+from llm.files import read_input_jsonl
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -191,7 +191,7 @@ def read_jsonl(path: str | Path, key: str = "dataset") -> list[Row]:
     path = Path(path).expanduser()
     if not path.exists() and not path.is_symlink():
         raise DatasetError([f"{path}: no such file"], key)
-    lines = input_json_lines(path, key, FIX, allow_empty=True)  # an empty file: "no rows", below
+    lines = read_input_jsonl(path, key, FIX, allow_empty=True)  # an empty file: "no rows", below
     problems = [f"{path}:{line.number}: not valid JSON ({line.error})" for line in lines if line.error is not None]
     if problems:
         raise DatasetError(_capped(problems))

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from llm.config import ConfigError
-from llm.data.jsonl import input_json_lines
-from llm.files import atomic_write
+from llm.files import atomic_write, read_input_jsonl
 
 
 JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
@@ -27,7 +26,7 @@ def read_records(path: str | Path, fields: tuple[str, ...], key: str) -> list[di
     `key` is the config key that named the file, for the error messages. A file that cannot be read
     as UTF-8 text is an InputError; bad lines are a ConfigError naming them by number."""
     records, problems = [], []
-    for line in input_json_lines(path, key, fix_for(fields)):
+    for line in read_input_jsonl(path, key, fix_for(fields)):
         if len(problems) >= 5:  # enough to see the pattern
             break
         if line.error is not None:

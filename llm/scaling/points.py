@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from llm.files import InputError, checked_path, json_lines, read_input_json, read_input_text
+from llm.files import InputError, checked_path, read_input_json, read_input_jsonl, read_input_text
 from llm.run.layout import SUMMARY_FILE, RunDir
 
 N_KINDS = ("total", "non_embedding")
@@ -222,13 +222,7 @@ def read_records(path: str | Path, key: str, fix: str) -> list[dict]:
     path = Path(path).expanduser()
     if not (path.exists() or path.is_symlink()):
         return []
-    checked_path(path, key, "file", fix)
-    try:
-        lines = json_lines(path)
-    except UnicodeDecodeError as e:
-        raise InputError(f"{key}: {path} is not UTF-8 text (byte {e.start}); {fix}") from e
-    except OSError as e:
-        raise InputError(f"{key}: {path} cannot be read ({e.strerror or e}); {fix}") from e
+    lines = read_input_jsonl(path, key, fix, allow_empty=True)
     records = []
     for i, line in enumerate(lines):
         if line.error is not None:
