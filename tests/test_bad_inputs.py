@@ -528,6 +528,8 @@ NUMERIC_CASES: list[Case] = [
         ("pretraining numbers huge", *every(WSD, {**pretraining(HUGE, floats=False, huge=True),
                                                   **{k: v for k, v in pretraining("1e30", ints=False, huge=True).items()
                                                      if k not in ("model.norm_eps", "model.position.rope_base")}})),
+        ("model size nan on the ladder", [*BYTES[1:], "model=ladder", "model.size=nan"],
+         ["  - model.n_layers: ", "cannot convert float NaN to integer"]),
         ("optim weight decay huge", [*BYTES, "optim.weight_decay=1e30"],
          ["optim.weight_decay=1e+30", "1 - lr x weight_decay"]),
         ("schedule warmup longer than the run", [*BYTES, "schedule.warmup=5"],

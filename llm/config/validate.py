@@ -107,7 +107,9 @@ def schema_problems(node: Any, schema: type, prefix: str, drop: tuple[str, ...] 
     try:
         values = plain(node, drop)
     except OmegaConfBaseException as e:
-        key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
+        full = str(getattr(e, "full_key", None) or "")
+        # a node of a composed config names its keys from the root already; a detached one does not
+        key = full if full.startswith(f"{prefix}.") or not prefix else f"{prefix}.{full}" if full else prefix
         return None, [f"{key}: {str(e).splitlines()[0]}"]
     target = OmegaConf.structured(schema)
     problems = _assign_each(target, values, prefix)
