@@ -517,10 +517,8 @@ NUMERIC_CASES: list[Case] = [
         ("pretraining numbers -1", *every(WSD, {**pretraining("-1"), "data.val_batches": "-1",
                                                 "optim.weight_decay": "-1"})),
         ("pretraining numbers 0", *every(WSD, {k: v for k, v in pretraining("0").items() if k not in ZERO_ALLOWED})),
-        # (model.norm_eps and model.position.rope_base declare no upper bound in llm/model/config.py)
         ("pretraining numbers huge", *every(WSD, {**pretraining(HUGE, floats=False, huge=True),
-                                                  **{k: v for k, v in pretraining("1e30", ints=False, huge=True).items()
-                                                     if k not in ("model.norm_eps", "model.position.rope_base")}})),
+                                                  **pretraining("1e30", ints=False, huge=True)})),
         ("model size nan on the ladder", [*BYTES[1:], "model=ladder", "model.size=nan"],
          ["  - model.n_layers: ", "cannot convert float NaN to integer"]),
         ("optim weight decay huge", [*BYTES, "optim.weight_decay=1e30"],
@@ -540,7 +538,7 @@ NUMERIC_CASES: list[Case] = [
             "posttrain.lora.dropout": "-1"})),
         ("sft numbers huge", *every(SFT, {**{f"posttrain.data.{k}": HUGE for k in (*SFT_DATA, "eval_prompts")},
                                           "posttrain.lora.rank": HUGE, "posttrain.data.val_fraction": "1e30",
-                                          "posttrain.lora.dropout": "1e30"})),
+                                          "posttrain.lora.dropout": "1e30", "posttrain.lora.alpha": "1e30"})),
         ("posttrain.data.n_train a word", *composing(SFT, "posttrain.data.n_train", "many", "Integer")),
         ("dpo numbers nan and inf", *every(DPO, alternating(("nan", "inf"), "posttrain.beta",
                                                             "posttrain.label_smoothing", "posttrain.rpo_alpha"))),

@@ -283,7 +283,7 @@ OUT_OF_RANGE = [
     (["model.mlp_hidden=-5"], "model.mlp_hidden=-5: must be in [1, 1048576]"),
     (["model.n_layers=1000000000000"], "model.n_layers=1000000000000: must be in [1, 1024]"),
     (["model.init_std=0"], "model.init_std=0.0: must be in (0, 1]"),
-    (["model.norm_eps=-1e-5"], "model.norm_eps=-1e-05: must be > 0"),
+    (["model.norm_eps=-1e-5"], "model.norm_eps=-1e-05: must be in (0, 0.1]"),
     (["model.position.rope_base=nan"], "model.position.rope_base=nan: must be finite"),
     (["model.attention.n_kv_heads=0"], "model.attention.n_kv_heads=0: must be in [1, 1024]"),
     (["data.seq_len=0"], "data.seq_len=0: must be in [1, 4194304]"),

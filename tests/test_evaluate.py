@@ -174,5 +174,5 @@ def test_a_run_json_may_only_build_allowed_objects(run, tmp_path):
     saved = json.loads((run / "run.json").read_text())
     saved["config"]["data"]["corpus"]["_target_"] = "os.system"
     (fake / "run.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match=r"data.corpus._target_='os.system' \(from run.json\).*refused"):
+    with pytest.raises(ConfigError, match=r"data.corpus._target_='os.system' \(in .*run.json\).*refused"):
         evaluate(run, [], tmp_path, checkpoint=fake)

@@ -10,7 +10,6 @@ LoRA adapters is folded onto its parent's weights; a Hugging Face folder is conv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from llm.checkpoint.meta import CheckpointMeta, is_sharded, unreadable, why_unreadable
 from llm.checkpoint.refs import HF_CONFIG, CheckpointRef, resolve
 from llm.config import ConfigError
+from llm.files import read_input_json
 from llm.model import ModelConfig
 from llm.model.lora import LoRAConfig, apply_lora, merge_lora
 from llm.model.value import build_network, load_weights
@@ -138,19 +138,21 @@ def _import_hf(folder: Path, key: str) -> nn.Module:
     from llm.interop.hf import import_hf
 
     try:
-        return import_hf(folder)[0]
+        return import_hf(folder, key)[0]
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError([f"{key}: {folder}: {e}"]) from e
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, key: str = "tokenizer.path") -> Tokenizer:
     """Our Tokenizer from a tokenizer.json: one we saved, or a Hugging Face folder's (config.json
-    beside it), whose special tokens become ours (`llm.interop.hf_tokenizer`)."""
+    beside it), whose special tokens become ours (`llm.interop.hf_tokenizer`). InputError naming
+    `key` for a file that is not what it should be."""
     path = Path(path)
     if path.name == TOKENIZER_FILE and (path.parent / HF_CONFIG).is_file():
         from llm.interop.hf_tokenizer import read_tokenizer
 
-        return read_tokenizer(path.parent, json.loads((path.parent / HF_CONFIG).read_text()))
+        config = read_input_json(path.parent / HF_CONFIG, key, "give a Hugging Face model folder or a run directory")
+        return read_tokenizer(path.parent, config)
     from llm.tokenizer import Tokenizer
 
-    return Tokenizer.load(path)
+    return Tokenizer.load(path, key)

@@ -68,7 +68,7 @@ class AttentionConfig:
 @dataclass
 class PositionConfig:
     kind: PositionKind = PositionKind.rope
-    rope_base: float = positive(10000.0)
+    rope_base: float = positive(10000.0, high=1e12)  # Llama 3: 5e5; long-context models up to ~1e8
 
     def __post_init__(self) -> None:
         plain_choices(self)
@@ -87,7 +87,7 @@ class ModelConfig:
     position: PositionConfig = field(default_factory=PositionConfig)
     norm: Norm = Norm.rmsnorm
     norm_placement: NormPlacement = NormPlacement.pre
-    norm_eps: float = positive(1e-5)
+    norm_eps: float = positive(1e-5, high=0.1)  # a guard against division by zero, not a scale
     mlp: MLP = MLP.swiglu
     mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="for 4 d_model (gelu/relu) or ~8/3 d_model (swiglu)")
     mlp_multiple_of: int = at_least(1, 32, high=MAX_WIDTH)

@@ -37,7 +37,7 @@ class LoRAConfig:
     """The `posttrain.lora` config section: whether and where to put adapters."""
 
     rank: int = at_least(1, 8, high=2**16)
-    alpha: float = positive(16.0)  # the adapter's output is scaled by alpha / rank
+    alpha: float = positive(16.0, high=1e4)  # the adapter's output is scaled by alpha / rank
     dropout: float = unit_interval(0.0, high_open=True)  # on the adapter's input only
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # names, suffixes, globs or "all-linear"
     enabled: bool = False

@@ -78,7 +78,7 @@ class PostTrain(Recipe):
         from llm.data.posttrain_datamodule import build_posttrain_data
         from llm.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(self.parent.tokenizer_path)
+        tokenizer = Tokenizer.load(self.parent.tokenizer_path, "init_from")
         data = settings.data
         datamodule, eval_rows, line = build_posttrain_data(self.method.data, self.module_class.data_kind, tokenizer,
                                                            data.seq_len, data.micro_batch_size, data.val_batches)

@@ -27,7 +27,7 @@ class Pretrain(Recipe):
         if cfg.resume and run_dir.tokenizer.is_file():  # the tokenizer the run's embeddings were trained with
             from llm.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.load(run_dir.tokenizer)
+            tokenizer = Tokenizer.load(run_dir.tokenizer, "resume")
         else:
             tokenizer = instantiate(cfg.tokenizer)(corpus=corpus, cache_dir=cache)
         train = build_token_cache(corpus, tokenizer, "train", cache)

@@ -127,6 +127,10 @@ class Run:
         if self.rank_zero:
             redact_yaml_files(self.dir.path / HYDRA_OUTPUT)
             redact_yaml_files(self.dir.path.parent)  # a multirun's multirun.yaml, with the sweep's command line
+        log.info(f"run {self.id}: {self.dir.path}" + (f" (resuming from {self.resume_from})" if self.resume_from else ""))
+        for bad in self.corrupt:
+            log.warning(f"checkpoint {bad['path']} does not load ({bad['error']}): set aside as .corrupt, resuming "
+                        "from an older one")
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         torch.set_float32_matmul_precision(settings.trainer.matmul_precision)
 
@@ -159,10 +163,6 @@ class Run:
                                                               "overrides": self.overrides,
                                                               "config": resolved_config(cfg, resolve=False)}))
             self.dir.config_file.write_text(OmegaConf.to_yaml(resolved_config(cfg)))
-        log.info(f"run {self.id}: {self.dir.path}" + (f" (resuming from {self.resume_from})" if self.resume_from else ""))
-        for bad in self.corrupt:
-            log.warning(f"checkpoint {bad['path']} does not load ({bad['error']}): set aside as .corrupt, resuming "
-                        "from an older one")
 
     def release(self) -> None:
         """Give up the directory's lock (the process ending releases it too, however it ends)."""
