@@ -389,7 +389,10 @@ def test_ppo_scores_with_a_reward_run_made_by_llm_train(parent, tmp_path, single
     assert json.loads((ppo_run / "run.json").read_text())["config"]["posttrain"]["reward_model"] == str(reward_run)
 
 
-def test_cli_errors_exit_2_naming_the_problem_and_leave_no_model(parent, reward_parent, tmp_path):
+def test_cli_errors_exit_2_naming_the_problem_and_leave_no_model(parent, reward_parent, tmp_path, monkeypatch, capsys,
+                                                                single_thread):
+    from tests.test_bad_inputs import llm_cli  # the real llm-train main, in this process (no interpreter start-up)
+
     bad_rows = write_jsonl(tmp_path / "rows.jsonl", [*addition_rows(0, 1), {"prompt": "1+1="}, *addition_rows(5, 3)])
     rows, two_rows = write_jsonl(tmp_path / "ok.jsonl", addition_rows(0, 8)), write_jsonl(tmp_path / "two.jsonl",
                                                                                           addition_rows(20, 2))
@@ -409,11 +412,11 @@ def test_cli_errors_exit_2_naming_the_problem_and_leave_no_model(parent, reward_
          ["posttrain.reward_model=", "is a pretrain language model, not a reward model"]),
     ]
     for overrides, phrases in cases:
-        result = run_cli([*overrides, *CLI_TINY], cwd=tmp_path)
-        assert result.returncode == 2, (overrides, result.stderr[-3000:])
-        assert "Traceback" not in result.stderr
+        code, stderr = llm_cli("train", [*overrides, *CLI_TINY], tmp_path, monkeypatch, capsys)
+        assert code == 2, (overrides, stderr[-3000:])
+        assert "Traceback" not in stderr
         for phrase in phrases:
-            assert phrase in result.stderr, (phrase, result.stderr[-3000:])
+            assert phrase in stderr, (phrase, stderr[-3000:])
     # Nothing a later run could take for a trained model: no checkpoint, no completed summary.
     assert not list(tmp_path.glob("runs/*/checkpoints/*"))
     for summary in tmp_path.glob("runs/*/summary.json"):

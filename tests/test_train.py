@@ -101,12 +101,15 @@ def test_killed_run_resumes_with_the_same_loss_curve(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
 
 
-def test_resume_refuses_to_change_a_group(tmp_path):
-    first = run_cli([*TINY_RUN, "budget.steps=4", "trainer.val_every=2", "hydra.run.dir=runs/r"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(["resume=r", "attention=mqa"], cwd=tmp_path)
-    assert again.returncode == 2
-    assert "attention=mqa" in again.stderr and "start a new run" in again.stderr
+def test_resume_refuses_to_change_a_group(tmp_path, monkeypatch, capsys, single_thread):
+    from tests.test_bad_inputs import llm_cli  # the real llm-train main, in this process
+
+    code, stderr = llm_cli("train", [*TINY_RUN, "budget.steps=4", "trainer.val_every=2", "hydra.run.dir=runs/r"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
+    code, stderr = llm_cli("train", ["resume=r", "attention=mqa"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "attention=mqa" in stderr and "start a new run" in stderr
 
 
 def test_budget_in_flops_and_tokens_derives_steps():
@@ -228,7 +231,9 @@ def test_wsd_branches_give_several_points_from_one_run(tmp_path):
     assert sorted(p.D for p in points) == [10 * 512, 20 * 512]
 
 
-def test_resume_refuses_a_crafted_target_in_the_run_directory(tmp_path):
+def test_resume_refuses_a_crafted_target_in_the_run_directory(tmp_path, monkeypatch, capsys):
+    from tests.test_bad_inputs import llm_cli
+
     run = tmp_path / "runs" / "crafted"
     run.mkdir(parents=True)
     cfg = compose_train([*TINY_RUN], tmp_path)
@@ -237,6 +242,6 @@ def test_resume_refuses_a_crafted_target_in_the_run_directory(tmp_path):
     config = resolved_config(cfg, resolve=False)
     config["optim"]["_target_"] = "os.system"
     (run / "run.json").write_text(json.dumps({"run_id": "crafted", "choices": {}, "config": config}))
-    result = run_cli(["resume=crafted"], cwd=tmp_path)
-    assert result.returncode == 2
-    assert "optim._target_='os.system'" in result.stderr and "refused" in result.stderr
+    code, stderr = llm_cli("train", ["resume=crafted"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "optim._target_='os.system'" in stderr and "refused" in stderr
