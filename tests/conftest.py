@@ -83,3 +83,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def place_files(directory: Path, files: dict) -> None:
+    """Write `files` into `directory` over what is there: {"summary_json": text or bytes} writes
+    summary.json; None makes a directory of that name (a file where a directory does not belong)."""
+    for name, content in files.items():
+        path = directory / name.replace("_", ".")
+        if path.exists():
+            path.unlink() if path.is_file() else path.rmdir()
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)

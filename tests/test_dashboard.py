@@ -20,7 +20,7 @@ from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, pag
 from llm.tracking.dashboard.page import fit_panel
 from llm.tracking.dashboard.report import build_report
 from llm.tracking.metrics import JsonlLogger
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, place_files, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless on a machine without network: no first-run, sync, component or background requests.
@@ -240,16 +240,7 @@ def runs_with(root: Path, **files: bytes | str | None) -> Path:
     """Two runs below root/sweep; run `1` gets `files` (summary_json -> summary.json; None: a directory)."""
     local_run(root / "sweep" / "0")
     run = local_run(root / "sweep" / "1", attention="mqa")
-    for name, content in files.items():
-        path = run / name.replace("_", ".")
-        if path.exists():
-            path.unlink()
-        if content is None:
-            path.mkdir()
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+    place_files(run, files)
     return root / "sweep"
 
 

@@ -18,7 +18,7 @@ from llm.scaling.flops import model_size
 from llm.scaling.laws import ParametricLaw
 from llm.scaling.plan import config_overrides, ladder_batch, ladder_lr, plan, shape_for_params, shape_params
 from llm.scaling.points import Curve, Point, load_curves, load_points, load_runs, parse_wandb_spec
-from tests.conftest import compose_train
+from tests.conftest import compose_train, place_files
 
 TRUE = ParametricLaw(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.28)
 TRUE_A = TRUE.beta / (TRUE.alpha + TRUE.beta)  # exponent of N_opt(C): 0.4516
@@ -459,16 +459,7 @@ def sweep_with(root: Path, summary_text: str | None = None, **files: bytes | str
     bad = sweep / "bad"
     if summary_text is not None:
         (bad / "summary.json").write_text(summary_text)
-    for name, content in files.items():
-        path = bad / name.replace("_", ".")
-        if path.exists():
-            path.unlink() if path.is_file() else path.rmdir()
-        if content is None:
-            path.mkdir()
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+    place_files(bad, files)
     return sweep
 
 

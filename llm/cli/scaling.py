@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in
 from llm.files import InputError, write_text
@@ -51,34 +51,27 @@ llm.scaling.plan.shape_for_params: d_model a multiple of 64 (16 below 64), 64-wi
 d_model/n_layers ~ 64 and at least 16."""
 
 
-def _number(text: str) -> float:
+def _parsed(text: str, kind: type, what: str, ok: Callable[[Any], bool], rule: str) -> Any:
+    """An argparse type: `text` as `kind` (int or float) that passes `ok`, else an error naming `rule`."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}: {text!r}")
     return value
+
+
+def _number(text: str) -> float:
+    return _parsed(text, float, "a number", lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
+    return _parsed(text, int, "a whole number", lambda v: v >= 0, ">= 0")
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
-    return value
+    return _parsed(text, float, "a number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def _approaches(text: str) -> list[str]:

@@ -14,6 +14,7 @@ tries them newest first and sets aside any that does not load as `<name>.corrupt
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ from llm.checkpoint.find import remove_path, step_files
 from llm.checkpoint.meta import checkpoint_step
 from llm.checkpoint.save import NoSpace, no_space
 from llm.run.layout import BEST, CORRUPT, LAST, branch_checkpoint, step_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class PeriodicCheckpoint(Callback):
@@ -153,8 +156,8 @@ class PeriodicCheckpoint(Callback):
             if best.is_symlink() and os.readlink(best) == kept.name:
                 _point(best, LAST)
             kept.rename(self.dirpath / LAST)
-        except OSError:
-            pass
+        except OSError as e:  # still whole, under its step name: a resume finds it there
+            log.warning(f"{kept} could not be renamed back to {LAST} ({e.strerror or e}); resume uses it as it is")
 
     def _prune(self) -> None:
         older = sorted(step_files(self.dirpath), reverse=True)
