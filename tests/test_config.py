@@ -243,7 +243,7 @@ COMPOSE_REFUSED = [
     (["posttrain=grpo", "posttrain.loss_aggregation=mean"], "[token, sequence]"),
     (["posttrain=sft", "posttrain.data.format=csv"], "prompt_completion"),
     (["model.norm=batchnorm"], "[rmsnorm, layernorm]"),
-    (["model.mlp=geglu"], "[swiglu, gelu, relu]"),
+    (["model.mlp=geglu"], "[swiglu, gelu, gelu_tanh, relu]"),
     (["model.norm_placement=sandwich"], "[pre, post]"),
     (["model.position.kind=xpos"], "[rope, alibi, learned, sinusoidal, none]"),
     (["model.attention.kernel=xformers"], "[sdpa, flash, flex]"),

@@ -118,6 +118,7 @@ GPT2_VARIANTS = {
     "gelu-tied": gpt2_cfg(),
     "gelu-untied": gpt2_cfg(tie_embeddings=False),
     "relu": gpt2_cfg(mlp="relu"),
+    "gelu-tanh": gpt2_cfg(mlp="gelu_tanh"),  # real GPT-2's "gelu_new"
     "no-biases": gpt2_cfg(bias=False, attention=AttentionConfig(bias=False)),  # exported as zero biases
 }
 
@@ -127,7 +128,8 @@ def test_gpt2_export_matches_transformers(variant, tmp_path):
     model = build(GPT2_VARIANTS[variant])
     folder = export_hf(model, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
-    assert hf.config.activation_function in ("gelu", "relu")  # exact GELU, not GPT-2's tanh "gelu_new"
+    # exact GELU is "gelu", the tanh approximation GPT-2's own "gelu_new"
+    assert hf.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[model.cfg.mlp]
     assert_same_logits(model, hf, tokens())
 
 
@@ -207,7 +209,7 @@ def test_family_argument(tmp_path):
         ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
         ("llama", {"model_type": "mistral"}, "model_type"),
         ("llama", {"hidden_act": "gelu"}, "hidden_act"),
-        ("gpt2", {"activation_function": "gelu_new"}, "activation_function"),
+        ("gpt2", {"activation_function": "quick_gelu"}, "activation_function"),
     ],
 )
 def test_import_refuses_unsupported_configs(family, edit, key, tmp_path):
@@ -234,13 +236,19 @@ def test_import_folders_written_by_transformers(tmp_path):
     assert tok is None and ours.cfg.mlp_hidden == 80 and ours.cfg.padded_vocab_size == 96
     assert_same_logits(ours.eval(), llama, tokens(vocab=96))
 
+    # GPT2Config's default activation, as in every real GPT-2 checkpoint: "gelu_new" (tanh GELU).
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                      activation_function="gelu", initializer_range=0.1)).eval()
+                                      initializer_range=0.1)).eval()
+    assert gpt2.config.activation_function == "gelu_new"
     (tmp_path / "gpt2").mkdir()
     gpt2.config.save_pretrained(tmp_path / "gpt2")
     torch.save(gpt2.state_dict(), tmp_path / "gpt2" / "pytorch_model.bin")
     ours, _ = import_hf(tmp_path / "gpt2")
+    assert ours.cfg.mlp == "gelu_tanh"
     assert_same_logits(ours.eval(), gpt2, tokens(vocab=96))
+    ours.blocks[0].mlp.activation = torch.nn.functional.gelu  # the exact GELU is measurably another model
+    with torch.no_grad():
+        assert (ours(tokens(vocab=96)) - gpt2(tokens(vocab=96)).logits).abs().max() > 1e-4
 
 
 def hf_style_tokenizer(specials: list[str]) -> tokenizers.Tokenizer:

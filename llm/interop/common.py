@@ -20,7 +20,7 @@ POSITION_NAMES = {
     "sinusoidal": "sinusoidal positions",
     "none": "no positions (NoPE)",
 }
-MLP_NAMES = {"swiglu": "SwiGLU MLP", "gelu": "GELU MLP", "relu": "ReLU MLP"}
+MLP_NAMES = {"swiglu": "SwiGLU MLP", "gelu": "GELU MLP", "gelu_tanh": "tanh-GELU MLP", "relu": "ReLU MLP"}
 NORM_NAMES = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 
 

@@ -6,7 +6,9 @@ layout differences from ours:
 - its attention projects q, k and v with one fused `c_attn` (their outputs concatenated).
 GPT-2 always has biases (LayerNorm, attention, MLP); a model of ours without them exports with
 zero biases, which computes exactly the same function (and imports back with bias=True).
-Our GELU is the exact (erf) one: the config says "gelu", not GPT-2's default "gelu_new" (tanh).
+Our `gelu` is the exact (erf) GELU ("gelu" in config.json); `gelu_tanh` is GPT-2's own tanh
+approximation ("gelu_new", what real GPT-2 checkpoints use; "gelu_pytorch_tanh" and "gelu_fast"
+are the same function written differently and import as it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from llm.model import AttentionConfig, ModelConfig, PositionConfig
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURE = "GPT2LMHeadModel"
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # our mlp -> transformers' exact equivalent
+ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}  # our mlp -> transformers' name
+# transformers' other spellings of the tanh approximation (equal to float rounding).
+TANH_ALIASES = ("gelu_pytorch_tanh", "gelu_fast")
 # Causal-mask buffers that older checkpoints saved (not parameters): `h.{i}.attn.bias`, `.masked_bias`.
 _IGNORED = (".attn.bias", ".attn.masked_bias")
 
@@ -43,7 +47,7 @@ def problems(cfg: ModelConfig) -> list[str]:
     if cfg.norm != "layernorm":
         found.append(f"{NORM_NAMES[cfg.norm]} (the GPT-2 family uses LayerNorm)")
     if cfg.mlp not in ACTIVATIONS:
-        found.append(f"{MLP_NAMES[cfg.mlp]} (the GPT-2 family has a plain GELU or ReLU MLP)")
+        found.append(f"{MLP_NAMES[cfg.mlp]} (the GPT-2 family has a plain GELU, tanh-GELU or ReLU MLP)")
     if cfg.kv_heads != cfg.n_heads:
         kind = "MQA" if cfg.kv_heads == 1 else "GQA"
         where = " with learned positions" if cfg.position.kind == "learned" else ""
@@ -116,8 +120,10 @@ def to_state(state: Tensors, cfg: ModelConfig) -> Tensors:
 def from_config(hf: dict[str, Any]) -> ModelConfig:
     """Our config for a GPT-2 config.json; vocab_size is the model's (the caller may refine it).
     Missing keys take GPT2Config's defaults (so a missing activation_function is "gelu_new")."""
-    reject(hf, "activation_function", tuple(ACTIVATIONS.values()),
-           "our MLP has exact GELU or ReLU only (GPT-2's default 'gelu_new' is the tanh approximation)")
+    activation = hf.get("activation_function", "gelu_new")
+    activation = "gelu_new" if activation in TANH_ALIASES else activation
+    reject({"activation_function": activation}, "activation_function", tuple(ACTIVATIONS.values()),
+           "our MLP has exact GELU (gelu), its tanh approximation (gelu_new) or ReLU")
     reject(hf, "scale_attn_weights", (True, None), "our attention always scales by 1/sqrt(head_dim)")
     reject(hf, "scale_attn_by_inverse_layer_idx", (False, None), "our attention does not scale by layer")
     reject(hf, "add_cross_attention", (False, None), "ours is a decoder-only model")
@@ -133,7 +139,7 @@ def from_config(hf: dict[str, Any]) -> ModelConfig:
         position=PositionConfig(kind="learned"),
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp={v: k for k, v in ACTIVATIONS.items()}[hf.get("activation_function")],
+        mlp={v: k for k, v in ACTIVATIONS.items()}[activation],
         mlp_hidden=hf.get("n_inner") or 4 * d_model,
         bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),

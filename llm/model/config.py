@@ -26,6 +26,7 @@ class NormPlacement(Choice):
 class MLP(Choice):
     swiglu = "swiglu"
     gelu = "gelu"
+    gelu_tanh = "gelu_tanh"  # GPT-2's tanh approximation (transformers' "gelu_new")
     relu = "relu"
 
 
@@ -89,7 +90,7 @@ class ModelConfig:
     norm_placement: NormPlacement = NormPlacement.pre
     norm_eps: float = positive(1e-5, high=0.1)  # a guard against division by zero, not a scale
     mlp: MLP = MLP.swiglu
-    mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="for 4 d_model (gelu/relu) or ~8/3 d_model (swiglu)")
+    mlp_hidden: Optional[int] = at_least(1, None, high=2**20, null="for 4 d_model (gelu/gelu_tanh/relu) or ~8/3 d_model (swiglu)")
     mlp_multiple_of: int = at_least(1, 32, high=MAX_WIDTH)
     bias: bool = False  # biases in the MLP
     tie_embeddings: bool = True
