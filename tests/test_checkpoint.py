@@ -33,7 +33,7 @@ from llm.model import ModelConfig, Transformer
 from llm.model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from llm.model.value import ValueModel
 from llm.run.layout import LAST, RunDir
-from llm.tokenizer import build_tokenizer
+from llm.tokenizer import Tokenizer, build_tokenizer
 from tests.conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
@@ -163,9 +163,15 @@ def test_a_hugging_face_folder_resolves_and_loads_its_weights_and_tokenizer(tmp_
     assert ref == CheckpointRef(folder.resolve(), None, "hf") and ref.step == 0
     assert_same_state(load_network(ref), model.state_dict())
     assert load_tokenizer(tokenizer_file(ref)).encode("héllo wörld") == tokenizer.encode("héllo wörld")
-    with pytest.raises(ConfigError, match=r"init_from='.*hf': .* is a Hugging Face folder; convert it first with "
-                                          r"`llm-hf import"):
-        load_parent(str(folder), tmp_path)
+    # As init_from: imported on the fly, its tokenizer converted once into the cache.
+    parent = load_parent(str(folder), tmp_path, cache_dir=tmp_path / "cache")
+    assert (parent.stage, parent.value_head, parent.model_config) == ("hf", False, model.cfg)
+    assert_same_state(parent.load(value_head=False), model.state_dict())
+    assert parent.tokenizer_path.is_relative_to(tmp_path / "cache" / "hf_tokenizers")
+    assert Tokenizer.load(parent.tokenizer_path).content_hash() == tokenizer.content_hash()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"init_from='.*hf'.*has no tokenizer.json; a stage needs the model's"):
+        load_parent(str(folder), tmp_path, cache_dir=tmp_path / "cache")
     (folder / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"checkpoint='.*hf': the Hugging Face folder .* has no weights"):
         resolve(str(folder), tmp_path)
@@ -182,7 +188,7 @@ def test_references_that_name_no_checkpoint_are_refused_with_the_key_the_path_an
                                           rf"under {runs}; allowed: a run directory, a run id"):
         resolve("nope", runs)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"is a directory without checkpoints/last.ckpt, meta.pt or config.json; "
+    with pytest.raises(ConfigError, match=r"is a directory without checkpoints/last.ckpt, meta.pt, model.ckpt or config.json; "
                                           r"allowed:"):
         resolve(tmp_path / "empty", runs)
     started = RunDir(runs / "started")

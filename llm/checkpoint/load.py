@@ -58,7 +58,7 @@ def load_network(source: CheckpointRef | str | Path, device: str | torch.device 
     a command that generates text needs a language model, not a reward model."""
     ref = source if isinstance(source, CheckpointRef) else resolve(source, ".", key)
     if ref.kind == "hf":
-        model = _import_hf(ref.path, key)
+        model = import_folder(ref.path, key)[0]
         stage, is_value = "hf", False
     else:
         meta = CheckpointMeta.read(ref.path, key)
@@ -81,9 +81,10 @@ def _network(path: Path, meta: CheckpointMeta, key: str) -> nn.Module:
     if meta.parent is None or not meta.parent.exists():
         raise ConfigError([f"{key}: {path} holds LoRA adapters only, and their base ({meta.parent}) is gone; give the "
                            "run directory instead (its checkpoints/merged.ckpt has the merged model)"])
-    parent_meta = CheckpointMeta.read(meta.parent, f"{key}'s parent")
-    parent = load_network(meta.parent, key=f"{key}'s parent")
-    load_weights(model, parent.state_dict(), parent_meta.value_head)
+    parent_ref = resolve(meta.parent, ".", f"{key}'s parent")  # a checkpoint, or the Hugging Face folder a stage began from
+    parent_value_head = parent_ref.kind != "hf" and CheckpointMeta.read(parent_ref.path, f"{key}'s parent").value_head
+    parent = load_network(parent_ref, key=f"{key}'s parent")
+    load_weights(model, parent.state_dict(), parent_value_head)
     return fold_lora(model, meta.lora, meta.value_head, weights, path)
 
 
@@ -134,11 +135,12 @@ def load_trained_network(run_dir: str | Path, parent: Parent, model_config: Mode
     return model.eval()
 
 
-def _import_hf(folder: Path, key: str) -> nn.Module:
+def import_folder(folder: Path, key: str) -> tuple[nn.Module, Optional[Tokenizer]]:
+    """A Hugging Face folder's model and tokenizer (`llm.interop.hf.import_hf`); ConfigError naming `key`."""
     from llm.interop.hf import import_hf
 
     try:
-        return import_hf(folder, key)[0]
+        return import_hf(folder, key)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError([f"{key}: {folder}: {e}"]) from e
 

@@ -16,6 +16,7 @@ from llm.checkpoint.refs import CheckpointRef, resolve, tokenizer_file
 from llm.config import ConfigError
 from llm.model import ModelConfig
 from llm.model.value import build_network, load_weights
+from llm.run.layout import TOKENIZER_FILE
 
 
 @dataclass
@@ -41,15 +42,32 @@ class Parent:
         return {"parent_checkpoint": str(self.ref.path), "parent_run_id": self.ref.run_id, "parent_stage": self.stage}
 
 
-def load_parent(value: Optional[str], runs_dir: str | Path, key: str = "init_from") -> Parent:
-    """The checkpoint `value` names (anything `resolve` accepts but a Hugging Face folder, whose
-    tokenizer must first become ours), loaded; ConfigError naming `key` otherwise."""
+def load_parent(value: Optional[str], runs_dir: str | Path, key: str = "init_from",
+                cache_dir: Optional[str | Path] = None) -> Parent:
+    """The checkpoint `value` names (anything `resolve` accepts), loaded; ConfigError naming `key`
+    otherwise. A Hugging Face folder is imported on the fly (`hf_parent`)."""
     ref = resolve(value, runs_dir, key)
     if ref.kind == "hf":
-        raise ConfigError([f"{key}={value!r}: {ref.path} is a Hugging Face folder; convert it first with "
-                           f"`llm-hf import {ref.path} <dir>/model.ckpt` (which writes our tokenizer.json beside it) "
-                           f"and give {key}=<dir>/model.ckpt"])
+        return hf_parent(ref, Path(cache_dir if cache_dir is not None else Path(runs_dir).parent / ".cache"),
+                         f"{key}={value!r}")
     meta = CheckpointMeta.read(ref.path, f"{key}={value!r}")
     tokenizer = tokenizer_file(ref, None, key=f"{key}'s tokenizer")
     network = load_network(ref, key=f"{key}={value!r}")
     return Parent(ref, meta.stage, meta.model_config, network.state_dict(), meta.value_head, tokenizer)
+
+
+def hf_parent(ref: CheckpointRef, cache_dir: Path, key: str) -> Parent:
+    """A Hugging Face folder as a parent, as `llm-hf import` would convert it: the weights in our
+    layout and its tokenizer with our special tokens (`llm.interop.hf_tokenizer`). The converted
+    tokenizer.json is kept under `cache_dir/hf_tokenizers/<content hash>/`, the one file every
+    later reader of the run's tokenizer config (and a resume) loads, like a trained tokenizer."""
+    from llm.checkpoint.load import import_folder
+
+    model, tokenizer = import_folder(ref.path, key)
+    if tokenizer is None:
+        raise ConfigError([f"{key}: the Hugging Face folder {ref.path} has no {TOKENIZER_FILE}; a stage needs the "
+                           "model's tokenizer: add it to the folder (save_pretrained of the tokenizer writes it)"])
+    path = cache_dir / "hf_tokenizers" / tokenizer.content_hash()[:16] / TOKENIZER_FILE
+    if not path.is_file():
+        tokenizer.save(path)
+    return Parent(ref, "hf", model.cfg, model.state_dict(), False, path)

@@ -4,7 +4,8 @@ A value may be:
 - a run directory: its final model, `checkpoints/merged.ckpt` after LoRA training (the adapters
   folded into the base), else `checkpoints/last.ckpt` (a file, or a sharded directory);
 - a run id: a run directory under the runs directory (`paths.runs_dir`);
-- a checkpoint file (`torch.save`, e.g. written by `llm-consolidate` or `llm-hf import`);
+- a checkpoint file (`torch.save`, e.g. written by `llm-consolidate` or `llm-hf import`), or a
+  folder holding one as `model.ckpt` (as `llm-hf import <hf folder> <dir>/model.ckpt` leaves it);
 - a sharded FSDP/TP checkpoint directory (a `torch.distributed.checkpoint` directory with meta.pt);
 - a Hugging Face transformers model folder (config.json and weights), read by `llm.interop.hf`.
 Anything else is a ConfigError naming the key, the value and what is allowed.
@@ -23,9 +24,10 @@ from llm.run.layout import CHECKPOINT_DIR, LAST, TOKENIZER_FILE, RunDir
 
 Kind = Literal["file", "sharded", "hf"]
 HF_CONFIG = "config.json"
+IMPORTED = "model.ckpt"  # a folder holding one checkpoint file by this name (and its tokenizer.json) stands for it
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-ALLOWED = ("a run directory, a run id, a checkpoint file, a sharded checkpoint directory (with meta.pt), "
-           "or a Hugging Face model folder (config.json + weights)")
+ALLOWED = ("a run directory, a run id, a checkpoint file (or a folder holding model.ckpt), a sharded checkpoint "
+           "directory (with meta.pt), or a Hugging Face model folder (config.json + weights)")
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,15 @@ def resolve(value: Optional[str | Path], runs_dir: str | Path, key: str = "check
             raise ConfigError([f"{key}={text!r}: the run directory {path} has no {CHECKPOINT_DIR}/{LAST} yet (a "
                                "run saves one every trainer.checkpoint_every steps and at the end)"])
         return CheckpointRef(last, path, "sharded" if is_sharded(last) else "file")
+    if (path / IMPORTED).is_file() and not (path / HF_CONFIG).is_file():  # what `llm-hf import <hf> <dir>/model.ckpt` writes
+        return CheckpointRef(path / IMPORTED, None, "file")
     if (path / HF_CONFIG).is_file():
         if not any((path / name).is_file() for name in HF_WEIGHTS):
             raise ConfigError([f"{key}={text!r}: the Hugging Face folder {path} has no weights "
                                f"({' or '.join(HF_WEIGHTS[:2])}, whole or sharded)"])
         return CheckpointRef(path, None, "hf")
-    raise ConfigError([f"{key}={text!r}: {path} is a directory without {CHECKPOINT_DIR}/{LAST}, meta.pt or "
-                       f"{HF_CONFIG}; allowed: {ALLOWED}"])
+    raise ConfigError([f"{key}={text!r}: {path} is a directory without {CHECKPOINT_DIR}/{LAST}, meta.pt, "
+                       f"{IMPORTED} or {HF_CONFIG}; allowed: {ALLOWED}"])
 
 
 def _run_of(checkpoint: Path) -> Optional[Path]:
