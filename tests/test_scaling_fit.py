@@ -13,7 +13,8 @@ import pytest
 from llm.cli.scaling import main as scaling_main
 from llm.config import validate
 from llm.model import ModelConfig
-from llm.scaling.fit import FitResult, fit_approach1, fit_approach2, fit_approach3, fit_kaplan
+from llm.scaling.fit import (FitResult, budget_flops, fit_approach1, fit_approach2, fit_approach3, fit_kaplan,
+                             group_budgets)
 from llm.scaling.flops import model_size
 from llm.scaling.laws import ParametricLaw
 from llm.scaling.plan import config_overrides, ladder_batch, ladder_lr, plan, shape_for_params, shape_params
@@ -131,12 +132,151 @@ def test_approach2_groups_by_launch_budget_when_known():
 
 
 @pytest.mark.parametrize("budgets, sizes, phrase", [
-    ((1e18,), 9, r"at least 2 FLOP budgets.*got 1 such budget"),
-    ((1e17, 1e18), 2, r"at least 3 model sizes each; got 0"),
+    ((1e18,), 9, r"at least 2 FLOP budgets with a minimum inside their sizes; got 1 of 1:\n  C = 1.01e\+18 \(9 points, 9 sizes\): usable"),
+    ((1e17, 1e18), 2, r"got 0 of 2:\n  C = 1.01e\+17 \(2 points, 2 sizes\): left out: 2 model sizes; a parabola needs 3"),
+    ((), 2, r"got 0 of 0 \(no points\)"),
 ])
 def test_approach2_too_few_points(budgets, sizes, phrase):
     with pytest.raises(ValueError, match=phrase):
         fit_approach2(isoflop_points(budgets, sizes), n_bootstrap=0)
+
+
+def continuous_points(n: int = 200, seed: int = 0, noise: float = 0.002) -> list[Point]:
+    """Runs without fixed budgets: C log-uniform over 3 decades (1e17 to 1e20), N within +-1 decade
+    of the 20-tokens-per-parameter guess, loss from the law."""
+    rng = np.random.default_rng(seed)
+    C = 10 ** rng.uniform(17, 20, n)
+    N = np.sqrt(C / 120) * 10 ** rng.uniform(-1, 1, n)
+    loss = TRUE.loss(N, C / (6 * N)) * np.exp(rng.normal(0, noise, n))
+    return [Point(N=float(x), D=float(c / (6 * x)), C=float(c), loss=float(l), run_id=f"r{i}", source="synthetic")
+            for i, (x, c, l) in enumerate(zip(N, C, loss))]
+
+
+def launch_budgets(points: list[Point]) -> list[Point]:
+    return [Point(p.N, p.D, p.C, p.loss, p.run_id, p.source, budget=float(f"{p.C:.0e}")) for p in points]
+
+
+@pytest.mark.parametrize("data", ["continuous", "isoflop", "law grid"])
+@pytest.mark.parametrize("tolerance", [0.25, 0.1])
+def test_budgets_by_C_have_bounded_spread(data, tolerance):
+    points = {"continuous": continuous_points, "isoflop": isoflop_points, "law grid": law_points}[data]()
+    groups = group_budgets(points, tolerance)
+    assert sorted(p.run_id for g in groups for p in g) == sorted(p.run_id for p in points)  # a partition
+    for g in groups:
+        C = [p.C for p in g]
+        assert max(C) <= (1 + tolerance) * min(C)
+        centre = budget_flops(g)  # the C the fit gives the budget
+        assert all(centre / (1 + tolerance) <= c <= centre * (1 + tolerance) for c in C)
+    for g, h in zip(groups, groups[1:]):  # each group took every point it could: none fits in the one before
+        assert h[0].C > (1 + tolerance) * g[0].C
+
+
+def test_budgets_by_C_group_as_worked_out_by_hand():
+    C = [1.0, 1.1, 1.2, 1.3, 1.5, 1.6, 2.0, 10.0, 11.0]
+    points = [Point(N=float(i + 1), D=c * 1e18 / (6 * (i + 1)), C=c * 1e18, loss=3.0, run_id=str(c), source="s")
+              for i, c in enumerate(C)]
+    # Each group starts at its cheapest point and reaches 1.25x it: 1.0 -> 1.25, 1.3 -> 1.625, 2.0, 10 -> 12.5.
+    # Joining each point to the previous one (within 25 %) would chain 1.0 ... 2.0 into one budget.
+    expected = [["1.0", "1.1", "1.2"], ["1.3", "1.5", "1.6"], ["2.0"], ["10.0", "11.0"]]
+    assert [[p.run_id for p in g] for g in group_budgets(points[::-1], 0.25)] == expected
+    assert [[p.run_id for p in g] for g in group_budgets(points, 0.5)] == [["1.0", "1.1", "1.2", "1.3", "1.5"],
+                                                                           ["1.6", "2.0"], ["10.0", "11.0"]]
+    # The 8 x 8 grid: C = 6 N D takes 15 values 10^(3/7) = 2.7x apart, along the diagonals of the grid.
+    assert [len(g) for g in group_budgets(law_points())] == [1, 2, 3, 4, 5, 6, 7, 8, 7, 6, 5, 4, 3, 2, 1]
+    with pytest.raises(ValueError, match="budget tolerance -0.1: must be a finite number >= 0"):
+        group_budgets(points, -0.1)
+
+
+@pytest.mark.parametrize("data", ["continuous", "launch budgets"])
+def test_budgets_and_the_fit_do_not_depend_on_the_order_of_the_points(data):
+    points = continuous_points() if data == "continuous" else launch_budgets(isoflop_points(sizes=6, noise=0.01, seed=3))
+    rng = np.random.default_rng(1)
+    orders = [points, points[::-1], *([points[i] for i in rng.permutation(len(points))] for _ in range(3))]
+    groupings = [[[p.run_id for p in g] for g in group_budgets(order)] for order in orders]
+    assert all(g == groupings[0] for g in groupings)
+    fits = [fit_approach2(order, n_bootstrap=5).as_dict() for order in orders]  # the resamples too
+    assert all(f == fits[0] for f in fits)
+
+
+def test_approach2_on_continuous_compute_fits_only_bracketed_budgets():
+    result = fit_approach2(continuous_points(), n_bootstrap=0)
+    assert result.details["grouped_by"] == "C" and len(result.details["budgets"]) >= 2
+    for m in result.details["budgets"]:
+        lo, hi = m["N_range"]
+        assert lo <= m["N_opt"] <= hi and m["loss_min"] > 0 and m["why"] is None
+    for m in result.details["dropped_budgets"]:
+        assert m["why"]
+        if "lies outside" in m["why"]:  # the reason says on which side sizes are missing
+            assert ("add smaller sizes" if m["N_opt"] < m["N_range"][0] else "add larger sizes") in m["why"]
+    assert abs(result.value("a") - TRUE_A) < 0.05
+
+
+N0 = 1e8  # the sizes of the bad budgets below: N0 e^x
+
+
+def bad_budgets() -> list[Point]:
+    """Three budgets whose parabolas (exact in x = ln(N / N0)) give no optimum: C = 1e21 opens downward
+    (3 - 0.1 x^2); C = 1e22 has its vertex at x = 3, beyond its sizes x in [-2, 2] (3 + 0.1 (x - 3)^2);
+    C = 1e23 has its vertex inside, at x = 0, but its loss is 0.1 - 1.9 / 3 < 0 (least squares through
+    2 at x = +-2 and 0.1 at x = +-1: c2 = 1.9 / 3, c0 = 0.1 - c2)."""
+    profiles = [(1e21, [-2, -1, 0, 1, 2], lambda x: 3 - 0.1 * x**2),
+                (1e22, [-2, -1, 0, 1, 2], lambda x: 3 + 0.1 * (x - 3) ** 2),
+                (1e23, [-2, -1, 1, 2], lambda x: {1: 0.1, 2: 2.0}[abs(x)])]
+    return [Point(N=N0 * math.exp(x), D=C / (6 * N0 * math.exp(x)), C=C, loss=float(f(x)), run_id=f"{C:g}-{x}", source="s")
+            for C, xs, f in profiles for x in xs]
+
+
+BAD_WHY = {  # the reason each bad budget is left out
+    1e21: "the parabola opens downward (no minimum)",
+    1e22: f"its vertex N = {N0 * math.exp(3):.3g} lies outside the fitted sizes [{N0 * math.exp(-2):.3g}, "
+          f"{N0 * math.exp(2):.3g}] (the profile does not bracket its optimum: add larger sizes)",
+    1e23: f"its vertex loss is {0.1 - 1.9 / 3:.3g}, not a positive finite number",
+}
+
+
+def test_approach2_leaves_out_budgets_without_a_minimum_inside_saying_why():
+    good = isoflop_points(budgets=(1e17, 1e18, 1e19))
+    result = fit_approach2(good + bad_budgets(), n_bootstrap=0)
+    dropped = result.details["dropped_budgets"]
+    assert [(m["C"], m["why"]) for m in dropped] == [pytest.approx((C, why)) for C, why in BAD_WHY.items()]
+    assert dropped[2]["N_opt"] == pytest.approx(N0) and dropped[2]["loss_min"] == pytest.approx(0.1 - 1.9 / 3)
+    assert len(result.details["budgets"]) == 3 and result.n_points == 27
+    alone = fit_approach2(good, n_bootstrap=0)  # the fit is that of the good budgets alone
+    assert result.params == alone.params
+
+
+def test_cli_lists_the_budgets_it_left_out(tmp_path, capsys):
+    write_csv(tmp_path / "points.csv", isoflop_points(budgets=(1e17, 1e18, 1e19)) + bad_budgets())
+    code, out, err = run_main(["fit", str(tmp_path / "points.csv"), "--approaches", "2", "--bootstrap", "0",
+                               "--no-plots", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert "(27 points of 3 budgets, 3 left out, 0 bootstrap resamples)" in out
+    for C, why in BAD_WHY.items():
+        n = 4 if C == 1e23 else 5
+        assert f"warning: Approach 2: left out the budget C = {C:.3g} ({n} points, {n} sizes): {why}\n" in err
+    details = json.loads((tmp_path / "o" / "fit.json").read_text())["approaches"]["2"]["details"]
+    assert [(m["C"], m["why"]) for m in details["dropped_budgets"]] == [pytest.approx((C, why)) for C, why in BAD_WHY.items()]
+
+
+def test_cli_approach2_alone_with_under_two_budgets_exits_2_listing_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "points.csv", isoflop_points(budgets=(1e17,)) + bad_budgets() + isoflop_points((1e19,), sizes=2))
+    code, out, err = run_main(["fit", "points.csv", "--approaches", "2", "--bootstrap", "0"], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0] == ("llm-scaling: error: Approach 2 needs at least 2 FLOP budgets with a minimum inside their "
+                        "sizes; got 1 of 5:")
+    # The CSV has no C column: C = 6 N D, the budget without the overshoot of isoflop_points.
+    assert lines[1:3] == ["  C = 1e+17 (9 points, 9 sizes): usable",
+                          "  C = 1e+19 (2 points, 2 sizes): left out: 2 model sizes; a parabola needs 3"]
+    assert lines[3:] == [f"  C = {C:.3g} ({4 if C == 1e23 else 5} points, {4 if C == 1e23 else 5} sizes): left out: {why}"
+                         for C, why in BAD_WHY.items()]
+    assert not (tmp_path / "scaling").exists()  # nothing written
+    # Beside another approach, Approach 2 is skipped with the same list, and the other one fits.
+    code, out, err = run_main(["fit", "points.csv", "--approaches", "2,kaplan", "--bootstrap", "0", "--no-plots"], capsys)
+    assert code == 0, err
+    assert "Approach 2: skipped: Approach 2 needs at least 2 FLOP budgets" in out and BAD_WHY[1e22] in out
+    assert "left out: the parabola opens downward" in json.loads((tmp_path / "scaling" / "fit.json").read_text())["skipped"]["2"]
 
 
 # ---------------------------------------------------------------- Approach 1 and Kaplan

@@ -31,7 +31,10 @@ Sources (any number, mixed):
 
 Approaches (Hoffmann et al. 2022; Kaplan et al. 2020):
   1       lower envelope of the runs' val-loss-vs-FLOPs curves (metrics.jsonl) -> N_opt = k_N C^a, D_opt = k_D C^b
-  2       IsoFLOP profiles: a parabola of loss in ln N per FLOP budget -> N_opt(C), D_opt(C) = C / 6 N_opt -> a, b
+  2       IsoFLOP profiles: a parabola of loss in ln N per FLOP budget -> N_opt(C), D_opt(C) = C / 6 N_opt -> a, b;
+          runs are grouped by their launch budget, else by C within a factor 1 + --budget-tolerance. A budget
+          whose parabola opens downward, whose vertex lies outside its fitted sizes or whose vertex loss is
+          not positive is left out (each is listed with the reason, and in fit.json)
   3       L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log residuals, L-BFGS); a = beta/(alpha+beta)
   kaplan  L(C) = (C_c / C)^alpha_C on the compute frontier
 
@@ -40,7 +43,9 @@ with the reason; the command fails (exit 1) only when none could run.
 
 Exit codes: 0 done; 1 no approach could run; 2 a bad source: a file missing or damaged (not UTF-8,
 not JSON, a directory), a CSV column missing, or a completed run or CSV row whose N, D, C or loss is
-not a positive finite number (the message names the file, row and key; nothing is written)."""
+not a positive finite number (the message names the file, row and key; nothing is written); 2 also
+when Approach 2 is the only approach asked for and fewer than 2 budgets are usable (the message
+lists each budget and why it was left out; nothing is written)."""
 
 PLAN_HELP = """Compute-optimal parameters N and tokens D for a budget, and the llm-train overrides.
 
@@ -104,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--loss", choices=("final", "best"), default="final",
                      help="each run's final val/loss or its best_val/loss (default: %(default)s)")
     fit.add_argument("--budget-tolerance", type=_fraction, default=0.25, metavar="REL",
-                     help="Approach 2 groups runs whose C differ by at most this fraction into one FLOP budget, "
-                          "unless every run records its launch budget (default: %(default)s)")
+                     help="Approach 2 groups runs into FLOP budgets, each starting at its cheapest run and "
+                          "taking every run whose C is at most 1 + REL times that, so every run lies within that "
+                          "factor of its budget's C; unless every run records its launch budget, which then "
+                          "groups them (default: %(default)s)")
     fit.add_argument("--window", type=_count, default=5, metavar="K",
                      help="Approach 2 fits each budget's parabola to its K sizes nearest the lowest loss; "
                           "0 = all sizes (default: %(default)s)")
@@ -164,7 +171,7 @@ def output_dir(path: Path) -> Path:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from llm.scaling.fit import fit_all
+    from llm.scaling.fit import budget_label, fit_all
     from llm.scaling.points import load_runs
 
     # Everything is read and checked before anything is written: a bad input leaves no fit.json
@@ -182,13 +189,22 @@ def run_fit(args: argparse.Namespace) -> int:
     results, skipped = fit_all(runs, args.approaches, n_bootstrap=args.bootstrap, seed=args.seed,
                                budget_tolerance=args.budget_tolerance, kaplan_irreducible=args.kaplan_irreducible,
                                window=args.window)
+    if set(args.approaches) == {"2"} and "2" in skipped:  # the one fit asked for cannot be made: say why, write nothing
+        return error(skipped["2"])
+    if "2" in results:  # the fit leaves them out; without a word its exponents would hide that
+        for m in results["2"].details["dropped_budgets"]:
+            log.warning(f"Approach 2: left out the budget {budget_label(m)}: {m['why']}")
     for approach in args.approaches:
         title = "Kaplan" if approach == "kaplan" else f"Approach {approach}"
         if approach in skipped:
             output("", f"{title}: skipped: {skipped[approach]}")
             continue
         r = results[approach]
-        output("", f"{title}: {r.form}", f"  ({r.n_points} points, {r.n_bootstrap} bootstrap resamples)",
+        budgets = ""
+        if approach == "2":
+            used, dropped = len(r.details["budgets"]), len(r.details["dropped_budgets"])
+            budgets = f" of {used} budgets" + (f", {dropped} left out" if dropped else "")
+        output("", f"{title}: {r.form}", f"  ({r.n_points} points{budgets}, {r.n_bootstrap} bootstrap resamples)",
                f"  {'parameter':<10}{'value':>12}   95% interval")
         for name, e in r.params.items():
             interval = f"[{_fmt(e.low)}, {_fmt(e.high)}]" if e.low is not None else "-"

@@ -3,10 +3,13 @@
 - Approach 1 (`fit_approach1`): the lower envelope of all runs' loss-vs-FLOPs curves gives, at each
   FLOP count, the best model size and its tokens; power laws N_opt = k_N C^a, D_opt = k_D C^b are fitted
   to it by least squares in log-log space.
-- Approach 2 (`fit_approach2`): IsoFLOP profiles. Points of one FLOP budget get a parabola of loss in
-  log N, through the sizes nearest the budget's lowest loss (`window`, default 5); its vertex is
-  N_opt(C), and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so no measured
-  FLOPs/token exists for it; C = 6 N D also keeps a + b = 1 exactly). Power laws as above.
+- Approach 2 (`fit_approach2`): IsoFLOP profiles. Points are grouped into FLOP budgets (by their
+  launch budget, else by C within a factor 1 + tolerance); each budget gets a parabola of loss in
+  log N, through the sizes nearest its lowest loss (`window`, default 5); its vertex is N_opt(C),
+  and D_opt(C) = C / (6 N_opt) (the vertex lies between trained sizes, so no measured FLOPs/token
+  exists for it; C = 6 N D also keeps a + b = 1 exactly). A budget whose parabola opens downward,
+  whose vertex lies outside its fitted sizes or whose vertex loss is not positive is left out, with
+  the reason. Power laws as above.
 - Approach 3 (`fit_approach3`): L(N, D) = E + A/N^alpha + B/D^beta by minimising the Huber loss of
   log-space residuals with L-BFGS from a grid of starts; the frontier follows in closed form.
 - Kaplan (`fit_kaplan`): L(C) = (C_c / C)^alpha_C (+ E when irreducible=True) on the compute frontier.
@@ -226,20 +229,34 @@ def fit_approach1(curves: Sequence[Curve], n_grid: int = 200, trim_boundary: boo
 
 # ---------------------------------------------------------------- Approach 2: IsoFLOP profiles
 
+def _point_order(p: Point) -> tuple:
+    """A total order on points: groups, and the resamples drawn from them, then do not depend on
+    the order in which the sources listed the runs."""
+    return (p.C, p.N, p.D, p.loss, p.run_id, p.source)
+
+
 def group_budgets(points: Sequence[Point], tolerance: float = 0.25) -> list[list[Point]]:
-    """Points of one FLOP budget together: by their `budget` when every point has one, else by C,
-    joining neighbours (sorted by C) whose C differ by at most `tolerance` (relative)."""
-    if not points:
-        return []
-    if all(p.budget is not None for p in points):
+    """Points of one FLOP budget together; groups in order of their C, points in order of C.
+
+    When every point records its launch `budget`, by that budget. Otherwise by C: each group starts
+    at the cheapest point not yet grouped and takes every point whose C is at most (1 + tolerance)
+    times that one's. In every group the largest C is then at most (1 + tolerance) x the smallest,
+    so each point lies within that factor of the group's C (`budget_flops`, their geometric mean),
+    however continuously C varies; no grouping with that bound has fewer groups. Fixed budgets whose
+    runs overshoot by less than the tolerance, and lie further apart than it, give one group each."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"budget tolerance {tolerance!r}: must be a finite number >= 0 (0.25: C within 25 %)")
+    ordered = sorted(points, key=_point_order)
+    if ordered and all(p.budget is not None for p in ordered):
         groups: dict[float, list[Point]] = {}
-        for p in points:
+        for p in ordered:
             groups.setdefault(p.budget, []).append(p)
         return [groups[k] for k in sorted(groups)]
-    ordered = sorted(points, key=lambda p: p.C)
-    out = [[ordered[0]]]
-    for p in ordered[1:]:
-        if p.C <= out[-1][-1].C * (1.0 + tolerance):
+    out: list[list[Point]] = []
+    for p in ordered:
+        # Compared with the group's first (cheapest) point, not the previous one: chaining
+        # neighbours would join C varying continuously over decades into one "budget".
+        if out and p.C <= out[-1][0].C * (1.0 + tolerance):
             out[-1].append(p)
         else:
             out.append([p])
@@ -268,37 +285,62 @@ def near_minimum(group: Sequence[Point], window: int) -> list[Point]:
 
 def isoflop_minimum(group: Sequence[Point], window: int = 0) -> dict:
     """Parabola of loss in ln N through one budget's points near its lowest loss (`near_minimum`);
-    its vertex is the optimal N."""
+    its vertex is the optimal N. `why` says why the budget gives no optimum (None when it does):
+    fewer than 3 sizes, a parabola that opens downward, a vertex outside the fitted sizes (the
+    profile does not bracket its optimum, and the vertex is an extrapolation) or a vertex loss that
+    is not a positive finite number (no real loss is: the parabola does not describe the profile)."""
+    C = budget_flops(group)
+    n_sizes = len({p.N for p in group})
+    out = {"C": C, "n_points": len(group), "n_sizes": n_sizes, "points": [[float(p.N), float(p.loss)] for p in group]}
+    if n_sizes < 3:
+        return {**out, "N_opt": None, "why": f"{n_sizes} model size{'s' if n_sizes != 1 else ''}; a parabola needs 3"}
     fitted = near_minimum(group, window)
     logN = np.log([p.N for p in fitted])
     loss = np.array([p.loss for p in fitted], dtype=np.float64)
     center = float(logN.mean())  # centring keeps the quadratic fit well conditioned
     c2, c1, c0 = np.polyfit(logN - center, loss, 2)
-    C = budget_flops(group)
-    out = {"C": C, "n_points": len(group), "n_fitted": len(fitted), "coef": [float(c2), float(c1), float(c0)],
-           "center": center, "N_range": [float(np.exp(logN.min())), float(np.exp(logN.max()))],
-           "points": [[float(p.N), float(p.loss)] for p in group]}
+    lo, hi = float(np.exp(logN.min())), float(np.exp(logN.max()))
+    out = {**out, "n_fitted": len(fitted), "coef": [float(c2), float(c1), float(c0)], "center": center, "N_range": [lo, hi]}
     if c2 <= 0:
         return {**out, "N_opt": None, "why": "the parabola opens downward (no minimum)"}
-    x = -c1 / (2 * c2)
-    N_opt = float(np.exp(center + x))
-    return {**out, "N_opt": N_opt, "D_opt": C / (FLOPS_PER_PARAM_TOKEN * N_opt), "loss_min": float(c0 - c1**2 / (4 * c2)),
-            "inside": bool(logN.min() <= center + x <= logN.max())}
+    log_opt = center - c1 / (2 * c2)
+    with np.errstate(over="ignore"):  # a vertex far outside may overflow: it is refused below anyway
+        N_opt = float(np.exp(log_opt))
+    loss_min = float(c0 - c1**2 / (4 * c2))
+    inside = bool(logN.min() <= log_opt <= logN.max())
+    problems = []
+    if not inside:
+        side = "smaller" if log_opt < logN.min() else "larger"
+        problems.append(f"its vertex N = {N_opt:.3g} lies outside the fitted sizes [{lo:.3g}, {hi:.3g}] "
+                        f"(the profile does not bracket its optimum: add {side} sizes)")
+    if not (math.isfinite(loss_min) and loss_min > 0):
+        problems.append(f"its vertex loss is {loss_min:.3g}, not a positive finite number")
+    return {**out, "N_opt": N_opt, "D_opt": C / (FLOPS_PER_PARAM_TOKEN * N_opt), "loss_min": loss_min,
+            "inside": inside, "why": "; ".join(problems) or None}
 
 
-def _usable_budgets(groups: list[list[Point]]) -> list[list[Point]]:
-    return [g for g in groups if len({p.N for p in g}) >= 3]
+def budget_label(m: dict) -> str:
+    """A budget as messages name it: `C = 1e+18 (9 points, 6 sizes)`."""
+    def count(n: int, word: str) -> str:
+        return f"{n} {word}{'s' if n != 1 else ''}"
+
+    return f"C = {m['C']:.3g} ({count(m['n_points'], 'point')}, {count(m['n_sizes'], 'size')})"
+
+
+def _budget_line(m: dict) -> str:
+    return f"{budget_label(m)}: " + ("usable" if m["why"] is None else f"left out: {m['why']}")
 
 
 def _approach2_values(groups: list[list[Point]], window: int) -> tuple[dict[str, float], list[dict]]:
     minima = [isoflop_minimum(g, window) for g in groups]
-    good = [m for m in minima if m["N_opt"] is not None]
-    if len(good) < 2:
-        raise ValueError(f"Approach 2 needs at least 2 FLOP budgets with a minimum; got {len(good)} of {len(minima)} "
-                         "(the others' parabolas open downward: add sizes on both sides of the optimum)")
-    C = [m["C"] for m in good]
-    k_N, a = power_law_fit(C, [m["N_opt"] for m in good])
-    k_D, b = power_law_fit(C, [m["D_opt"] for m in good])
+    used = [m for m in minima if m["why"] is None]
+    if len(used) < 2:
+        listing = ":" + "".join(f"\n  {_budget_line(m)}" for m in minima) if minima else " (no points)"
+        raise ValueError(f"Approach 2 needs at least 2 FLOP budgets with a minimum inside their sizes; got {len(used)} "
+                         f"of {len(minima)}{listing}")
+    C = [m["C"] for m in used]
+    k_N, a = power_law_fit(C, [m["N_opt"] for m in used])
+    k_D, b = power_law_fit(C, [m["D_opt"] for m in used])
     return {"a": a, "k_N": k_N, "b": b, "k_D": k_D}, minima
 
 
@@ -306,31 +348,29 @@ def fit_approach2(points: Sequence[Point], tolerance: float = 0.25, n_bootstrap:
                   window: int = 5) -> FitResult:
     """IsoFLOP parabolas -> N_opt(C), D_opt(C) = C / (6 N_opt) -> power laws in C.
 
-    Each budget's parabola goes through its `window` sizes nearest the lowest loss (0: all sizes).
-    Needs at least 2 budgets with at least 3 distinct sizes each. Intervals come from resampling
-    points with replacement within each budget."""
+    Points are grouped into budgets by `group_budgets` (`tolerance`). Each budget's parabola goes
+    through its `window` sizes nearest the lowest loss (0: all sizes); a budget without a usable
+    minimum (`isoflop_minimum`'s `why`) is left out, and listed with the reason in
+    details["dropped_budgets"]. Needs at least 2 budgets with a minimum. Intervals come from
+    resampling points with replacement within each budget, and refitting as above."""
     if window != 0 and window < 3:
         raise ValueError(f"window={window}: a parabola needs at least 3 sizes; allowed 0 (all sizes) or >= 3")
     groups = group_budgets(points, tolerance)
-    usable = _usable_budgets(groups)
-    if len(usable) < 2:
-        got = ", ".join(f"{budget_flops(g):.3g}: {len({p.N for p in g})}" for g in groups) or "no points"
-        raise ValueError(f"Approach 2 needs at least 2 FLOP budgets with at least 3 model sizes each; got {len(usable)} "
-                         f"such budget(s) of {len(groups)} (FLOPs: sizes = {got})")
-    values, minima = _approach2_values(usable, window)
+    values, minima = _approach2_values(groups, window)
+    # A budget of fewer than 3 sizes stays so in every resample: only the others are resampled.
+    candidates = [g for g in groups if len({p.N for p in g}) >= 3]
 
     def refit(rng: np.random.Generator) -> dict[str, float]:
-        resampled = [[g[i] for i in rng.integers(0, len(g), len(g))] for g in usable]
-        kept = _usable_budgets(resampled)
-        if len(kept) < 2:
-            raise ValueError("resample lost a budget")
-        return _approach2_values(kept, window)[0]
+        return _approach2_values([[g[i] for i in rng.integers(0, len(g), len(g))] for g in candidates], window)[0]
 
     samples = _bootstrap(refit, n_bootstrap, seed)
+    used = [m for m in minima if m["why"] is None]
     form = "N_opt = k_N C^a, D_opt = k_D C^b (IsoFLOP parabolas; D_opt = C / 6 N_opt)"
-    return FitResult("2", form, _with_intervals(values, samples), n_points=sum(len(g) for g in usable),
+    grouped_by = "launch budget" if points and all(p.budget is not None for p in points) else "C"
+    return FitResult("2", form, _with_intervals(values, samples), n_points=sum(m["n_points"] for m in used),
                      n_bootstrap=len(samples),
-                     details={"budgets": minima, "ignored_budgets": len(groups) - len(usable), "window": window})
+                     details={"budgets": used, "dropped_budgets": [m for m in minima if m["why"] is not None],
+                              "grouped_by": grouped_by, "tolerance": tolerance, "window": window})
 
 
 # ---------------------------------------------------------------- Approach 3: parametric L(N, D)
