@@ -367,6 +367,42 @@ def test_exhaustive_beam_search_finds_the_most_likely_sequence():
     assert generate(model, [prompt], n)[0] != best  # sanity: greedy misses it
 
 
+def bigram(probs: list[list[float]]) -> Transformer:
+    """A model whose next-token distribution is probs[last token]: blocks that add nothing to the
+    residual, a one-hot embedding, and a head that maps the normed one-hot to the log-probs."""
+    vocab = len(probs)
+    model = build(make_cfg("rope", vocab_size=vocab, pad_vocab_to=vocab, tie_embeddings=False))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.weight.zero_()
+            block.mlp.down.weight.zero_()
+        model.embed.weight.zero_()
+        model.embed.weight[:, :vocab] = torch.eye(vocab)
+        scale = (1 / model.cfg.d_model + model.cfg.norm_eps) ** -0.5  # RMSNorm of a one-hot row
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, :vocab] = torch.tensor(probs).log().T / scale
+    return model
+
+
+def test_beam_search_returns_only_finished_hypotheses():
+    """Hand-computed, as transformers' early_stopping=True does it. Width 2, EOS=0, prompt [1]:
+    step 1 finishes [0] (log 0.5 = -0.693) and keeps [2] (log 0.4) and [3]; step 2's best are
+    [2, 3] (-1.609) and [2, 0] (-1.833), so a second hypothesis finishes and the search stops.
+    With length_penalty 2 the running [2, 3] would score -1.609 / 2^2 = -0.402, above
+    [2, 0]'s -0.458, but it never finished: [2, 0] wins. At max_new_tokens=2 the step's two best
+    both finish, EOS or not, and [2, 3] wins."""
+    uniform = [1 / 8] * 8
+    model = bigram([uniform,
+                    [.5, .01, .4, .03, .025, .02, .01, .005],  # after 1: EOS, or 2
+                    [.4, .01, .01, .5, .03, .025, .015, .01],  # after 2: 3, or EOS
+                    *[uniform] * 5])
+    assert model(torch.tensor([[1, 2]]))[0].log_softmax(-1).exp()[:, 0].tolist() == pytest.approx([.5, .4])
+    assert beam_search(model, [1], 2, 5, eos_id=0, length_penalty=2.0) == [2, 0]
+    assert beam_search(model, [1], 2, 2, eos_id=0, length_penalty=2.0) == [2, 3]
+    assert beam_search(model, [1], 2, 5, eos_id=0, length_penalty=1.0) == [0]  # -0.693 > -1.833 / 2
+    assert beam_search(model, [1], 2, 5, eos_id=0, length_penalty=0.0) == [0]
+
+
 def test_beam_search_eos():
     model = build(make_cfg("rope"))
     prompt = random_prompts([4], seed=13)[0]

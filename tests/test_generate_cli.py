@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from llm.config import ConfigError
 from llm.evaluate.completion import cut_at_stop
 from llm.evaluate.generation import run_generate
+from llm.evaluate.options import EvalSettings, GenerateSettings, check_eval, check_generate
 from llm.tracking.console import StderrHandler
 from tests.conftest import TINY_RUN, compose_train, run_cli
 
@@ -98,6 +100,92 @@ def test_bad_settings_are_refused_before_loading(run, overrides, phrase, capsys)
     with pytest.raises(ConfigError) as e:
         generate(run, overrides, capsys)
     assert phrase in str(e.value)
+
+
+# A key the chosen strategy does not use: refused, naming the key, its value, the strategy and the fix.
+UNUSED_KEYS = [
+    (dict(temperature=0.7), "temperature=0.7: has no effect with strategy=greedy (only sample and speculative use "
+                            "it); drop temperature, or set strategy=sample"),
+    (dict(top_k=50), "top_k=50: has no effect with strategy=greedy"),
+    (dict(top_p=0.9), "top_p=0.9: has no effect with strategy=greedy"),
+    (dict(beam_width=8), "beam_width=8: has no effect with strategy=greedy (only beam uses it); drop beam_width, "
+                         "or set strategy=beam"),
+    (dict(draft_checkpoint="small"), "draft_checkpoint='small': has no effect with strategy=greedy (only "
+                                     "speculative uses it); drop draft_checkpoint, or set strategy=speculative"),
+    (dict(speculative_k=2), "speculative_k=2: has no effect with strategy=greedy"),
+    (dict(strategy="beam", temperature=0.0), "temperature=0.0: has no effect with strategy=beam"),
+    (dict(strategy="beam", top_k=5), "top_k=5: has no effect with strategy=beam"),
+    (dict(strategy="beam", top_p=0.5), "top_p=0.5: has no effect with strategy=beam"),
+    (dict(strategy="beam", speculative_k=8), "speculative_k=8: has no effect with strategy=beam"),
+    (dict(strategy="sample", beam_width=2), "beam_width=2: has no effect with strategy=sample"),
+    (dict(strategy="sample", draft_checkpoint="small"), "draft_checkpoint='small': has no effect with strategy=sample"),
+    (dict(strategy="speculative", draft_checkpoint="small", beam_width=1),
+     "beam_width=1: has no effect with strategy=speculative"),
+    (dict(strategy="speculative", draft_checkpoint="small", temperature=0, top_k=5),
+     "top_k=5: has no effect with strategy=speculative at temperature=0 (it decodes greedily); drop top_k, or set "
+     "temperature > 0"),
+    (dict(strategy="speculative", draft_checkpoint="small", temperature=0, top_p=0.5),
+     "top_p=0.5: has no effect with strategy=speculative at temperature=0"),
+]
+
+
+@pytest.mark.parametrize("keys, phrase", UNUSED_KEYS, ids=[" ".join(map(str, k.items())) for k, _ in UNUSED_KEYS])
+def test_keys_the_strategy_does_not_use_are_refused(keys, phrase):
+    (problem,) = check_generate(GenerateSettings(prompt="x", **keys))
+    assert problem.startswith(phrase), problem
+
+
+def test_keys_the_strategy_uses_or_left_at_their_defaults_pass(caplog):
+    for keys in [dict(), dict(temperature=1.0, top_k=None, top_p=None, beam_width=4, speculative_k=4),
+                 dict(temperature=0),  # greedy is temperature 0: redundant, not contradictory
+                 dict(strategy="sample", temperature=0.7, top_k=50, top_p=0.9),
+                 dict(strategy="beam", beam_width=8),
+                 dict(strategy="speculative", draft_checkpoint="small", speculative_k=2, temperature=0.7, top_k=5,
+                      top_p=0.9),
+                 dict(strategy="speculative", draft_checkpoint="small", temperature=0)]:
+        assert check_generate(GenerateSettings(prompt="x", **keys)) == [], keys
+    assert not caplog.records
+
+
+def test_a_seed_or_batch_size_that_changes_nothing_is_warned_about(caplog):
+    caplog.set_level(logging.WARNING, "llm.evaluate.options")
+    assert check_generate(GenerateSettings(prompt="x", strategy="beam", seed=3, batch_size=2)) == []
+    assert check_generate(GenerateSettings(prompt="x", strategy="sample", seed=3, batch_size=2)) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "seed=3: strategy=beam draws no random numbers; the seed changes nothing",
+        "batch_size=2: strategy=beam completes prompts one by one; batch_size changes nothing",
+    ]
+
+
+def test_eval_task_keys_without_tasks_file_are_refused(tmp_path):
+    keys = dict(task_max_new_tokens=8, task_stop=["x"], add_bos=True)
+    assert check_eval(EvalSettings(**keys), "none") == [
+        "task_max_new_tokens=8: has no effect without tasks_file (it shapes the task completions only); give "
+        "tasks_file=<file.jsonl>, or drop task_max_new_tokens",
+        "task_stop=['x']: has no effect without tasks_file (it shapes the task completions only); give "
+        "tasks_file=<file.jsonl>, or drop task_stop",
+        "add_bos=true: has no effect without tasks_file (it shapes the task completions only); give "
+        "tasks_file=<file.jsonl>, or drop add_bos",
+    ]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    assert check_eval(EvalSettings(tasks_file=str(tasks), **keys), "none") == []
+    assert check_eval(EvalSettings(task_stop=["\\n"]), "none") == []  # conf/eval.yaml's default, as Hydra gives it
+
+
+def test_a_key_the_strategy_does_not_use_exits_2(run, monkeypatch, capsys):
+    from llm.cli.generate import main
+
+    monkeypatch.chdir(run.parent.parent)
+    monkeypatch.setattr(sys, "argv", ["llm-generate", f"checkpoint={run}", "prompt=x", "strategy=beam",
+                                      "temperature=0.7"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err[-3000:]
+    assert "temperature=0.7: has no effect with strategy=beam (only sample and speculative use it); drop " \
+           "temperature, or set strategy=sample" in err
+    assert "Traceback" not in err
 
 
 def test_checkpoint_forms_and_their_errors(run, tmp_path, capsys):

@@ -5,6 +5,7 @@ naming the key, its value and what is allowed (the CLIs exit with code 2)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,23 @@ from llm.fields import at_least, bounded
 from llm.files import InputError, checked_path
 from llm.model.config import MAX_SEQ_LEN
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
 QUANTIZE = ("none", "int8")
 STREAMING_STRATEGIES = ("greedy", "sample")  # the ones whose decoder hands out tokens one by one
 EVAL_LOGGERS = ("none", "wandb")  # eval.json and metrics.jsonl are always written
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+# The decoding keys each strategy reads; set away from its default for a strategy that does not
+# read it, a key would be silently ignored, so it is refused (check_generate).
+READ_BY = {
+    "temperature": ("sample", "speculative"),
+    "top_k": ("sample", "speculative"),
+    "top_p": ("sample", "speculative"),
+    "beam_width": ("beam",),
+    "draft_checkpoint": ("speculative",),
+    "speculative_k": ("speculative",),
+}
 
 
 def unescape(text: str) -> str:
@@ -84,7 +96,7 @@ class EvalSettings:
     max_batches: Optional[int] = at_least(1, None, null="for the whole split")
     tasks_file: Optional[str] = None
     task_max_new_tokens: int = at_least(1, 32, high=MAX_SEQ_LEN)
-    task_stop: list[str] = field(default_factory=list)
+    task_stop: list[str] = field(default_factory=lambda: ["\n"])  # as conf/eval.yaml
     add_bos: bool = False
     quantize: str = "none"
     device: str = "auto"
@@ -170,7 +182,8 @@ def _check_file(problems: list[str], key: str, value: Optional[str]) -> None:
 
 
 def check_generate(s: GenerateSettings) -> list[str]:
-    """Every problem of the generate settings that needs no model (checkpoints are resolved separately)."""
+    """Every problem of the generate settings that needs no model (checkpoints are resolved separately).
+    A key that the strategy does not use is a problem; a harmless one (seed, batch_size) is a warning."""
     problems: list[str] = []
     _choice(problems, "strategy", s.strategy, STRATEGIES)
     _choice(problems, "quantize", s.quantize, QUANTIZE)
@@ -192,8 +205,52 @@ def check_generate(s: GenerateSettings) -> list[str]:
     if s.stream and s.strategy not in STREAMING_STRATEGIES:
         problems.append(f"stream=true: strategy={s.strategy} does not emit tokens one at a time (beam search revises "
                         f"its hypotheses, speculative decoding emits accepted runs); allowed with {s.strategy}: false")
+    _check_unread(problems, s)
     check_device(problems, s.device, s.quantize)
+    for note in _unused_notes(s):
+        log.warning(note)
     return problems
+
+
+def _shown(value: Any) -> str:
+    """A value as it is written on the command line: true, not True."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _check_unread(problems: list[str], s: GenerateSettings) -> None:
+    """Keys given for another strategy than the chosen one: the user meant something we would not do."""
+    if s.strategy not in STRATEGIES:
+        return
+    default = GenerateSettings()
+    for key, strategies in READ_BY.items():
+        value = getattr(s, key)
+        if s.strategy in strategies or value == getattr(default, key):
+            continue
+        if key == "temperature" and value == 0 and s.strategy == "greedy":
+            continue  # greedy is sampling at temperature 0: saying so contradicts nothing
+        problems.append(f"{key}={_shown(value)}: has no effect with strategy={s.strategy} (only "
+                        f"{' and '.join(strategies)} use{'s' * (len(strategies) == 1)} it); drop {key}, or set "
+                        f"strategy={strategies[0]}")
+    if s.strategy == "speculative" and s.temperature == 0:
+        for key in ("top_k", "top_p"):
+            value = getattr(s, key)
+            if value != getattr(default, key):
+                problems.append(f"{key}={_shown(value)}: has no effect with strategy=speculative at temperature=0 (it "
+                                f"decodes greedily); drop {key}, or set temperature > 0")
+
+
+def _unused_notes(s: GenerateSettings) -> list[str]:
+    """Keys that do nothing with the chosen strategy but are harmless to pass out of habit (a
+    seed, a batch size): warned about, not refused."""
+    notes, default = [], GenerateSettings()
+    deterministic = s.strategy in ("greedy", "beam") or (s.strategy == "speculative" and s.temperature == 0)
+    if deterministic and s.seed != default.seed:
+        notes.append(f"seed={s.seed}: strategy={s.strategy}{' at temperature=0' * (s.strategy == 'speculative')} "
+                     "draws no random numbers; the seed changes nothing")
+    if s.strategy in ("beam", "speculative") and s.batch_size != default.batch_size:
+        notes.append(f"batch_size={s.batch_size}: strategy={s.strategy} completes prompts one by one; "
+                     "batch_size changes nothing")
+    return notes
 
 
 def check_eval(s: EvalSettings, logger_kind: str) -> list[str]:
@@ -207,5 +264,12 @@ def check_eval(s: EvalSettings, logger_kind: str) -> list[str]:
     _check_file(problems, "tasks_file", s.tasks_file)
     problems += fields.problems(s)  # every number against its declared range
     _check_stops(problems, "task_stop", s.task_stop)
+    if s.tasks_file is None:  # the task keys shape only the task completions: without tasks, nothing
+        default = EvalSettings()
+        for key in ("task_max_new_tokens", "task_stop", "add_bos"):
+            value = getattr(s, key)
+            if value != getattr(default, key):
+                problems.append(f"{key}={_shown(value)}: has no effect without tasks_file (it shapes the task "
+                                f"completions only); give tasks_file=<file.jsonl>, or drop {key}")
     check_device(problems, s.device, s.quantize)
     return problems

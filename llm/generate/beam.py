@@ -1,9 +1,19 @@
 """Beam search: keep the beam_width most likely continuations, one cache row each.
 
-Each step scores every (beam, next token) pair by total log-probability, keeps the best
-beam_width, and reorders the cache rows to follow the beams they extend. A beam that emits EOS
-is set aside as a finished hypothesis; the search ends once beam_width hypotheses are finished
-(as Hugging Face's `early_stopping=True`) or after max_new_tokens. Batch size 1.
+The semantics are Hugging Face's `generate(num_beams=W, do_sample=False, early_stopping=True)`
+(transformers 5), so the same weights give the same tokens:
+
+- Each step ranks every (beam, next token) pair by total log-probability and looks at the best
+  2W; the best W that do not end in EOS go on, their cache rows reordered to follow them.
+- A candidate ending in EOS becomes a finished hypothesis only if it is among the best W of the
+  step (the next W are there so that W beams can carry on). Its score is its total log-probability
+  over (new tokens, EOS included) ** length_penalty.
+- The search stops once W hypotheses have finished, and returns the best of them: beams still
+  running then are not candidates, though one of them might have scored better.
+- At max_new_tokens the best W candidates of the last step all finish, EOS or not, and compete
+  with those that finished earlier.
+
+With beam_width=1 this is greedy decoding. Batch size 1.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ def beam_search(
     length_penalty: float = 1.0,
     vocab_size: Optional[int] = None,
 ) -> list[int]:
-    """The new tokens of the best hypothesis (ending with eos_id if it finished on it).
+    """The new tokens of the best finished hypothesis (ending with eos_id if it finished on it).
 
-    With beam_width=1 this is greedy decoding. `vocab_size` defaults to model.cfg.vocab_size.
+    `vocab_size` defaults to model.cfg.vocab_size. Of exactly equal scores the hypothesis that
+    finished first wins (transformers' torch.topk breaks such ties in no fixed order).
     """
     if beam_width < 1 or not prompt:
         raise ValueError("beam_width must be >= 1 and the prompt non-empty")
@@ -53,26 +64,26 @@ def beam_search(
     beams: list[list[int]] = [[] for _ in range(W)]
     finished: list[tuple[float, list[int]]] = []  # (normalized score, tokens)
     for step in range(max_new_tokens):
+        last = step == max_new_tokens - 1
         log_probs = mask_padded_vocab(logits.float(), vocab_size).log_softmax(dim=-1)
         V = log_probs.shape[-1]
         # 2W candidates: even if W of them end in EOS, W remain to carry on.
         top, index = (scores[:, None] + log_probs).view(-1).topk(min(2 * W, W * V))
         live: list[tuple[int, list[int], float]] = []  # (cache row it extends, tokens, total log-prob)
         for rank, (score, i) in enumerate(zip(top.tolist(), index.tolist())):
-            if score == float("-inf") or len(live) == W:
+            if score == float("-inf"):
                 break
             row, token = divmod(i, V)
             seq = beams[row] + [token]
-            if token != eos_id:
-                live.append((row, seq, score))
-            elif rank < W:  # only an EOS among the W best counts as a finished beam
+            if rank < W and (token == eos_id or last):  # only the W best may finish
                 finished.append((normalized(score, len(seq), length_penalty), seq))
-        if len(finished) >= W or not live or step == max_new_tokens - 1:
+            elif token != eos_id and len(live) < W:
+                live.append((row, seq, score))
+        if len(finished) >= W or last or not live:
             break
         live += [(live[0][0], live[0][1], float("-inf"))] * (W - len(live))  # tiny vocab: dead fillers
         rows, beams, totals = zip(*live)
         beams, scores = list(beams), torch.tensor(totals, device=device)
         cache.reorder(torch.tensor(rows, device=device))
         logits = model(torch.tensor([b[-1] for b in beams], device=device)[:, None], cache=cache)[:, -1]
-    hypotheses = finished + [(normalized(s, len(b), length_penalty), b) for _, b, s in live if s > float("-inf")]
-    return max(hypotheses, key=lambda hypothesis: hypothesis[0])[1]
+    return max(finished, key=lambda hypothesis: hypothesis[0])[1]
