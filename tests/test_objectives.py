@@ -12,6 +12,7 @@ from llm.stages.objectives import (
     IGNORE_INDEX,
     AdaptiveKLController,
     FixedKLController,
+    Ratio,
     dpo_loss,
     gae,
     grpo_advantages,
@@ -21,10 +22,13 @@ from llm.stages.objectives import (
     kl_k3,
     kl_penalized_rewards,
     masked_mean,
+    mean_entropy,
+    mean_logits,
     ppo_policy_loss,
     ppo_value_loss,
     reward_loss,
     sequence_logprobs,
+    token_accuracy,
     token_logprobs,
     whiten,
 )
@@ -81,6 +85,54 @@ def test_token_logprobs_temperature_divides_the_logits():
     logps, _ = token_logprobs(logits, labels, temperature=0.7)
     expected = F.log_softmax(logits[:, :-1] / 0.7, -1).gather(-1, labels[:, 1:, None])[..., 0]
     torch.testing.assert_close(logps, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# TRL's SFT and DPO metrics of the predictions
+# --------------------------------------------------------------------------------------------
+
+
+def one_hot_logits(argmaxes: list[list[int]], vocab: int = 3) -> torch.Tensor:
+    """Logits whose argmax at [b, t] is argmaxes[b][t] (5 there, 0 elsewhere)."""
+    return 5.0 * F.one_hot(torch.tensor(argmaxes), vocab).float()
+
+
+def test_token_accuracy_compares_each_prediction_with_the_next_scored_label():
+    logits = one_hot_logits([[1, 2, 0, 2], [0, 0, 1, 1]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, 1],  # prompt, then 3 answer tokens
+                           [IGNORE_INDEX, IGNORE_INDEX, 1, IGNORE_INDEX]])  # prompt, 1 answer token, padding
+    # By hand: row 0 predicts 1, 2, 0 for labels 1, 2, 1 (2 right); row 1 predicts 0 at t=1 for label 1.
+    correct, scored = token_accuracy(logits, labels)
+    assert (float(correct), int(scored)) == (2.0, 4)
+    assert approx(token_accuracy(logits, labels).value(), 0.5)
+    # Nothing scored: 0, as TRL (not a division by zero).
+    assert float(token_accuracy(logits, torch.full_like(labels, IGNORE_INDEX)).value()) == 0.0
+
+
+def entropy_of(*probs: float) -> float:
+    return -sum(p * math.log(p) for p in probs)
+
+
+def test_mean_entropy_averages_every_non_padding_position_as_trl():
+    # Row 0: the four PROBS positions, all real. Row 1: two real positions, then padding whose
+    # (near-certain) distributions must not count.
+    padding = [0.98, 0.01, 0.01]
+    probs = torch.tensor([PROBS[0].tolist(), [[1 / 3] * 3, [0.5, 0.25, 0.25], padding, padding]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    by_hand = [entropy_of(0.5, 0.25, 0.25), entropy_of(0.1, 0.6, 0.3), entropy_of(0.2, 0.2, 0.6), math.log(3),
+               math.log(3), 1.5 * math.log(2)]
+    assert approx(mean_entropy(probs.log() + 3.0, mask), sum(by_hand) / 6, 1e-6)
+    assert approx(mean_entropy(probs.log(), mask, chunk=1), sum(by_hand) / 6, 1e-6)  # chunking changes nothing
+
+
+def test_mean_logits_average_the_vocabulary_of_the_logits_predicting_completion_tokens():
+    # Vocabulary means 1, 2, 3, 4 at positions 0..3; the completion is tokens 2 and 3, which
+    # positions 1 and 2 predict.
+    logits = torch.tensor([[[0.0, 2.0], [1.0, 3.0], [4.0, 2.0], [10.0, -2.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 5, 7]])
+    total, count = mean_logits(logits, labels)
+    assert (float(total), int(count)) == (5.0, 2)
+    assert approx(Ratio(total, count).value(), 2.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ its config. Loss functions, LoRA layers and the data pipeline have their own tes
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +29,10 @@ from llm.run import RunDir
 from llm.run.plan import Settings, plan
 from llm.model.lora import LoRALinear, lora_modules
 from llm.model.value import ValueModel
+from llm.parallel import FSDP
+from llm.stages.dpo import DPOModule
+from llm.stages.objectives import IGNORE_INDEX, Ratio
+from llm.stages.posttrain import PostTrainModule, reduce_over_processes
 from llm.tokenizer import Tokenizer, build_tokenizer
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from tests.conftest import REPO, compose_train, run_cli
@@ -140,11 +145,13 @@ def logged_names(run_dir: Path) -> set[str]:
 
 # Metric names as TRL logs them (training, and `val/` for what validation computes).
 TRL_METRICS = {
-    "sft": {"train/loss", "val/loss", "val/ppl"},
+    "sft": {"train/loss", "val/loss", "val/ppl", "train/mean_token_accuracy", "train/entropy", "train/num_tokens",
+            "val/mean_token_accuracy", "val/entropy"},
     "reward": {"train/accuracy", "train/margin", "train/mean_reward", "train/min_reward", "train/max_reward",
                "val/accuracy", "val/margin", "val/loss"},
     "dpo": {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "val/rewards/accuracies", "val/rewards/margins", "val/loss"},
+            "logps/rejected", "logits/chosen", "logits/rejected", "val/rewards/accuracies", "val/rewards/margins",
+            "val/logits/chosen", "val/loss"},
     "grpo": {"train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/kl",
              "completions/mean_length", "completions/clipped_ratio", "val/reward"},
     "ppo": {"objective/kl", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
@@ -169,6 +176,9 @@ def test_each_method_changes_every_trainable_weight_and_never_the_reference(
     reference, critic = snapshot(module.reference), snapshot(getattr(module, "critic", None))
     scorer = module.scorer.model if getattr(module, "scorer", None) is not None else None
     scorer_before = snapshot(scorer)
+    if method == "sft":  # the batches fit will train on (a fresh stream starts where fit starts)
+        batches = iter(built["datamodule"].train_dataloader())
+        seen = sum(int(next(batches)["mask"].sum()) for _ in range(STEPS))
     trainer = fit(module, built["datamodule"], tmp_path)
 
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
@@ -195,6 +205,64 @@ def test_each_method_changes_every_trainable_weight_and_never_the_reference(
                      if "trainer/trainable_params" in r]
     assert logged_params[-1] == sum(p.numel() for p in module.model.parameters())
     assert trainer.callback_metrics["train/loss"].isfinite()
+    if method == "sft":
+        rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/mean_token_accuracy" in r]
+        vocab = module.model_config.padded_vocab_size  # the logits also cover the padded entries
+        assert all(0 <= r["train/mean_token_accuracy"] <= 1 and 0 < r["train/entropy"] <= math.log(vocab) for r in rows)
+        # TRL's num_tokens: every non-padding token trained on, cumulative; kept by a checkpoint.
+        assert [r["train/num_tokens"] for r in rows][-1] == seen
+        checkpoint: dict = {"state_dict": {}}
+        module.on_save_checkpoint(checkpoint)
+        module.num_tokens = 0
+        module.on_load_checkpoint(checkpoint)
+        assert module.num_tokens == seen
+
+
+# ---------------------------------------------------------------- metrics over processes
+
+
+def fake_processes(monkeypatch, world: int, others: Any) -> None:
+    """torch.distributed as `world` processes whose all-reduce (a sum) adds `others(tensor)`, the
+    other processes' share, to this one's tensor."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: tensor.add_(others(tensor)))
+
+
+def test_training_metrics_are_reduced_over_processes_as_trl_gathers_them(monkeypatch):
+    # This rank: 3 of 4 tokens right, entropy 1.0; the other: 0 of 1 right, entropy 2.0.
+    mine = {"mean_token_accuracy": Ratio(torch.tensor(3.0), torch.tensor(4)), "entropy": torch.tensor(1.0)}
+    other = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)  # the same names, flattened in order
+    fake_processes(monkeypatch, 2, lambda tensor: other)
+    reduced = reduce_over_processes(mine, torch.device("cpu"))
+    assert float(reduced["mean_token_accuracy"]) == pytest.approx(3 / 5)  # token-weighted, not (3/4 + 0) / 2
+    assert float(reduced["entropy"]) == pytest.approx(1.5)  # a per-process value: averaged
+
+
+def test_num_tokens_sums_the_data_parallel_ranks_once(monkeypatch):
+    # 4 processes, tensor parallel 2: ranks (0, 1) train on one batch of 5 tokens, ranks (2, 3) on one of 3.
+    fake_processes(monkeypatch, 4, lambda tensor: torch.tensor(5 + 3 + 3))
+    module = type("Counter", (), {"parallelism": FSDP(tensor_parallel=2), "num_tokens": 100})()
+    PostTrainModule.count_tokens(module, torch.tensor([[1, 1, 1, 1, 1, 0]]))
+    assert int(module.num_tokens) == 100 + 5 + 3
+
+
+def test_dpo_logits_metrics_split_the_chosen_and_rejected_halves():
+    vocab = 16
+
+    def model(tokens: torch.Tensor) -> torch.Tensor:  # every vocabulary entry at t is tokens[t]
+        return tokens.float()[..., None].expand(*tokens.shape, vocab)
+    batch = {"chosen": {"tokens": torch.tensor([[1, 2, 3, 4]]),
+                        "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4]])},
+             "rejected": {"tokens": torch.tensor([[1, 5, 7, 0]]),
+                          "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]])}}
+    stage = type("Stage", (), {"logits": staticmethod(lambda net, b: net(b["tokens"])), "loss_type": "sigmoid"})()
+    metrics: dict = {}
+    DPOModule.logps(stage, model, batch, metrics)
+    # By hand: positions 1 and 2 predict the chosen answer (3, 4): logits 2 and 3; position 1
+    # predicts the rejected answer (7): logit 5.
+    assert float(metrics["logits/chosen"].value()) == 2.5
+    assert float(metrics["logits/rejected"].value()) == 5.0
 
 
 def parent_run_value_head(reward_run: Path) -> torch.Tensor:
@@ -332,6 +400,9 @@ def test_each_method_runs_under_ddp_and_fsdp_on_two_processes(method, parallelis
     assert (summary["stage"], summary["world_size"], summary["steps_done"]) == (method, 2, 2)
     assert summary["parent_checkpoint"] == str(parent / "checkpoints" / "last.ckpt")
     assert OWN_METRIC[method] in summary["last_metrics"]
+    # TRL's metrics, reduced over both ranks: every rank reaches the same all-reduces (no hang).
+    assert {"sft": {"train/mean_token_accuracy", "train/entropy", "train/num_tokens"},
+            "dpo": {"logits/chosen", "logits/rejected"}}.get(method, set()) <= set(summary["last_metrics"])
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() if parallelism == "fsdp" else last.is_file()  # FSDP saves shards
     if method != "reward":  # the finished model answered the held-out prompts (gathered from the shards)

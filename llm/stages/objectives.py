@@ -12,12 +12,13 @@ Conventions used throughout:
 - Masks are 1 (or True) on the tokens that count (completion/response tokens) and 0 on prompt and
   padding; `IGNORE_INDEX` (-100) in labels means the same as a 0 in a mask.
 - Every loss returns `(loss, metrics)`: a scalar to backpropagate and a dict of detached scalars
-  named as TRL names them.
+  named as TRL names them. A metric that TRL averages over the tokens of all processes is a
+  `Ratio` (its sum and its count, each summed over processes before the division).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,20 @@ from torch import Tensor
 
 IGNORE_INDEX = -100  # the label of prompt and padding tokens (PyTorch's cross-entropy default)
 
-Metrics = dict[str, Tensor]
+
+class Ratio(NamedTuple):
+    """A token-weighted mean kept as its two sums, so that the tokens of every process weigh alike:
+    TRL gathers both sums over processes, then divides."""
+
+    total: Tensor
+    count: Tensor
+
+    def value(self) -> Tensor:
+        """total / count, and 0 where nothing was counted (as TRL)."""
+        return torch.where(self.count > 0, self.total / self.count.clamp(min=1), 0.0)
+
+
+Metrics = dict[str, Union[Tensor, Ratio]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +112,63 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     if not shift_mean:
         white = white + mean
     return white * mask.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# What TRL logs of the policy's predictions (SFT's and DPO's metrics)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_accuracy(logits: Tensor, labels: Tensor) -> Ratio:
+    """TRL's `mean_token_accuracy` (SFTTrainer): (B, T, V), (B, T) -> Ratio(correct, scored).
+
+        correct = #{t : argmax_v logits[:, t, v] = labels[:, t + 1] != IGNORE_INDEX},
+        scored = #{t : labels[:, t + 1] != IGNORE_INDEX}
+
+    over the tokens the loss counts; the value is correct / scored (0 when none is scored), both
+    sums taken over all processes first.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    correct = (logits[:, :-1].argmax(-1) == targets) & scored
+    return Ratio(correct.sum().float(), scored.sum())
+
+
+@torch.no_grad()
+def mean_entropy(logits: Tensor, mask: Tensor, chunk: int = 1024) -> Tensor:
+    """TRL's `entropy` (SFTTrainer): (B, T, V), (B, T) -> scalar.
+
+        entropy = sum_t mask_t H_t / sum_t mask_t,   H_t = -sum_v p_tv log p_tv,  p_t = softmax(logits[:, t])
+
+    TRL averages over the attention mask: every non-padding position, prompt and last token
+    included, not only the tokens the loss counts (over processes it then averages the per-process
+    values). Computed `chunk` positions at a time in float32, so no (B, T, V) copy is made.
+    """
+    flat = logits.flatten(0, -2)
+    entropies = []
+    for part in flat.split(chunk):
+        logp = F.log_softmax(part.float(), dim=-1)
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    per_token = torch.cat(entropies).view(mask.shape)
+    return masked_mean(per_token, mask.float())
+
+
+@torch.no_grad()
+def mean_logits(logits: Tensor, labels: Tensor) -> Ratio:
+    """TRL's `logits/chosen` and `logits/rejected` (DPOTrainer), one call per half of the batch:
+    (B, T, V), (B, T) -> Ratio(sum, n).
+
+        sum = sum over t with labels[:, t + 1] != IGNORE_INDEX of mean_v logits[:, t, v],
+        n = the number of those t
+
+    i.e. the mean of every vocabulary entry of the logits that predict a completion token. TRL
+    1.x divides the sum over all processes by their token count; TRL 0.2x took each process's
+    `logits[mask].mean()` (the same on one process) and averaged those.
+    """
+    scored = labels[:, 1:] != IGNORE_INDEX
+    per_position = logits[:, :-1].mean(-1, dtype=torch.float32)
+    return Ratio(torch.where(scored, per_position, 0.0).sum(), scored.sum())
 
 
 # --------------------------------------------------------------------------------------------

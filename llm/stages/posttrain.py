@@ -14,13 +14,15 @@ import logging
 from abc import ABC, abstractmethod
 import warnings
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from llm.model.lora import LoRAConfig, apply_lora
 from llm.model.value import build_network
-from llm.stages.objectives import IGNORE_INDEX
+from llm.stages.objectives import IGNORE_INDEX, Metrics, Ratio
 from llm.stages.pretrain import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class PostTrainModule(PretrainModule):
     # Preference and policy-gradient losses swing from batch to batch by design (a few hard pairs
     # or one lucky rollout): for the loss guard only a non-finite loss is a fault. SFT's is an LM loss.
     loss_spikes_are_faults = False
+    counts_tokens = False  # logs TRL's `num_tokens` (SFT): the batches carry an attention `mask`
 
     def __init__(self, *args: Any, data: Optional[dict] = None, lora: Optional[dict] = None,
                  parent: Any = None, tokenizer: Any = None, **kwargs: Any):
@@ -48,6 +51,9 @@ class PostTrainModule(PretrainModule):
         self.tokenizer = tokenizer
         self.reference: Optional[nn.Module] = None
         self.trainable_params = 0
+        # TRL's num_tokens: non-padding tokens trained on, all ranks, since the run began (kept across
+        # resumes). An int, or a tensor on the device once counting starts (no host sync per step).
+        self.num_tokens: Union[int, Tensor] = 0
         # A LoRA checkpoint holds the adapters only; the frozen base comes from `parent` again.
         self.strict_loading = not self.lora.enabled
 
@@ -101,13 +107,32 @@ class PostTrainModule(PretrainModule):
             return model(batch["tokens"], batch["positions"], documents=batch["documents"])
         return model(batch["tokens"])
 
-    def log_metrics(self, prefix: str, metrics: dict[str, Tensor], batch_size: int = 1) -> None:
+    def log_metrics(self, prefix: str, metrics: Metrics, batch_size: int = 1) -> None:
         """TRL-named metrics: `val/<name>` for validation; in training `train/<name>`, except names
-        that already have a section (`rewards/margins`, `objective/kl`, ...), on logging steps."""
+        that already have a section (`rewards/margins`, `objective/kl`, ...), on logging steps.
+
+        In training every process logs the same value, reduced over processes as TRL gathers them
+        (`reduce_over_processes`). Validation batches are spread unevenly over the ranks, so there
+        each process averages its batches and Lightning averages the processes (TRL averages its
+        per-batch values)."""
         if prefix == "val/":
-            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=batch_size)
+            local = {k: v.value() if isinstance(v, Ratio) else v for k, v in metrics.items()}
+            self.log_dict({f"val/{k}": v for k, v in local.items()}, sync_dist=True, batch_size=batch_size)
         elif self.logging_step():
-            self.log_dict({f"train/{k}" if "/" not in k else k: v for k, v in metrics.items()}, batch_size=1)
+            reduced = reduce_over_processes(metrics, self.device)
+            self.log_dict({f"train/{k}" if "/" not in k else k: v for k, v in reduced.items()}, batch_size=1)
+
+    def count_tokens(self, mask: Tensor) -> None:
+        """Add a training micro-batch's non-padding tokens (TRL counts the attention mask: prompt
+        tokens too), summed over the data-parallel ranks, to `num_tokens`. Called on every rank at
+        every micro-batch: one all-reduce of one integer, queued on the device (no barrier)."""
+        count = mask.sum()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+            world = dist.get_world_size()
+            replicas = world // self.parallelism.data_parallel_size(world)  # tensor-parallel ranks share a batch
+            count = count // replicas
+        self.num_tokens = self.num_tokens + count
 
     def log_progress(self, loss: Tensor) -> None:
         if self.logging_step():
@@ -122,12 +147,43 @@ class PostTrainModule(PretrainModule):
         checkpoint["llm"] = {"stage": self.stage, "model_config": asdict(self.model_config),
                              "value_head": self.value_head, "lora": asdict(self.lora) if self.lora.enabled else None,
                              "parent": None if self.parent is None else str(self.parent.ref.path)}
+        if self.counts_tokens:
+            checkpoint["llm"]["num_tokens"] = int(self.num_tokens)
         # A LoRA checkpoint holds only what training changes (the base is the parent's), except a
         # sharded one: torch.distributed.checkpoint loads a module's every key back, so a resume or
         # a WSD branch under FSDP needs them all.
         if self.lora.enabled and not getattr(self.parallelism, "sharded_checkpoints", False):
             trained = {n for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resume (or a rollback, or a WSD branch) counts on from the checkpoint; TRL starts again from 0.
+        self.num_tokens = int((checkpoint.get("llm") or {}).get("num_tokens", 0))
+
+
+def reduce_over_processes(metrics: Metrics, device: torch.device) -> dict[str, Tensor]:
+    """Metrics as TRL gathers them over processes: a `Ratio`'s sum and count are each summed, then
+    divided (a token-weighted mean); any other value is averaged over processes (per-example
+    means over equal batches: the mean over every example). One all-reduce, in float64, for all of
+    them; every process must pass the same names. Tensor-parallel ranks hold equal values, which
+    changes neither kind."""
+    parts = [p for v in metrics.values() for p in ((v.total, v.count) if isinstance(v, Ratio) else (v,))]
+    if not parts:
+        return {}
+    flat = torch.stack([torch.as_tensor(p).detach().to(device, torch.float64).reshape(()) for p in parts])
+    world = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(flat)
+    reduced, i = {}, 0
+    for name, v in metrics.items():
+        if isinstance(v, Ratio):
+            reduced[name] = Ratio(flat[i], flat[i + 1]).value()
+            i += 2
+        else:
+            reduced[name] = flat[i] / world
+            i += 1
+    return reduced
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -141,11 +197,19 @@ class SupervisedModule(PostTrainModule, ABC):
     around its `step`. The on-policy methods (llm.stages.grpo, ppo) sample their own batches."""
 
     @abstractmethod
-    def step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(self, batch: Any) -> tuple[Tensor, Metrics]:
         """The method's loss on a batch, and its metrics (TRL's names)."""
+
+    def wants_metrics(self) -> bool:
+        """Whether this step's metrics are logged: every validation step, and training steps that
+        log. Costly metrics (SFT's entropy: a softmax over the vocabulary) are computed only then."""
+        return not self.training or self.logging_step()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, metrics = self.step(batch)
+        if self.counts_tokens:
+            self.count_tokens(batch["mask"])
+            metrics["num_tokens"] = self.num_tokens  # the same on every rank: averaging keeps it
         self.log_progress(loss)
         self.log_metrics("train/", metrics)
         return loss
