@@ -262,7 +262,7 @@ def test_conversational_rows_and_a_custom_chat_template():
         ("### user\n2+2=\n### Response\n", False), ("4\n", True)]
     assert alpaca.prompt([Message("user", "2+2=")]) == "### user\n2+2=\n### Response\n"
     for bad in ("{role}: no content", "{content}{content}", "{who}: {content}"):
-        with pytest.raises(ConfigError, match="chat_template.turn"):
+        with pytest.raises(ConfigError, match="chat_turn"):
             ChatTemplate(bad)
 
 

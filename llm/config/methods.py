@@ -66,8 +66,11 @@ class PostTrainDataSchema:
     n_val: int = at_least(1, 256, high=2**24)  # held-out task rows
     seed: int = at_least(0, 0, high=2**32 - 1)
     packing: bool = False  # SFT: several examples per row, attention kept inside each
-    chat_turn: str = "{role}: {content}\n"  # how one message of a `messages` row is rendered
-    generation_prompt: Optional[str] = None  # appended after a chat prompt, e.g. "assistant: "
+    chat_turn: str = "{role}: {content}\n"  # how one message of a conversation is rendered (chat_template: null)
+    generation_prompt: Optional[str] = None  # with chat_turn: what opens an assistant turn; null: chat_turn's
+    # null: chat_turn | a Jinja chat template (as transformers' apply_chat_template renders it) | a .jinja file
+    # or tokenizer folder | tokenizer: the parent tokenizer's (its chat_template.jinja / tokenizer_config.json)
+    chat_template: Optional[str] = None
     max_prompt_length: int = at_least(1, 64, high=MAX_SEQ_LEN)  # prompt-only rows (PPO/GRPO): longer ones are dropped
     partial_reward: bool = False  # the tasks' checker gives partial credit instead of 0/1
     eval_prompts: int = at_least(0, 256, high=2**20)  # held-out prompts answered greedily before and after; 0: none

@@ -13,20 +13,22 @@ is detected from the keys of the first row, or forced:
     prompt_only          prompt                     prompt (other keys are the reward's meta)
 
 `prompt`, `completion`, `chosen` and `rejected` are strings, or lists of {"role", "content"}
-messages ("conversational"), rendered with a `ChatTemplate`. Every malformed row is reported as
-"FILE:LINE: what is wrong (format NAME)" in a `DatasetError`, a ConfigError, so the CLI prints it
-and exits with status 2; a dataset with no usable row is an error too.
+messages ("conversational"), rendered with a chat template (llm.data.chat: chat_turn's format string
+or a Jinja template). Every malformed row is reported as "FILE:LINE: what is wrong (format NAME)"
+in a `DatasetError`, a ConfigError, so the CLI prints it and exits with status 2; a dataset with no
+usable row is an error too.
 """
 
 from __future__ import annotations
 
-import string
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 from llm.config import ConfigError
+# ChatTemplate, Message and Segment live in llm.data.chat; they are importable from here as before.
+from llm.data.chat import AnyChatTemplate, ChatTemplate, ChatTemplateError, Message, Segment
 from llm.files import read_input_jsonl
 
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -68,14 +70,6 @@ class DatasetError(ConfigError):
 
 
 @dataclass(frozen=True)
-class Segment:
-    """A piece of an example's text; `trained` pieces are what the loss is computed on."""
-
-    text: str
-    trained: bool
-
-
-@dataclass(frozen=True)
 class SFTExample:
     """Text to train on, as segments: prompt/template pieces untrained, completions trained."""
 
@@ -107,70 +101,6 @@ class PromptExample:
 
 
 Example = Union[SFTExample, PreferenceExample, PromptExample]
-
-
-# ------------------------------------------------------------------ chat template
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-class ChatTemplate:
-    """Renders messages as text with one format string per turn.
-
-    `turn` has a {role} and exactly one {content} placeholder, e.g. the default
-    "{role}: {content}\\n". `generation_prompt` opens an assistant turn: the model writes after it;
-    by default it is what `turn` renders before an assistant's content ("assistant: "). Assistant
-    turns are rendered as generation_prompt + content + the rest of `turn`, so training and
-    generation see the same text; the content and the rest of the turn are the trained tokens.
-    """
-
-    def __init__(self, turn: str = "{role}: {content}\n", generation_prompt: str | None = None):
-        fields = [name for _, name, _, _ in string.Formatter().parse(turn) if name is not None]
-        if fields.count("content") != 1 or set(fields) - {"role", "content"} or turn.count("{content}") != 1:
-            raise ConfigError([f"chat_template.turn={turn!r}: needs exactly one {{content}} and no "
-                               f"placeholder other than {{role}}"])
-        self.turn = turn
-        self._before, self._after = turn.split("{content}")
-        if generation_prompt is None:
-            generation_prompt = self._before.format(role="assistant")
-        self.generation_prompt = generation_prompt
-
-    def __repr__(self) -> str:
-        return f"ChatTemplate(turn={self.turn!r}, generation_prompt={self.generation_prompt!r})"
-
-    def segments(self, messages: Sequence[Message], trained_from: int = 0) -> list[Segment]:
-        """The rendered conversation; assistant turns at index >= trained_from are trained."""
-        pieces = []
-        for index, m in enumerate(messages):
-            if m.role == "assistant":
-                pieces.append(Segment(self.generation_prompt, False))
-                pieces.append(Segment(m.content + self._after.format(role=m.role), index >= trained_from))
-            else:
-                text = self._before.format(role=m.role) + m.content + self._after.format(role=m.role)
-                pieces.append(Segment(text, False))
-        return _merged(pieces)
-
-    def render(self, messages: Sequence[Message]) -> str:
-        return "".join(s.text for s in self.segments(messages))
-
-    def prompt(self, messages: Sequence[Message]) -> str:
-        """The conversation so far, then the generation prompt: what the model continues."""
-        return self.render(messages) + self.generation_prompt
-
-
-def _merged(pieces: list[Segment]) -> list[Segment]:
-    """Neighbouring segments with the same `trained` flag joined, empty ones dropped."""
-    merged: list[Segment] = []
-    for piece in pieces:
-        if merged and merged[-1].trained == piece.trained:
-            merged[-1] = Segment(merged[-1].text + piece.text, piece.trained)
-        elif piece.text:
-            merged.append(piece)
-    return merged
 
 
 # ------------------------------------------------------------------ reading rows
@@ -270,11 +200,11 @@ def _check_fields(data: Mapping[str, Any], keys: Sequence[str]) -> bool:
     return conversational[0]
 
 
-def _completion_text(template: ChatTemplate, prompt: list[Message], completion: list[Message], key: str) -> str:
+def _completion_text(template: AnyChatTemplate, prompt: list[Message], completion: list[Message], key: str) -> str:
     """The text a conversational completion adds after the rendered prompt and generation prompt."""
     if completion[0].role != "assistant":
         raise _RowProblem(f"{key!r} must start with an assistant message, got role {completion[0].role!r}")
-    return template.render(prompt + completion)[len(template.prompt(prompt)):]
+    return template.completion(prompt, completion)
 
 
 def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -284,7 +214,7 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return n
 
 
-def _sft(fmt: str, data: Mapping[str, Any], template: ChatTemplate, where: str) -> SFTExample:
+def _sft(fmt: str, data: Mapping[str, Any], template: AnyChatTemplate, where: str) -> SFTExample:
     if fmt == "text":
         if not isinstance(_require(data, "text"), str) or not data["text"]:
             raise _RowProblem("'text' must be a non-empty string")
@@ -302,7 +232,7 @@ def _sft(fmt: str, data: Mapping[str, Any], template: ChatTemplate, where: str) 
     return SFTExample(tuple(template.segments(prompt + completion, trained_from=len(prompt))), where)
 
 
-def _preference(fmt: str, data: Mapping[str, Any], template: ChatTemplate, where: str) -> PreferenceExample:
+def _preference(fmt: str, data: Mapping[str, Any], template: AnyChatTemplate, where: str) -> PreferenceExample:
     keys = FORMATS[fmt]
     conversational = _check_fields(data, keys)
     if fmt == "implicit_preference":
@@ -328,7 +258,7 @@ def _preference(fmt: str, data: Mapping[str, Any], template: ChatTemplate, where
     return PreferenceExample(prompt, chosen, rejected, where)
 
 
-def _prompt(fmt: str, data: Mapping[str, Any], template: ChatTemplate, where: str) -> PromptExample:
+def _prompt(fmt: str, data: Mapping[str, Any], template: AnyChatTemplate, where: str) -> PromptExample:
     _check_fields(data, ("prompt",))
     prompt = data["prompt"]
     text = template.prompt(_messages(prompt, "prompt")) if _is_conversation(prompt) else prompt
@@ -341,7 +271,7 @@ PARSERS = {"sft": _sft, "preference": _preference, "prompt": _prompt}
 
 
 def parse_rows(rows: Sequence[Row], kind: str, format: str | None = None,
-               template: ChatTemplate | None = None, skip_malformed: bool = False,
+               template: AnyChatTemplate | None = None, skip_malformed: bool = False,
                source: str = "dataset") -> list[Example]:
     """Examples of `kind` ("sft", "preference" or "prompt") from rows of one format.
 
@@ -376,6 +306,8 @@ def parse_rows(rows: Sequence[Row], kind: str, format: str | None = None,
             examples.append(parse(format, row.data, template, row.where))
         except _RowProblem as e:
             problems.append(f"{row.where}: {e} (format {format})")
+        except ChatTemplateError as e:  # a conversation the Jinja template cannot render or mask
+            problems.append(f"{row.where}: {e.problems[0]}")
     if problems and not skip_malformed:
         raise DatasetError(_capped(problems))
     if problems:
@@ -387,7 +319,7 @@ def parse_rows(rows: Sequence[Row], kind: str, format: str | None = None,
 
 
 def read_examples(source: str | Path | Iterable[Mapping[str, Any]], kind: str, format: str | None = None,
-                  template: ChatTemplate | None = None, skip_malformed: bool = False,
+                  template: AnyChatTemplate | None = None, skip_malformed: bool = False,
                   hf_split: str = "train", hf_config: str | None = None, key: str = "") -> list[Example]:
     """load_rows then parse_rows: the examples of one dataset, every row checked. `key` is the
     config key that named the dataset (posttrain.data.source), for the messages."""

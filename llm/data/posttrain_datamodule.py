@@ -84,14 +84,16 @@ def _identity(batch: Any) -> Any:
 
 
 def build_posttrain_data(data_cfg: Any, kind: str, tokenizer: Any, seq_len: int, micro_batch_size: int,
-               val_batches: Optional[int]) -> tuple[Any, list[dict], str]:
+               val_batches: Optional[int], template: Any = None) -> tuple[Any, list[dict], str]:
     """The method's datamodule, the held-out prompts with answers (for the before/after
-    evaluation; only the tasks have them), and a line saying what was read and kept."""
-    from llm.data.formats import ChatTemplate, read_examples
+    evaluation; only the tasks have them), and a line saying what was read and kept. `template`
+    renders conversations (llm.data.chat); None: the one data_cfg asks for."""
+    from llm.data.chat import build_chat_template
+    from llm.data.formats import read_examples
     from llm.data.posttrain import collator, pack, tokenize_preferences, tokenize_prompts, tokenize_sft
     from llm.data.tasks import TaskMix
 
-    template = ChatTemplate(data_cfg.chat_turn, data_cfg.generation_prompt)
+    template = template or build_chat_template(data_cfg)
     eval_rows: list[dict] = []
     if data_cfg.source == "tasks":
         mix = TaskMix(data_cfg.tasks, seed=data_cfg.seed, val_fraction=data_cfg.val_fraction)

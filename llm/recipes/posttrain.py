@@ -2,8 +2,10 @@
 
 The parent checkpoint (`init_from`) fixes the architecture, weights and tokenizer; the method's
 examples come from TRL-format files, a hub dataset or the built-in tasks; on-policy methods score
-completions with a reward model or the tasks' checker. After training, a LoRA run exports its
-merged model and every language-model stage answers held-out prompts greedily, before and after.
+completions with a reward model or the tasks' checker. Conversations are rendered with chat_turn or
+a Jinja chat template (llm.data.chat); a run that read any writes <run>/chat_template.jinja. After
+training, a LoRA run exports its merged model and every language-model stage answers held-out
+prompts greedily, before and after.
 
     llm-train posttrain=sft init_from=<pretraining run> budget.steps=300
 """
@@ -28,7 +30,10 @@ from llm.model import ModelConfig
 from llm.recipes.base import Recipe, StageData
 from llm.checkpoint import Parent, load_parent, load_trained_network
 from llm.checkpoint.save import save_network
-from llm.run.layout import RunDir
+from llm.data.chat import build_chat_template, jinja_source
+from llm.files import write_text
+from llm.parallel.launch import is_rank_zero
+from llm.run.layout import CHAT_TEMPLATE_FILE, RunDir
 from llm.stages.init_from import RUNTIME_KEYS, check_architecture
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ class PostTrain(Recipe):
 
     parent: Optional[Parent] = None
     method: Any = None  # the method's typed config (llm.config.methods), set by prepare
+    template: Any = None  # how conversations are rendered (llm.data.chat), set by prepare
 
     def prepare(self, cfg: DictConfig, overrides: list[str]) -> DictConfig:
         """The run's config with the parent's architecture and tokenizer in place, so the final
@@ -65,6 +71,8 @@ class PostTrain(Recipe):
         cfg.tokenizer = OmegaConf.create({"_target_": "llm.tokenizer.build_tokenizer", "_partial_": True,
                                           "kind": "pretrained", "path": str(parent.tokenizer_path)})
         self.method = method_config(cfg)  # the method's typed config, read once for the whole run
+        # Built now, so a chat template that cannot work is refused before any data is read.
+        self.template = build_chat_template(self.method.data, parent.tokenizer_path.parent)
         return cfg
 
     def labels(self, choices: dict[str, str]) -> dict[str, str]:
@@ -81,8 +89,11 @@ class PostTrain(Recipe):
         tokenizer = Tokenizer.load(self.parent.tokenizer_path, "init_from")
         data = settings.data
         datamodule, eval_rows, line = build_posttrain_data(self.method.data, self.module_class.data_kind, tokenizer,
-                                                           data.seq_len, data.micro_batch_size, data.val_batches)
+                                                           data.seq_len, data.micro_batch_size, data.val_batches,
+                                                           self.template)
         log.info(line)
+        if self.template.used and is_rank_zero():  # the run read conversations: how it rendered them (HF export)
+            write_text(run_dir.path / CHAT_TEMPLATE_FILE, jinja_source(self.template))
         ranks = settings.parallelism.data_parallel_size(settings.world)
         val_batches = math.ceil(len(datamodule.val_examples) / data.micro_batch_size)
         if val_batches < ranks:  # Lightning would stop a rank that has no validation batch

@@ -9,6 +9,7 @@ A run directory is what `llm-train` leaves behind and what every other command r
     <run>/metrics.jsonl     one record per logging step
     <run>/samples.jsonl     sampled completions (PPO, GRPO, llm-eval)
     <run>/tokenizer.json    the tokenizer the run trained with
+    <run>/chat_template.jinja  how the run rendered conversations (post-training runs that read them)
     <run>/train.log         what the console showed (Hydra's job log)
     <run>/checkpoints/      last.ckpt, step-N.ckpt, best.ckpt, merged.ckpt (LoRA)
     <run>/branches/<end>/   WSD decay branches, each a run directory of its own
@@ -27,6 +28,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a Jinja chat template, as Hugging Face tokenizer folders keep it
 LOG_FILE = "train.log"
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
