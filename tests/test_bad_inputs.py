@@ -11,10 +11,8 @@ takes a fraction of a second.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +27,7 @@ from llm.model.value import build_network
 from llm.tokenizer import build_tokenizer
 from llm.tracking.metrics import read_metrics
 from llm.train import train
-from tests.conftest import TINY_RUN, compose_train
+from tests.conftest import TINY_RUN, compose_train, llm_cli
 
 BYTES = ["model=nano", "tokenizer=byte", "data.seq_len=64", "data.micro_batch_size=8", "logger=none",
          "trainer.progress_bar=false", "budget.steps=2", "trainer.val_every=2"]
@@ -122,19 +120,6 @@ def one_composition():
     Hydra.get_mode = lambda self, config_name, overrides: None
     yield
     Hydra.get_mode = get_mode
-
-
-def llm_cli(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """Run `llm-<command> args` in this process, as from a shell in `cwd`: (exit code, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [f"llm-{command}", *args])
-    module = importlib.import_module(f"llm.cli.{command}")
-    code = 0
-    try:
-        module.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 def snapshot(*roots: Path) -> dict[Path, tuple[int, int]]:

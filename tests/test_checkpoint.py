@@ -258,6 +258,14 @@ def test_a_real_fsdp_checkpoint_resolves_loads_and_consolidates_to_the_same_stat
     with torch.no_grad():
         assert torch.equal(load_network(shards)(tokens), load_network(out)(tokens))
 
+    # llm-hf export of the sharded run reads the shards whole, as llm-generate does (no consolidation step).
+    pytest.importorskip("safetensors")
+    from llm.interop import export_checkpoint, import_hf
+
+    exported, _ = import_hf(export_checkpoint(fsdp_run, tmp_path / "hf"))
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(tokens), load_network(shards)(tokens))
+
     # Not a sharded directory: exit code 2 and the fix.
     with pytest.raises(SystemExit) as exit_info:
         llm_consolidate([str(out)])

@@ -5,11 +5,9 @@ payload would create never appears; genuine sharded checkpoints still load exact
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import shlex
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from llm.parallel import FSDP
 from llm.parallel.strategy import SafeModelParallelStrategy
 from llm.run.layout import LAST, META, RunDir
 from llm.tokenizer import build_tokenizer
+from tests.conftest import llm_cli
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
@@ -96,17 +95,6 @@ def make_run(root: Path) -> RunDir:
     write_json(run.run_file, {"run_id": "run", "config": {}, "choices": {}})
     build_tokenizer(None, root / "cache", kind="byte").save(run.tokenizer)
     return run
-
-
-def llm_cli(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """`llm-<command> args` in this process, as from a shell in `cwd`: (exit code, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [f"llm-{command}", *args])
-    try:
-        importlib.import_module(f"llm.cli.{command}").main()
-    except SystemExit as e:
-        return (e.code if isinstance(e.code, int) else 1), capsys.readouterr().err
-    return 0, capsys.readouterr().err
 
 
 def same(a, b) -> bool:

@@ -102,7 +102,7 @@ def test_killed_run_resumes_with_the_same_loss_curve(tmp_path):
 
 
 def test_resume_refuses_to_change_a_group(tmp_path, monkeypatch, capsys, single_thread):
-    from tests.test_bad_inputs import llm_cli  # the real llm-train main, in this process
+    from tests.conftest import llm_cli  # the real llm-train main, in this process
 
     code, stderr = llm_cli("train", [*TINY_RUN, "budget.steps=4", "trainer.val_every=2", "hydra.run.dir=runs/r"],
                            tmp_path, monkeypatch, capsys)
@@ -232,7 +232,7 @@ def test_wsd_branches_give_several_points_from_one_run(tmp_path):
 
 
 def test_resume_refuses_a_crafted_target_in_the_run_directory(tmp_path, monkeypatch, capsys):
-    from tests.test_bad_inputs import llm_cli
+    from tests.conftest import llm_cli
 
     run = tmp_path / "runs" / "crafted"
     run.mkdir(parents=True)

@@ -21,8 +21,7 @@ from llm.run.lock import RunLock
 from llm.run.resume import known_targets
 from llm.tracking.metrics import read_metrics
 from llm.train import train
-from tests.conftest import TINY_RUN, compose_train, run_cli
-from tests.test_bad_inputs import llm_cli
+from tests.conftest import TINY_RUN, compose_train, llm_cli
 
 SHORT = [*TINY_RUN, "budget.steps=4", "trainer.val_every=2", "trainer.checkpoint_every=2", "schedule=constant",
          "schedule.warmup=0"]
@@ -229,7 +228,7 @@ def test_resume_of_a_spent_budget_says_so(finished, tmp_path, monkeypatch, capsy
 
 
 def test_a_token_budget_resumed_with_another_seq_len_trains_exactly_its_tokens(finished, tmp_path, single_thread):
-    run = copy_run(finished, tmp_path)  # 4 steps of 8 x 64 tokens: 2,048
+    copy_run(finished, tmp_path)  # 4 steps of 8 x 64 tokens: 2,048
     summary = train(compose_train(["resume=run", "budget.steps=null", "budget.tokens=4096", "data.seq_len=32"],
                                   tmp_path))
     assert summary["steps_done"] == 4 + 2048 // (8 * 32)  # the remaining 2,048 tokens at 256 per step

@@ -3,6 +3,7 @@ its architecture, weights, kind of network and tokenizer, loaded once."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ from llm.checkpoint.refs import CheckpointRef, resolve, tokenizer_file
 from llm.config import ConfigError
 from llm.model import ModelConfig
 from llm.model.value import build_network, load_weights
-from llm.run.layout import TOKENIZER_FILE
+from llm.run.layout import CHAT_TEMPLATE_FILE, TOKENIZER_FILE
 
 
 @dataclass
@@ -59,7 +60,8 @@ def load_parent(value: Optional[str], runs_dir: str | Path, key: str = "init_fro
 def hf_parent(ref: CheckpointRef, cache_dir: Path, key: str) -> Parent:
     """A Hugging Face folder as a parent, as `llm-hf import` would convert it: the weights in our
     layout and its tokenizer with our special tokens (`llm.interop.hf_tokenizer`). The converted
-    tokenizer.json is kept under `cache_dir/hf_tokenizers/<content hash>/`, the one file every
+    tokenizer.json (and the folder's chat template, as chat_template.jinja) is kept under
+    `cache_dir/hf_tokenizers/<hash of both>/`, the one file every
     later reader of the run's tokenizer config (and a resume) loads, like a trained tokenizer."""
     from llm.checkpoint.load import import_folder
 
@@ -67,7 +69,14 @@ def hf_parent(ref: CheckpointRef, cache_dir: Path, key: str) -> Parent:
     if tokenizer is None:
         raise ConfigError([f"{key}: the Hugging Face folder {ref.path} has no {TOKENIZER_FILE}; a stage needs the "
                            "model's tokenizer: add it to the folder (save_pretrained of the tokenizer writes it)"])
-    path = cache_dir / "hf_tokenizers" / tokenizer.content_hash()[:16] / TOKENIZER_FILE
-    if not path.is_file():
+    from llm.data.chat import read_chat_template
+    from llm.files import write_text
+
+    template = read_chat_template(ref.path, key)  # kept beside, where posttrain.data.chat_template=tokenizer looks
+    digest = hashlib.sha256(f"{tokenizer.content_hash()}\n{template}".encode()).hexdigest()[:16]
+    path = cache_dir / "hf_tokenizers" / digest / TOKENIZER_FILE
+    if template is not None and not (path.parent / CHAT_TEMPLATE_FILE).is_file():
+        write_text(path.parent / CHAT_TEMPLATE_FILE, template)
+    if not path.is_file():  # written last: a folder with tokenizer.json is complete
         tokenizer.save(path)
     return Parent(ref, "hf", model.cfg, model.state_dict(), False, path)

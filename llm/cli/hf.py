@@ -2,13 +2,15 @@
 
   llm-hf export runs/<id> out/hf                 # a run's last checkpoint + its tokenizer
   llm-hf export model.ckpt out/hf --family gpt2  # a checkpoint file (tokenizer.json beside it, if any)
-  llm-hf import out/hf imported/model.ckpt       # writes model.ckpt and imported/tokenizer.json
+  llm-hf import out/hf imported/model.ckpt       # writes model.ckpt, imported/tokenizer.json (and chat_template.jinja)
 
 Exported folders load offline with `AutoModelForCausalLM.from_pretrained(folder)` and
-`AutoTokenizer.from_pretrained(folder)`. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) and
+`AutoTokenizer.from_pretrained(folder)` (left padding, the run's chat template, generation_config.json
+with our EOS/PAD); a LoRA run adds its adapters as a PEFT folder, <out_dir>/adapter. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) and
 gpt2 (learned positions, LayerNorm, GELU/ReLU MLP, MHA); anything else is refused with the
 feature named. Imported checkpoints load with `llm.checkpoint.load_network` (and as checkpoint=,
-init_from= of the other commands); sharded (FSDP/TP) checkpoints export directly.
+init_from= of the other commands, which also take a transformers folder directly); sharded (FSDP/TP)
+checkpoints are read whole in this one process (no llm-consolidate step needed).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def export(args: argparse.Namespace) -> None:
 
 def import_(args: argparse.Namespace) -> None:
     from llm.checkpoint.save import save_network
-    from llm.files import InputError
+    from llm.data.chat import read_chat_template
+    from llm.files import InputError, write_text
     from llm.interop import import_hf
+    from llm.run.layout import CHAT_TEMPLATE_FILE
 
     if args.out_file.is_dir():  # checked first: nothing is read, nothing half-written
         raise InputError(f"out_file: {args.out_file} is a directory; give the checkpoint file to write, e.g. "
@@ -53,6 +57,10 @@ def import_(args: argparse.Namespace) -> None:
     if tokenizer is not None:
         tokenizer.save(args.out_file.parent / "tokenizer.json")
         log.info(f"tokenizer -> {args.out_file.parent / 'tokenizer.json'}")
+    template = read_chat_template(args.folder, "folder")
+    if template is not None:  # beside the tokenizer, where posttrain.data.chat_template=tokenizer looks
+        write_text(args.out_file.parent / CHAT_TEMPLATE_FILE, template)
+        log.info(f"chat template -> {args.out_file.parent / CHAT_TEMPLATE_FILE}")
 
 
 def build_parser() -> argparse.ArgumentParser:

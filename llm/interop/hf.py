@@ -6,7 +6,8 @@ folders that `from_pretrained` loads, and import such folders back.
     model, tokenizer = import_hf("out/hf")
 
 A folder holds config.json, model.safetensors and (with a tokenizer) tokenizer.json,
-tokenizer_config.json and special_tokens_map.json. Everything here reads and writes those files
+tokenizer_config.json (left padding, the chat template), special_tokens_map.json and
+generation_config.json. Everything here reads and writes those files
 directly: neither direction imports transformers (only `safetensors`), and nothing is fetched
 from the Hub. The tensor layouts of each family live in `llm.interop.llama` / `llm.interop.gpt2`.
 
@@ -17,6 +18,7 @@ so the embedding keeps the checkpoint's exact row count), else the checkpoint's.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +34,8 @@ from llm.interop.common import POSITION_NAMES, Tensors
 from llm.interop.hf_tokenizer import read_tokenizer, write_tokenizer_files
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}
 DEFAULT_FAMILY = {"rope": "llama", "learned": "gpt2"}  # by position scheme: the one that decides
@@ -67,10 +71,21 @@ def hf_state_dict(model: Transformer, family: Optional[str] = None) -> Tensors:
     return choose_family(model.cfg, family).to_state(state, model.cfg)
 
 
+def generation_config(tokenizer: Tokenizer, padded_vocab_size: int) -> dict:
+    """generation_config.json: our special tokens, greedy decoding (`llm-generate`'s default), and
+    the padded vocabulary rows suppressed (they name no token; `llm.generate` masks them too), so
+    `model.generate(ids)` decodes as `llm-generate` does without being told."""
+    padding = list(range(tokenizer.vocab_size, padded_vocab_size))
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+            "do_sample": False, **({"suppress_tokens": padding} if padding else {})}
+
+
 def export_hf(
-    model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None, family: Optional[str] = None
+    model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None, family: Optional[str] = None,
+    chat_template: Optional[str] = None,
 ) -> Path:
-    """Write `model` (and `tokenizer`) as a transformers folder; returns the folder.
+    """Write `model` (and `tokenizer`, with `chat_template` when given) as a transformers folder;
+    returns the folder.
 
     `family` is "llama" or "gpt2"; None picks by position scheme (RoPE -> llama, learned ->
     gpt2). ValueError, naming the feature, for anything the family cannot represent exactly.
@@ -87,7 +102,8 @@ def export_hf(
     save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", config)
     if tokenizer is not None:
-        write_tokenizer_files(tokenizer, out, cfg.max_seq_len)
+        write_tokenizer_files(tokenizer, out, cfg.max_seq_len, chat_template)
+        write_json(out / "generation_config.json", generation_config(tokenizer, cfg.padded_vocab_size))
     return out
 
 
@@ -216,11 +232,15 @@ def import_hf(path: str | Path, key: str = "folder") -> tuple[Transformer, Optio
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, family: Optional[str] = None) -> Path:
     """Export a trained language model: anything `llm.checkpoint.resolve` accepts (a run
-    directory, a checkpoint file, a sharded checkpoint directory, ...), with the run's tokenizer
-    (or the tokenizer.json beside the file) when there is one. ConfigError for a reference that
-    names no loadable language model."""
+    directory, a checkpoint file, a sharded FSDP/TP checkpoint directory, read whole in this one
+    process), with the run's tokenizer (or the tokenizer.json beside the file) and the chat
+    template it was trained with, when there are. For a LoRA run the merged model is exported,
+    and its adapters beside it as a PEFT folder (`adapter/`, `llm.interop.peft`). ConfigError for
+    a reference that names no loadable language model."""
     from llm.checkpoint import load_network, load_tokenizer, resolve, tokenizer_file
     from llm.config import ConfigError
+    from llm.data.chat import read_chat_template
+    from llm.interop.peft import ADAPTER_DIR, export_adapter, lora_checkpoint
 
     ref = resolve(str(checkpoint), ".", key="source")
     model = load_network(ref, key="source", value_head=False)
@@ -228,4 +248,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, family: Optio
         tokenizer = load_tokenizer(tokenizer_file(ref))
     except ConfigError:  # none to be found: the folder gets the weights only
         tokenizer = None
-    return export_hf(model, out_dir, tokenizer, family)
+    near = [ref.path] if ref.kind == "hf" else [d for d in (ref.run_dir, ref.path.parent) if d is not None]
+    template = next((t for t in (read_chat_template(d, "source") for d in near) if t is not None), None)
+    out = export_hf(model, out_dir, tokenizer, family, template)
+    adapters = lora_checkpoint(ref.path, ref.run_dir) if ref.kind != "hf" else None
+    if adapters is not None:
+        try:
+            log.info(f"PEFT adapter -> {export_adapter(*adapters, choose_family(model.cfg, family), out / ADAPTER_DIR)}")
+        except ValueError as e:  # the merged model is exported all the same
+            log.warning(f"no PEFT adapter: {e}")
+    return out

@@ -2,7 +2,7 @@
 
 Export writes our `tokenizer.json` unchanged, plus `tokenizer_config.json` and
 `special_tokens_map.json` naming <|bos|>, <|eos|> and <|pad|>, so `AutoTokenizer.from_pretrained`
-works offline. It is told not to add BOS/EOS itself (`add_bos_token=False`): like our
+works offline, pads on the left (for batched generation) and carries the run's chat template. It is told not to add BOS/EOS itself (`add_bos_token=False`): like our
 `Tokenizer.encode`, `hf_tokenizer(text)` then gives exactly the text's tokens.
 
 Import needs our three special tokens (`Tokenizer` finds them by name). For each of them that
@@ -35,8 +35,9 @@ FIX = "give the folder as save_pretrained or llm-hf export wrote it (tokenizer.j
 ROLES = (("eos", EOS), ("bos", BOS), ("pad", PAD))  # the order rules are applied in
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
-    """tokenizer.json plus the two small files transformers' AutoTokenizer reads."""
+def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int, chat_template: str | None = None) -> None:
+    """tokenizer.json plus the two small files transformers' AutoTokenizer reads; the chat
+    template (Jinja, as `apply_chat_template` renders it) when the model was trained on one."""
     tokenizer.save(out / "tokenizer.json")
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     config = {
@@ -48,6 +49,9 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> N
         "add_eos_token": False,
         "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,  # would change decoded text (" ." -> ".")
+        # A decoder-only model continues the last position: batched prompts are padded on the left.
+        "padding_side": "left",
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")

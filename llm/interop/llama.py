@@ -42,6 +42,14 @@ _TOP = {
 _IGNORED = ("rotary_emb.inv_freq",)
 
 
+def module_name(ours: str) -> str:
+    """transformers' name of one of our linear layers (`blocks.3.attn.q` -> `model.layers.3.self_attn.q_proj`)."""
+    if ours.startswith("blocks."):
+        _, index, rest = ours.split(".", 2)
+        return f"model.layers.{index}." + _BLOCK[f"{rest}.weight"].removesuffix(".weight")
+    return _TOP[f"{ours}.weight"].removesuffix(".weight")
+
+
 def problems(cfg: ModelConfig) -> list[str]:
     """What keeps `cfg` out of the Llama family; empty when it exports exactly."""
     found = shared_problems(cfg)

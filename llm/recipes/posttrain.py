@@ -57,7 +57,7 @@ class PostTrain(Recipe):
         validation checks what will really run."""
         if not cfg.get("init_from"):
             return cfg  # validation says that post-training needs init_from
-        self.parent = parent = load_parent(cfg.init_from, cfg.paths.runs_dir)
+        self.parent = parent = load_parent(cfg.init_from, cfg.paths.runs_dir, cache_dir=cfg.paths.cache_dir)
         check_architecture(parent.model_config, overrides)
         if parent.value_head and not self.module_class.value_head:
             raise ConfigError([f"init_from={cfg.init_from!r}: {parent.ref.path} is a reward model (stage "
@@ -157,7 +157,8 @@ class OnPolicy(PostTrain):
         if self.parent is None or not self.method.reward_model:
             return cfg
         name = self.method.reward_model
-        self.reward_model = load_parent(name, cfg.paths.runs_dir, key="posttrain.reward_model")
+        self.reward_model = load_parent(name, cfg.paths.runs_dir, key="posttrain.reward_model",
+                                        cache_dir=cfg.paths.cache_dir)
         if not self.reward_model.value_head:
             raise ConfigError([f"posttrain.reward_model={name!r}: {self.reward_model.ref.path} is a "
                                f"{self.reward_model.stage} language model, not a reward model (posttrain=reward)"])
