@@ -529,6 +529,7 @@ NUMERIC_CASES: list[Case] = [
                                                             "posttrain.label_smoothing", "posttrain.rpo_alpha"))),
         ("dpo numbers 0, -1 and huge", *every(DPO, {"posttrain.beta": "0", "posttrain.rpo_alpha": "-1",
                                                     "posttrain.label_smoothing": "1e30"})),
+        ("dpo numbers huge", *every(DPO, {"posttrain.beta": "1e30", "posttrain.rpo_alpha": "1e30"})),
         ("reward numbers nan and inf", *every(REWARD, {"posttrain.margin": "nan",
                                                        "posttrain.center_rewards_coefficient": "inf"})),
         ("reward numbers -inf and -1", *every(REWARD, {"posttrain.margin": "-inf",
@@ -546,6 +547,9 @@ NUMERIC_CASES: list[Case] = [
                                                    "posttrain.epsilon": "0", "posttrain.epsilon_high": "-1",
                                                    "posttrain.num_generations": "1", "posttrain.num_iterations": "0",
                                                    "posttrain.max_new_tokens": "-1"})),
+        ("ppo coefficients huge", *every(PPO, {f"posttrain.{k}": "1e30" for k in (
+            "kl_coef", "kl_target", "cliprange", "cliprange_value", "vf_coef", "temperature")})),
+        ("grpo coefficients huge", *every(GRPO, {"posttrain.beta": "1e30", "posttrain.epsilon_high": "1e30"})),
         ("grpo numbers huge", *every(GRPO, {"posttrain.epsilon": "1e30", "posttrain.num_generations": HUGE,
                                             "posttrain.num_iterations": HUGE, "posttrain.max_new_tokens": HUGE})),
         ("posttrain.num_generations inf", *composing(GRPO, "posttrain.num_generations", "inf", "Integer")),

@@ -52,6 +52,10 @@ def _default_tasks() -> dict[str, Any]:
             "counting": {"max_length": 6}}
 
 
+# The largest loss coefficient (beta, KL and value weights, clip ranges) taken: published values are
+# below 1, and 1e30 would only turn the loss into overflow.
+COEF_MAX = 100.0
+
 @dataclass
 class PostTrainDataSchema:
     """`posttrain.data`: the examples of a post-training method (TRL's formats, or the tasks)."""
@@ -108,7 +112,7 @@ class RewardConfig(PostTrainConfig):
 
     _target_: str = "llm.stages.reward.RewardModule"
     margin: Optional[float] = finite(None, null="for no margin")  # the chosen reward must beat the rejected one by it
-    center_rewards_coefficient: Optional[float] = at_least(0, None, null="to leave rewards uncentred")  # e.g. 0.01
+    center_rewards_coefficient: Optional[float] = at_least(0, None, high=COEF_MAX, null="to leave rewards uncentred")  # e.g. 0.01
 
 
 @dataclass
@@ -116,10 +120,10 @@ class DPOConfig(PostTrainConfig):
     """Direct Preference Optimisation against a frozen copy of the starting model."""
 
     _target_: str = "llm.stages.dpo.DPOModule"
-    beta: float = positive(0.1)
+    beta: float = positive(0.1, high=COEF_MAX)
     loss_type: DPOLoss = DPOLoss.sigmoid
     label_smoothing: float = bounded(0.0, low=0, high=0.5, high_open=True)  # conservative DPO: the labels' noise rate
-    rpo_alpha: Optional[float] = at_least(0, None, null="for no NLL term")  # e.g. 1.0: RPO's NLL on the chosen answers
+    rpo_alpha: Optional[float] = at_least(0, None, high=COEF_MAX, null="for no NLL term")  # e.g. 1.0: RPO's NLL on the chosen answers
 
 
 @dataclass
@@ -128,7 +132,7 @@ class OnPolicyConfig(PostTrainConfig):
 
     reward_model: Optional[str] = None  # <reward run>: score with it instead of the tasks' checker
     max_new_tokens: int = at_least(1, 16, high=2**16)
-    temperature: float = positive(1.0)  # sampling temperature (> 0: the policy's log-probs divide by it)
+    temperature: float = positive(1.0, high=100)  # sampling temperature (> 0: the policy's log-probs divide by it)
     samples_every_n_steps: int = at_least(1, 50)  # sampled completions -> samples.jsonl and a W&B Table
 
 
@@ -139,14 +143,14 @@ class PPOConfig(OnPolicyConfig):
     _target_: str = "llm.stages.ppo.PPOModule"
     num_ppo_epochs: int = at_least(1, 4, high=1024)
     num_mini_batches: int = at_least(1, 1, high=2**16)  # <= data.micro_batch_size
-    kl_coef: float = at_least(0, 0.05)
+    kl_coef: float = at_least(0, 0.05, high=COEF_MAX)
     kl_estimator: KLEstimator = KLEstimator.k1
     adaptive_kl: bool = False
-    kl_target: float = positive(6.0)
+    kl_target: float = positive(6.0, high=1e4)
     kl_horizon: int = at_least(1, 10000)
-    cliprange: float = positive(0.2)
-    cliprange_value: float = positive(0.2)
-    vf_coef: float = at_least(0, 0.1)
+    cliprange: float = positive(0.2, high=COEF_MAX)
+    cliprange_value: float = positive(0.2, high=1e4)
+    vf_coef: float = at_least(0, 0.1, high=COEF_MAX)
     gamma: float = unit_interval(1.0)
     lam: float = unit_interval(0.95)
     whiten_rewards: bool = False
@@ -158,9 +162,9 @@ class GRPOConfig(OnPolicyConfig):
 
     _target_: str = "llm.stages.grpo.GRPOModule"
     num_generations: int = at_least(2, 8, high=4096)  # a group needs 2 samples for a deviation
-    beta: float = at_least(0, 0.0)  # > 0: k3 KL penalty to a frozen reference
+    beta: float = at_least(0, 0.0, high=COEF_MAX)  # > 0: k3 KL penalty to a frozen reference
     epsilon: float = positive(0.2, high=1.0)  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: Optional[float] = positive(None, null="for epsilon")  # DAPO suggests 0.28
+    epsilon_high: Optional[float] = positive(None, high=COEF_MAX, null="for epsilon")  # DAPO suggests 0.28
     scale_rewards: RewardScaling = RewardScaling.group
     loss_aggregation: LossAggregation = LossAggregation.token
     num_iterations: int = at_least(1, 1, high=1024)  # optimizer steps per rollout
