@@ -513,6 +513,9 @@ NUMERIC_CASES: list[Case] = [
         ("data.seq_len nan", *composing(BYTES, "data.seq_len", "nan", "Integer")),
         ("optim.lr a word", *composing(BYTES, "optim.lr", "fast", "Float")),
         ("budget.steps 1e30", *composing(BYTES, "budget.steps", "1e30", "Integer")),
+        # model=ladder derives its shape from model.size: the message names model.size, not n_layers
+        ("model.size nan", [*BYTES, "model=ladder", "model.size=nan"], ["model.size=nan: must be a number of"]),
+        ("model.size huge", [*BYTES, "model=ladder", "model.size=1e30"], ["model.size=1e+30: must be"]),
         # post-training: each method's keys (posttrain.*, its data and LoRA)
         ("sft numbers nan and inf", *every(SFT, alternating(("nan", "inf"), "posttrain.data.val_fraction",
                                                             "posttrain.lora.alpha", "posttrain.lora.dropout"))),

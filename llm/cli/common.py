@@ -37,9 +37,20 @@ def run_dir(resume: Optional[str], runs_dir: str, stamp: str) -> str:
 
 def ladder_shape(size: float, key: str) -> int:
     """One field of the model shape for `size` non-embedding parameters (llm.scaling.plan's rule)."""
+    from llm.config.validate import LadderSizeError
     from llm.scaling.plan import shape_for_params
 
-    return shape_for_params(float(size))[key]
+    try:
+        value = float(size)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= MAX_LADDER_SIZE:  # also nan
+        raise LadderSizeError(f"model.size={size!r}: must be a number of non-embedding parameters in (0, "
+                              f"{MAX_LADDER_SIZE:.0e}], e.g. model.size=3e5")
+    return shape_for_params(value)[key]
+
+
+MAX_LADDER_SIZE = 1e13  # 10 trillion parameters: beyond any model trained so far
 
 
 def ladder_lr(size: float, *constants: float) -> float:

@@ -98,6 +98,22 @@ def _assign_each(target: DictConfig, values: DictConfig, prefix: str) -> list[st
     return problems
 
 
+class LadderSizeError(ValueError):
+    """model=ladder's model.size that no shape can be made for (raised by its shape resolver):
+    reported under its own key, not under the derived n_layers it failed to resolve."""
+
+
+def _ladder_error(error: BaseException) -> Optional[LadderSizeError]:
+    """The LadderSizeError behind an interpolation error (OmegaConf chains its own errors)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LadderSizeError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def schema_problems(node: Any, schema: type, prefix: str, drop: tuple[str, ...] = ()) -> tuple[Any, list[str]]:
     """(instance, problems): the node as an instance of its schema (Choices as plain strings), and
     every unknown key, wrong type, bad choice and out-of-range number, one line each."""
@@ -107,6 +123,9 @@ def schema_problems(node: Any, schema: type, prefix: str, drop: tuple[str, ...] 
     try:
         values = plain(node, drop)
     except OmegaConfBaseException as e:
+        ladder = _ladder_error(e)
+        if ladder is not None:  # the shape's keys are derived: name the one that was given
+            return None, [str(ladder)]
         full = str(getattr(e, "full_key", None) or "")
         # a node of a composed config names its keys from the root already; a detached one does not
         key = full if full.startswith(f"{prefix}.") or not prefix else f"{prefix}.{full}" if full else prefix
