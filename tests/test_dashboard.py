@@ -154,7 +154,7 @@ def leaves(expression: str) -> list[tuple]:
     return [(f.op, f.key.section, f.key.name, f.value) for f in nodes]
 
 
-def test_cli_writes_the_page_and_explains_bad_selections(sweep, tmp_path, capsys):
+def test_cli_writes_the_page_and_explains_bad_selections(sweep, tmp_path, capsys, monkeypatch):
     out = tmp_path / "page.html"
     ok = run_cli([str(sweep), "-o", str(out)], cwd=tmp_path, command="dashboard")
     assert ok.returncode == 0, ok.stderr
@@ -173,6 +173,15 @@ def test_cli_writes_the_page_and_explains_bad_selections(sweep, tmp_path, capsys
             dashboard_main([*args, "-o", str(tmp_path / "bad.html")])
         assert exit_code.value.code == 2 and message in capsys.readouterr().err, args
     assert not (tmp_path / "bad.html").exists()
+    # W&B without credentials: one line saying how to log in, before any work (no page, no traceback).
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for args in (["wandb:team/llm"], [str(sweep), "--report", "team/llm", "-o", str(tmp_path / "bad.html")]):
+        with pytest.raises(SystemExit) as exit_code:
+            dashboard_main(args)
+        err = capsys.readouterr().err
+        assert exit_code.value.code == 2 and "needs W&B credentials: run `wandb login`" in err, args
+        assert "Traceback" not in err and not (tmp_path / "bad.html").exists()
     with pytest.raises(SystemExit) as exit_code:
         dashboard_main(["--help"])
     usage = capsys.readouterr().out

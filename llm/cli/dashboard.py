@@ -36,8 +36,9 @@ Grouping: by default, every config group whose choice differs between the select
 attention for the attention ablation); --group-by takes choices (attention, position) or config keys
 (model.d_model), comma-separated, or `run`.
 
-Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, a bad source, filter or key, or a
-damaged file (summary.json, run.json, config.yaml, metrics.jsonl, fit.json): the message names it."""
+Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, a bad source, filter or key, a
+wandb: source or --report without W&B credentials, or a damaged file (summary.json, run.json, config.yaml,
+metrics.jsonl, fit.json): the message names it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, find_wandb_runs, varying_groups
     from llm.scaling.fit import FIT_FIX, read_fit
     from llm.tracking.dashboard.runs import check_group_by, find_fit
+    from llm.tracking.wandb import has_credentials
 
     online = [s for s in args.sources if s.startswith("wandb:")]
     if online and (len(online) > 1 or len(args.sources) > 1):
@@ -91,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     report_entity, _, report_project = (args.report or "").rpartition("/")
     if args.report is not None and not report_project:
         return fail(f"--report {args.report!r}: expected ENTITY/PROJECT or PROJECT")
+    if (online or args.report is not None) and not has_credentials():  # before any work, not a traceback after it
+        what = online[0] if online else f"--report {args.report}"
+        return fail(f"{what} needs W&B credentials: run `wandb login` (or set WANDB_API_KEY); the offline page of "
+                    "run directories needs none")
     try:
         filters = Filters(group=args.group, job_type=args.job_type, tags=list(args.tag),
                           where=Filters.parse_where(args.where))
