@@ -381,6 +381,7 @@ def model_problems(m: ModelConfig, seq_len: int) -> list[str]:
     if m.attention.kernel == "flash" and (m.position.kind == "alibi" or m.attention.window):
         problems.append("model.attention.kernel='flash': the flash kernel takes no additive mask, so it cannot do "
                         f"{'ALiBi' if m.position.kind == 'alibi' else 'a sliding window'}; allowed: sdpa, flex")
+    problems += m.moe.problems(m.n_layers)  # top_k vs n_experts, which layers are MoE (llm.model.config)
     return problems
 
 
@@ -442,6 +443,11 @@ def layout_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
                         f"trainer.num_nodes); allowed: {_allowed(_divisors(world))}")
         tp = 1
     elif tp > 1:
+        if model.moe.enabled:
+            problems.append(f"parallelism.tensor_parallel={tp} with model.moe.n_experts={model.moe.n_experts}: the "
+                            "tensor-parallel plan shards dense MLPs, not stacked experts (expert parallelism is a "
+                            "separate mesh axis, not built yet); allowed: MoE with parallelism=single, ddp, fsdp or "
+                            "hsdp (tensor_parallel=1), or model.moe.n_experts=0")
         for key, heads in (("model.n_heads", model.n_heads), ("model.attention.n_kv_heads", model.kv_heads)):
             if heads % tp:
                 problems.append(f"parallelism.tensor_parallel={tp}: must divide {key}={heads} (each rank takes whole "

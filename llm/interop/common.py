@@ -31,6 +31,8 @@ def shared_problems(cfg: ModelConfig) -> list[str]:
         problems.append("post-norm (transformers' Llama and GPT-2 are pre-norm)")
     if cfg.attention.window is not None:
         problems.append(f"sliding window (attention.window={cfg.attention.window})")
+    if cfg.moe.n_experts:
+        problems.append(f"mixture-of-experts MLPs (moe.n_experts={cfg.moe.n_experts}; no MoE family exports yet)")
     return problems
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from llm.model.attention import Attention, attention_bias
 from llm.model.config import ModelConfig
 from llm.model.layers import MLP, build_norm
+from llm.model.moe import MoE, Experts, moe_layers, router_loss
 from llm.model.position import build_position
 
 if TYPE_CHECKING:  # only a type: the model does not depend on the generation package
@@ -22,13 +23,13 @@ if TYPE_CHECKING:  # only a type: the model does not depend on the generation pa
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
         self.attn_norm = build_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = build_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -53,7 +54,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab, cfg.d_model)
         self.position = build_position(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, vocab, bias=False)
         if cfg.tie_embeddings:
@@ -69,10 +70,12 @@ class Transformer(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_residual_init else std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_output = name.endswith("attn.o") or name.endswith("mlp.down")
+                is_output = name.endswith(("attn.o", "mlp.down", "mlp.shared.down"))
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):  # routed experts: as the dense MLP, per expert
+                module.init_weights(std, out_std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         for module in self.modules():  # position buffers (not saved) after a meta-device build
@@ -80,6 +83,19 @@ class Transformer(nn.Module):
                 module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
             ):
                 module.reset_parameters()
+
+    def router_loss(self) -> Tensor | float:
+        """The coefficient-weighted router losses (load balance, z-loss) of the last forward,
+        summed over the MoE layers: what training adds to its loss (0.0 for a dense model)."""
+        return router_loss(self)
+
+    def moe_stats(self) -> list[dict]:
+        """Per MoE layer, what the last forward saw: `layer` (block index), `aux_loss` and
+        `z_loss` (unweighted, with grad), `load` (E,) fraction of the token-assignments per expert,
+        `dropped` assignments over capacity of `assignments` (tokens x top_k)."""
+        return [{"layer": i, "aux_loss": m.aux_loss, "z_loss": m.z_loss, "load": m.load, "dropped": m.dropped,
+                 "assignments": m.assignments}
+                for i, block in enumerate(self.blocks) for m in moe_layers(block)]  # (blocks may be wrapped)
 
     def forward(
         self,
