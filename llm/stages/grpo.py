@@ -98,7 +98,7 @@ class GRPOModule(OnPolicyModule):
                                   self.beta, self.loss_aggregation)
         self.log_progress(loss)
         self.log_metrics("train/", {**metrics, **self.rollout_metrics})
-        return loss
+        return loss + self.router_loss()  # an MoE policy's router losses
 
     @torch.no_grad()
     def new_rollout(self, batch: dict[str, Any]) -> None:

@@ -16,7 +16,9 @@ from llm.model import ModelConfig
 
 # Keys a stage may still set although the checkpoint fixes the architecture: they change how the
 # model runs, not what its weights mean.
-RUNTIME_KEYS = ("dropout", "attention.kernel")
+RUNTIME_KEYS = ("dropout", "attention.kernel",
+                # MoE training knobs: how the router is trained and how many assignments a batch drops
+                "moe.aux_loss_coef", "moe.z_loss_coef", "moe.bias_update_rate", "moe.capacity_factor")
 
 
 def check_architecture(model: ModelConfig, overrides: list[str], key: str = "init_from") -> None:

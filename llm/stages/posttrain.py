@@ -140,6 +140,7 @@ class PostTrainModule(PretrainModule):
             self.log_dict({"train/loss": loss, "trainer/tokens": tokens, "trainer/flops": flops,
                            "trainer/lr": self.optimizers().param_groups[0]["lr"],
                            "trainer/trainable_params": float(self.trainable_params)}, batch_size=1)
+            self.log_moe()
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class SupervisedModule(PostTrainModule, ABC):
             metrics["num_tokens"] = self.num_tokens  # the same on every rank: averaging keeps it
         self.log_progress(loss)
         self.log_metrics("train/", metrics)
-        return loss
+        return loss + self.router_loss()  # an MoE model's router losses (its forward was in `step`)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, metrics = self.step(batch)

@@ -74,7 +74,7 @@ class PPOModule(OnPolicyModule):
         self.log_progress(loss)
         self.log_metrics("train/", {**policy_metrics, **value_metrics, "loss/policy_avg": policy_loss.detach(),
                                     "loss/value_avg": value_loss.detach(), **self.rollout_metrics})
-        return loss
+        return loss + self.router_loss()  # an MoE actor's and critic's router losses
 
     def values(self, rollout: Rollout) -> Tensor:
         """(N, L): the critic's value of the state before each completion token."""

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm.model import ModelConfig, Transformer
+from llm.model.moe import router_loss, update_router_biases
 from llm.stages.optim import build_optimizer, clip_grad_norm_
+
+
+# Per-expert loads are logged for small MoE models only (e.g. 4 layers x 8 experts): every
+# `self.log` costs about 0.5 ms on a busy CPU, 64 layers x 64 experts would cost seconds a step.
+PER_EXPERT_LIMIT = 32
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -84,7 +90,41 @@ class PretrainModule(pl.LightningModule):
             self.log("trainer/tokens", tokens)
             self.log("trainer/flops", flops)
             self.log("trainer/lr", self.optimizers().param_groups[0]["lr"])
-        return loss
+            self.log_moe()
+        return loss + self.router_loss()  # train/loss stays the LM loss, comparable with dense runs
+
+    # --- mixture of experts (no-ops for a dense model) -------------------------------------------
+
+    def router_loss(self) -> Tensor | float:
+        """The MoE router losses of the trained networks' last forward, coefficients applied: every
+        stage adds them to the loss it trains on, right after its training forward(s)."""
+        return router_loss(self.trained_module())
+
+    def log_moe(self) -> None:
+        """`train/moe/*` of the last forward: aux_loss and z_loss (unweighted, mean over MoE
+        layers), load_cv (coefficient of variation of the experts' loads, mean over layers),
+        dropped_frac (assignments over capacity), and, for up to PER_EXPERT_LIMIT values, each
+        layer's load per expert (`load/layer{i}/expert{j}`): each logged value costs about 0.5 ms."""
+        transformer = getattr(self.model, "backbone", self.model)  # a value model's backbone
+        stats = transformer.moe_stats() if isinstance(transformer, Transformer) else []
+        if not stats:
+            return
+        loads = torch.stack([s["load"] for s in stats])  # (layers, experts)
+        cv = loads.std(dim=1, correction=0) / loads.mean(dim=1)
+        summary = torch.stack([torch.stack([s["aux_loss"] for s in stats]).mean(),
+                               torch.stack([s["z_loss"] for s in stats]).mean(), cv.mean()]).detach()
+        values = torch.cat([summary, loads.flatten()]).tolist()  # one device sync
+        metrics = {"train/moe/aux_loss": values[0], "train/moe/z_loss": values[1], "train/moe/load_cv": values[2],
+                   "train/moe/dropped_frac": sum(s["dropped"] for s in stats) / sum(s["assignments"] for s in stats)}
+        n_experts = loads.shape[1]
+        for row, s in enumerate(stats if loads.numel() <= PER_EXPERT_LIMIT else []):
+            for j in range(n_experts):
+                metrics[f"train/moe/load/layer{s['layer']}/expert{j}"] = values[3 + row * n_experts + j]
+        self.log_dict(metrics, batch_size=1)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        update_router_biases(self.trained_module())  # auxiliary-loss-free balancing, if on
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
