@@ -93,8 +93,17 @@ def activation_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_
     # The a*s^2 score matrices are stored only when a dense additive mask forces the math kernel.
     dense_scores = cfg.attention.kernel == "sdpa" and (cfg.position.kind == "alibi" or cfg.attention.window)
     per_layer = s * b * h * (10 + 24 / tp + (5 * a * s / (h * tp) if dense_scores else 0)) * dtype_bytes / 2
+    n_moe, recomputed = sum(cfg.is_moe_layer(i) for i in range(L)), per_layer
+    if n_moe:
+        # An MoE layer stores its two hidden-width tensors for the k routed + shared experts instead
+        # of the dense MLP's 4h-wide ones, plus each assignment's gathered input and weighted output.
+        moe, hidden = cfg.moe, cfg.expert_hidden_size
+        elements = 2 * ((moe.top_k + moe.n_shared_experts) * hidden - 4 * h) + 2 * h * moe.top_k
+        per_layer_moe = per_layer + s * b * elements * dtype_bytes
+        recomputed = max(per_layer, per_layer_moe)  # the largest block, recomputed at a time
+        per_layer = (n_moe * per_layer_moe + (L - n_moe) * per_layer) / L  # the mean block
     if checkpointing == "full":
-        layers = L * s * b * h * dtype_bytes + per_layer
+        layers = L * s * b * h * dtype_bytes + recomputed
     elif checkpointing == "every_n":
         layers = L / 2 * per_layer + L / 2 * s * b * h * dtype_bytes
     else:

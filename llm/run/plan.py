@@ -50,8 +50,10 @@ class Plan:
     budget_line: str  # how the steps were derived, for people
 
     def facts(self) -> dict[str, Any]:
-        """What summary.json and W&B record about the plan."""
+        """What summary.json and W&B record about the plan. N counts every parameter; an MoE
+        model's compute (flops_per_token, the budgets) counts the active ones (params_active)."""
         return {"N": self.size.params, "N_non_embedding": self.size.non_embedding,
+                "params_total": self.size.params, "params_active": self.size.active,
                 "flops_per_token": self.size.flops_per_token, "vocab_size": self.model.vocab_size,
                 "tokens_per_step": self.tokens_per_step, "steps": self.steps, "budget": self.budget_line}
 
@@ -82,9 +84,11 @@ def budget_steps(budget: BudgetSchema, size: ModelSize, tokens_per_step: int,
     elif budget.flops is not None:
         tokens = budget.flops / size.flops_per_token
         how = f"{budget.flops:.3g} FLOPs / {size.flops_per_token:.3g} FLOPs per token = {tokens:.3g} tokens"
-    else:
-        tokens = budget.tokens_per_param * size.non_embedding
-        how = f"{budget.tokens_per_param:g} tokens/param x {size.non_embedding:,} non-embedding params = {tokens:.3g} tokens"
+    else:  # compute follows the parameters a token uses: an MoE model's active ones
+        params = size.active_non_embedding
+        kind = "active non-embedding" if size.active != size.params else "non-embedding"
+        tokens = budget.tokens_per_param * params
+        how = f"{budget.tokens_per_param:g} tokens/param x {params:,} {kind} params = {tokens:.3g} tokens"
     if trained:
         done = int(trained["step"])
         if budget.flops is not None:
@@ -125,7 +129,7 @@ def dry_run(cfg: DictConfig, settings: Settings) -> dict[str, Any]:
                          parallelism.sharded_checkpoints, settings.data.micro_batch_size, settings.data.seq_len,
                          2 if half else 4, parallelism.activation_checkpointing)
     log = logging.getLogger(__name__)
-    log.info(f"dry run: {type(parallelism).__name__} on {settings.world} rank(s); model {size.params:,} parameters")
+    log.info(f"dry run: {type(parallelism).__name__} on {settings.world} rank(s); model {size.describe()}")
     for line in layout.lines():
         log.info(line)
     return {"dry_run": True, "mesh": layout.mesh, "params_bytes": layout.params, "grads_bytes": layout.grads,

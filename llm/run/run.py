@@ -198,7 +198,7 @@ class Run:
                  "world_size": settings.world, **plan.facts(), "budget_flops": settings.budget.flops,
                  "budget_tokens": settings.budget.tokens, "budget_tokens_per_param": settings.budget.tokens_per_param,
                  **data.facts, **{f"git_{k}": v for k, v in git_state(Path(cfg.paths.root_dir)).items()}}
-        log.info(f"model: {plan.size.params:,} parameters ({plan.size.non_embedding:,} non-embedding), "
+        log.info(f"model: {plan.size.describe()}, "
                  f"{plan.size.flops_per_token:.3g} FLOPs/token; budget: {plan.budget_line}")
         module = recipe.module(cfg, settings, plan, data, self.dir)
         trainer_cfg = settings.trainer
