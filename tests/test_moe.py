@@ -345,6 +345,19 @@ def test_cached_greedy_decoding_equals_uncached():
     assert len(set(greedy[0] + greedy[1])) > 3
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_16_bit_training_forward_and_backward(precision):
+    torch.manual_seed(0)
+    model = Transformer(model_cfg(n_shared_experts=1, capacity_factor=1.0))
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        logits = model(tokens)
+    (logits.float().logsumexp(-1).mean() + model.router_loss()).backward()
+    assert logits.dtype == torch.bfloat16 and model.blocks[0].mlp.experts.up.grad.abs().sum() > 0
+
+
 def test_activation_checkpointing_keeps_losses_and_gradients():
     cfg = model_cfg(capacity_factor=1.0)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))

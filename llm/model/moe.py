@@ -151,7 +151,8 @@ class MoE(nn.Module):
 
         routed = self.experts(x[token], kept.tolist())
         routed = routed * flat_weight[order].unsqueeze(-1).to(routed.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, routed)  # a dropped assignment adds nothing
+        # (in the experts' dtype: under autocast they compute in 16 bits from a 32-bit x)
+        y = x.new_zeros(x.shape, dtype=routed.dtype).index_add_(0, token, routed)  # a dropped one adds nothing
         if self.shared is not None:
             y = y + self.shared(x)
 
