@@ -3,6 +3,8 @@ stopping, beam search and speculative decoding. Tiny random models with peaked l
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -220,6 +222,21 @@ def test_top_k_then_top_p():
     probs = probabilities(LOGITS, temperature=1.0, top_k=4, top_p=0.6)
     assert (probs > 0).nonzero().view(-1).tolist() == [1, 3]
     torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+
+
+def test_temperature_is_applied_before_top_p_by_hand():
+    # Logits [2, 1, 0, -1] at T = 0.5 are [4, 2, 0, -2]: probabilities 0.865, 0.117, 0.016, 0.002,
+    # so the 0.9 nucleus is {0, 1}, renormalised to softmax([4, 2]) = (sigmoid(2), 1 - sigmoid(2)).
+    # Filtered at T = 1 first (0.644, 0.237, 0.087, 0.032) the nucleus would be {0, 1, 2}.
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    kept = 1 / (1 + math.exp(-2.0))
+    expected = torch.tensor([kept, 1 - kept, 0.0, 0.0])
+    torch.testing.assert_close(probabilities(logits, temperature=0.5, top_p=0.9), expected)
+    # The sampler draws from that distribution: token 2 never (it would come ~64 times in 4000
+    # draws from the wrong nucleus), token 0 within 4 standard errors of sigmoid(2).
+    drawn = draws(logits, temperature=0.5, top_p=0.9)
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs(float((drawn == 0).float().mean()) - kept) < 4 * math.sqrt(kept * (1 - kept) / N_DRAWS)
 
 
 def test_padded_vocab_ids_never_sampled():
