@@ -311,12 +311,12 @@ OUT_OF_RANGE = [
     (["parallelism=fsdp", "parallelism.tensor_parallel=0"], "parallelism.tensor_parallel=0: must be in [1, 65536]"),
     (["parallelism=hsdp", "trainer.devices=2", "parallelism.replicate=-2"], "parallelism.replicate=-2: must be in [1, 65536]"),
     (["seed=-1"], "seed=-1: must be in [0, 4294967295]"),
-    (["posttrain=dpo", "init_from=x", "posttrain.beta=0"], "posttrain.beta=0.0: must be > 0"),
+    (["posttrain=dpo", "init_from=x", "posttrain.beta=0"], "posttrain.beta=0.0: must be in (0, 100]"),
     (["posttrain=dpo", "init_from=x", "posttrain.label_smoothing=0.5"], "posttrain.label_smoothing=0.5: must be in [0, 0.5)"),
     (["posttrain=ppo", "init_from=x", "posttrain.gamma=1.5"], "posttrain.gamma=1.5: must be in [0, 1]"),
-    (["posttrain=ppo", "init_from=x", "posttrain.temperature=0"], "posttrain.temperature=0.0: must be > 0"),
+    (["posttrain=ppo", "init_from=x", "posttrain.temperature=0"], "posttrain.temperature=0.0: must be in (0, 100]"),
     (["posttrain=grpo", "init_from=x", "posttrain.num_generations=1"], "posttrain.num_generations=1: must be in [2, 4096]"),
-    (["posttrain=grpo", "init_from=x", "posttrain.epsilon_high=-0.2"], "posttrain.epsilon_high=-0.2: must be > 0"),
+    (["posttrain=grpo", "init_from=x", "posttrain.epsilon_high=-0.2"], "posttrain.epsilon_high=-0.2: must be in (0, 100]"),
     (["posttrain=reward", "init_from=x", "posttrain.margin=inf"], "posttrain.margin=inf: must be finite"),
     (["posttrain=sft", "init_from=x", "posttrain.lora.rank=0"], "posttrain.lora.rank=0: must be in [1, 65536]"),
     (["posttrain=sft", "init_from=x", "posttrain.data.val_fraction=1"], "posttrain.data.val_fraction=1.0: must be in (0, 1)"),
@@ -442,7 +442,7 @@ def test_stage_code_gets_plain_strings_from_instantiate(tmp_path):
     # A constructor called directly checks its arguments against the same schema: exit code 2, not a traceback.
     with pytest.raises(ConfigError, match=r"posttrain.loss_type='kto'.*expected one of \[sigmoid, ipo, hinge\]"):
         DPOModule(loss_type="kto", **runtime)
-    with pytest.raises(ConfigError, match=r"posttrain.beta=-1.0: must be > 0"):
+    with pytest.raises(ConfigError, match=r"posttrain.beta=-1.0: must be in \(0, 100\]"):
         DPOModule(beta=-1.0, **runtime)
     with pytest.raises(ConfigError, match=r"posttrain.lora.rank=0: must be in \[1, 65536\]"):
         DPOModule(lora={"enabled": True, "rank": 0}, **runtime)
