@@ -6,9 +6,10 @@
 
 Exported folders load offline with `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)` (left padding, the run's chat template, generation_config.json
-with our EOS/PAD); a LoRA run adds its adapters as a PEFT folder, <out_dir>/adapter. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA) and
-gpt2 (learned positions, LayerNorm, GELU/ReLU MLP, MHA); anything else is refused with the
-feature named. Imported checkpoints load with `llm.checkpoint.load_network` (and as checkpoint=,
+with our EOS/PAD); a LoRA run adds its adapters as a PEFT folder, <out_dir>/adapter. Families: llama (RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA),
+gpt2 (learned positions, LayerNorm, GELU/ReLU MLP, MHA), and for MoE models mixtral (every layer
+MoE, no shared experts) and ernie4_5_moe (shared experts, dense layers, router bias); anything
+else is refused with the feature named. Imported checkpoints load with `llm.checkpoint.load_network` (and as checkpoint=,
 init_from= of the other commands, which also take a transformers folder directly); sharded (FSDP/TP)
 checkpoints are read whole in this one process (no llm-consolidate step needed).
 """
@@ -75,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path, help="a run directory (uses checkpoints/last.ckpt and tokenizer.json) "
                                              "or a checkpoint file")
     p.add_argument("out_dir", type=Path, help="the folder to write (created if missing)")
-    p.add_argument("--family", choices=("llama", "gpt2"),
-                   help="transformers family (default: llama for RoPE models, gpt2 for learned positions)")
+    p.add_argument("--family", choices=("llama", "gpt2", "mixtral", "ernie4_5_moe"),
+                   help="transformers family (default: llama for RoPE models, gpt2 for learned positions; MoE "
+                        "models: mixtral when it can represent them, else ernie4_5_moe)")
     p.set_defaults(run=export)
 
     p = commands.add_parser("import", help="read a transformers folder into a checkpoint file",
-                            description="Read a local Llama- or GPT-2-family transformers folder into a "
-                                        "checkpoint file that llm-generate, llm-eval and init_from read; its tokenizer "
+                            description="Read a local Llama-, GPT-2-, Mixtral- or ERNIE-4.5-MoE-family transformers "
+                                        "folder into a checkpoint file that llm-generate, llm-eval and init_from read; its tokenizer "
                                         "(with our special tokens) is written as tokenizer.json beside it.")
     p.add_argument("folder", type=Path, help="a transformers model folder (config.json + weights)")
     p.add_argument("out_file", type=Path, help="the checkpoint file to write, e.g. imported/model.ckpt")

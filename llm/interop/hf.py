@@ -1,5 +1,5 @@
-"""Hugging Face `transformers` interoperability: export our models as Llama- or GPT-2-family
-folders that `from_pretrained` loads, and import such folders back.
+"""Hugging Face `transformers` interoperability: export our models as Llama-, GPT-2-, Mixtral- or
+ERNIE-4.5-MoE-family folders that `from_pretrained` loads, and import such folders back.
 
     from llm.interop import export_hf, import_hf
     export_hf(model, "out/hf", tokenizer)                 # family picked from the architecture
@@ -9,7 +9,8 @@ A folder holds config.json, model.safetensors and (with a tokenizer) tokenizer.j
 tokenizer_config.json (left padding, the chat template), special_tokens_map.json and
 generation_config.json. Everything here reads and writes those files
 directly: neither direction imports transformers (only `safetensors`), and nothing is fetched
-from the Hub. The tensor layouts of each family live in `llm.interop.llama` / `llm.interop.gpt2`.
+from the Hub. The tensor layouts of each family live in `llm.interop.llama`, `.gpt2`, `.mixtral`
+and `.ernie4_5_moe`.
 
 The exported vocab_size is our PADDED vocab (the embedding's rows); the tokenizer may have fewer
 tokens. On import, our vocab_size is the tokenizer's size where one comes along (padding chosen
@@ -29,7 +30,7 @@ import torch
 
 from llm import fields
 from llm.files import InputError, checked_path, read_input_json, write_json
-from llm.interop import gpt2, llama
+from llm.interop import ernie4_5_moe, gpt2, llama, mixtral
 from llm.interop.common import POSITION_NAMES, Tensors
 from llm.interop.hf_tokenizer import read_tokenizer, write_tokenizer_files
 from llm.model import ModelConfig, Transformer
@@ -37,28 +38,52 @@ from llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2}
-DEFAULT_FAMILY = {"rope": "llama", "learned": "gpt2"}  # by position scheme: the one that decides
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "gpt2": gpt2, "mixtral": mixtral, "ernie4_5_moe": ernie4_5_moe}
+DEFAULT_FAMILY = {"rope": "llama", "learned": "gpt2"}  # dense models: by position scheme, the one that decides
+# MoE models: the first of these that represents the model exactly. Mixtral, the most widely read,
+# takes all-MoE models without shared experts; ERNIE 4.5 MoE also has shared experts, dense layers
+# and a router bias.
+MOE_FAMILIES = ("mixtral", "ernie4_5_moe")
 
 
-def choose_family(cfg: ModelConfig, family: Optional[str] = None) -> ModuleType:
-    """The family module `cfg` exports to; ValueError naming every feature it cannot represent."""
+def _problems(module: ModuleType, cfg: ModelConfig, state: Optional[Tensors]) -> list[str]:
+    """What keeps `cfg` (and its weights, when given) out of a family."""
+    found = module.problems(cfg)
+    if state is not None and hasattr(module, "state_problems"):  # a value in the weights, e.g. Mixtral's router bias
+        found += module.state_problems(state, cfg)
+    return found
+
+
+def choose_family(cfg: ModelConfig, family: Optional[str] = None, state: Optional[Tensors] = None) -> ModuleType:
+    """The family module `cfg` exports to; ValueError naming every feature it cannot represent.
+    `state` (the model's state dict) lets the choice see weights no config describes: a router
+    bias moved from zero (by moe.bias_update_rate) rules Mixtral out."""
+    if family is None and cfg.moe.enabled and cfg.position.kind == "rope":
+        found = {name: _problems(FAMILIES[name], cfg, state) for name in MOE_FAMILIES}
+        family = next((name for name in MOE_FAMILIES if not found[name]), None)
+        if family is None:
+            raise ValueError("no transformers MoE family represents this model: "
+                             + "; ".join(f"not {name}: " + ", ".join(p) for name, p in found.items()))
     if family is None:
         family = DEFAULT_FAMILY.get(cfg.position.kind)
         if family is None:
             raise ValueError(f"no transformers family represents {POSITION_NAMES[cfg.position.kind]}: "
-                             "Llama needs RoPE, GPT-2 learned positions")
+                             "Llama and the MoE families need RoPE, GPT-2 learned positions")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    problems = FAMILIES[family].problems(cfg)
+    problems = _problems(FAMILIES[family], cfg, state)
     if problems:
         raise ValueError(f"cannot export to the {family} family: " + "; ".join(problems))
     return FAMILIES[family]
 
 
+def _state(model: Transformer) -> Tensors:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def hf_config(model: Transformer, tokenizer: Optional[Tokenizer] = None, family: Optional[str] = None) -> dict:
     """The config.json contents for `model` (also used to build transformers models in memory)."""
-    config = choose_family(model.cfg, family).to_config(model.cfg)
+    config = choose_family(model.cfg, family, model.state_dict()).to_config(model.cfg)
     for role in ("bos", "eos", "pad"):  # null without a tokenizer: HF generate then never stops early
         config[f"{role}_token_id"] = getattr(tokenizer, f"{role}_id", None)
     config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
@@ -67,8 +92,8 @@ def hf_config(model: Transformer, tokenizer: Optional[Tokenizer] = None, family:
 
 def hf_state_dict(model: Transformer, family: Optional[str] = None) -> Tensors:
     """The model's tensors in the family's names and layouts (CPU, contiguous)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return choose_family(model.cfg, family).to_state(state, model.cfg)
+    state = _state(model)
+    return choose_family(model.cfg, family, state).to_state(state, model.cfg)
 
 
 def generation_config(tokenizer: Tokenizer, padded_vocab_size: int) -> dict:
@@ -87,8 +112,10 @@ def export_hf(
     """Write `model` (and `tokenizer`, with `chat_template` when given) as a transformers folder;
     returns the folder.
 
-    `family` is "llama" or "gpt2"; None picks by position scheme (RoPE -> llama, learned ->
-    gpt2). ValueError, naming the feature, for anything the family cannot represent exactly.
+    `family` is "llama", "gpt2", "mixtral" or "ernie4_5_moe"; None picks by architecture: a dense
+    model by position scheme (RoPE -> llama, learned -> gpt2), an MoE model mixtral when it can
+    (no shared experts, every layer MoE, zero router bias), else ernie4_5_moe. ValueError, naming
+    the feature, for anything the family cannot represent exactly; nothing is written then.
     """
     from safetensors.torch import save_file
 
@@ -96,10 +123,11 @@ def export_hf(
     config = hf_config(model, tokenizer, family)  # validates first: nothing is written for a bad model
     if tokenizer is not None and tokenizer.vocab_size > cfg.padded_vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.padded_vocab_size}")
+    tensors = hf_state_dict(model, family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The "format" metadata is what transformers checks to accept a safetensors file as PyTorch's.
-    save_file(hf_state_dict(model, family), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", config)
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, out, cfg.max_seq_len, chat_template)
@@ -205,9 +233,9 @@ def check_hf_folder(folder: str | Path, key: str = "checkpoint") -> None:
 
 
 def import_hf(path: str | Path, key: str = "folder") -> tuple[Transformer, Optional[Tokenizer]]:
-    """Our Transformer (fp32) and Tokenizer (None without tokenizer.json) for a local Llama- or
-    GPT-2-family folder. ValueError naming the config key for anything we cannot represent
-    (rope_scaling, another model_type, GPT-2's tanh GELU, ...); InputError naming `key` (the
+    """Our Transformer (fp32) and Tokenizer (None without tokenizer.json) for a local Llama-,
+    GPT-2-, Mixtral- or ERNIE-4.5-MoE-family folder. ValueError naming the config key for anything
+    we cannot represent (rope_scaling, another model_type, a sliding window, ...); InputError naming `key` (the
     argument or config key that gave the folder) for files that are damaged or not what their name
     says. See `llm.interop.hf_tokenizer` for how the HF special tokens become ours."""
     folder = Path(path)
@@ -254,7 +282,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, family: Optio
     adapters = lora_checkpoint(ref.path, ref.run_dir) if ref.kind != "hf" else None
     if adapters is not None:
         try:
-            log.info(f"PEFT adapter -> {export_adapter(*adapters, choose_family(model.cfg, family), out / ADAPTER_DIR)}")
+            chosen = choose_family(model.cfg, family, model.state_dict())
+            log.info(f"PEFT adapter -> {export_adapter(*adapters, chosen, out / ADAPTER_DIR)}")
         except ValueError as e:  # the merged model is exported all the same
             log.warning(f"no PEFT adapter: {e}")
     return out
