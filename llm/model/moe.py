@@ -60,17 +60,19 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         """x (N, d): token rows sorted by expert, `counts[e]` of them for expert e -> (N, d)."""
 
-        def b(bias: Optional[Tensor], e: int) -> Optional[Tensor]:
-            return None if bias is None else bias[e]
+        def per_expert(weight: Optional[Tensor]) -> list[Optional[Tensor]]:
+            # unbind, not weight[e]: the backward of E selects would write E zero-filled (E, ...) gradients
+            return [None] * len(counts) if weight is None else list(weight.unbind(0))
 
+        gate, up, down = per_expert(self.gate), per_expert(self.up), per_expert(self.down)
+        gate_b, up_b, down_b = per_expert(self.gate_bias), per_expert(self.up_bias), per_expert(self.down_bias)
         outputs = []
         for e, rows in enumerate(x.split(counts)):  # a loop over experts, not over tokens
             if self.gated:  # the same ops in the same order as llm.model.layers.MLP
-                h = self.activation(F.linear(rows, self.gate[e], b(self.gate_bias, e))) * F.linear(
-                    rows, self.up[e], b(self.up_bias, e))
+                h = self.activation(F.linear(rows, gate[e], gate_b[e])) * F.linear(rows, up[e], up_b[e])
             else:
-                h = self.activation(F.linear(rows, self.up[e], b(self.up_bias, e)))
-            outputs.append(F.linear(h, self.down[e], b(self.down_bias, e)))
+                h = self.activation(F.linear(rows, up[e], up_b[e]))
+            outputs.append(F.linear(h, down[e], down_b[e]))
         return torch.cat(outputs)
 
 
@@ -132,24 +134,23 @@ class MoE(nn.Module):
         logits = self.router(x).float()  # routing decisions in fp32 whatever the compute dtype
         experts, weights, probs = self.route(logits)
 
-        # Token-assignments (token, k-th choice) sorted by expert; within an expert by score, best
-        # first, so that a capacity keeps the best-scored ones (stable: ties keep token order).
+        # Token-assignments (token, k-th choice) sorted by expert (stable: in token order).
         flat_expert, flat_weight = experts.flatten(), weights.flatten()
-        score = probs.gather(-1, experts).flatten().detach()
-        by_score = torch.argsort(score, descending=True, stable=True)
-        order = by_score[torch.argsort(flat_expert[by_score], stable=True)]
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         capacity = self.capacity(n)
-        if capacity is not None:
+        if capacity is None:
+            order, kept = torch.argsort(flat_expert, stable=True), counts
+        else:  # within an expert by score, best first, so that the capacity keeps the best-scored ones
+            score = probs.gather(-1, experts).flatten().detach()
+            by_score = torch.argsort(score, descending=True, stable=True)
+            order = by_score[torch.argsort(flat_expert[by_score], stable=True)]
             starts = torch.cumsum(counts, 0) - counts  # where each expert's run begins in `order`
             rank = torch.arange(order.numel(), device=x.device) - starts[flat_expert[order]]
             order = order[rank < capacity]
             kept = counts.clamp(max=capacity)
-        else:
-            kept = counts
         token = order // self.top_k
 
-        routed = self.experts(x[token], kept.tolist())
+        routed = self.experts(x.index_select(0, token), kept.tolist())
         routed = routed * flat_weight[order].unsqueeze(-1).to(routed.dtype)
         # (in the experts' dtype: under autocast they compute in 16 bits from a 32-bit x)
         y = x.new_zeros(x.shape, dtype=routed.dtype).index_add_(0, token, routed)  # a dropped one adds nothing
