@@ -543,3 +543,28 @@ def test_ddp_and_fsdp_runs_reproduce_the_single_process_curve(tmp_path):
     assert [s for s, _ in curves["single"]] == [5, 10, 15, 20]
     for option in ("ddp", "fsdp"):
         assert [v for _, v in curves[option]] == pytest.approx([v for _, v in curves["single"]], abs=2e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark against transformers' Mixtral (llm-bench bench.against=transformers)
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_against_transformers_trains_an_moe_model_and_its_mixtral_twin(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    args = ["model=nano", "model.vocab_size=2048", "model.moe.n_experts=4", "model.moe.expert_hidden=32",
+            "data.seq_len=16", "data.micro_batch_size=2", "bench.against=transformers", "bench.steps=1",
+            "bench.warmup=1", "bench.repeats=1", f"paths.runs_dir={tmp_path}/runs"]
+    code, stderr = llm_cli("bench", args, tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    (out,) = (tmp_path / "runs" / "bench").glob("*/bench_transformers.json")
+    result = json.loads(out.read_text())
+    assert result["hf_model"] == "MixtralForCausalLM" and result["family"] == "mixtral"
+    # The same weights on both sides: the first language-model losses agree (ln 2048 = 7.6 at init).
+    assert result["first_loss_ours"] == pytest.approx(result["first_loss_hf"], abs=1e-4)
+    assert result["first_loss_ours"] == pytest.approx(math.log(2048), abs=0.1)
+    assert result["params_active"] < result["params"] and result["ratio"] > 0
+    # A model transformers has no family for is refused before any work, naming the key and why.
+    code, stderr = llm_cli("bench", [*args, "model.moe.router=softmax_topk"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "bench.against=transformers" in stderr and "router=softmax_topk" in stderr
+    assert "Traceback" not in stderr

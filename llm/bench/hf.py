@@ -3,7 +3,11 @@ speed and training-step speed, interleaved in one process so machine noise hits 
 
     from llm.bench.hf import decode_vs_transformers, train_step_vs_transformers
     decode_vs_transformers(model, tokenizer)                       # tokens/s, ratio, identical ids
-    train_step_vs_transformers(ModelConfig(vocab_size=2048), batch=16, seq_len=128)
+    train_step_vs_transformers(ModelConfig(vocab_size=2048), batch=16, seq_len=128)   # vs Llama
+    train_step_vs_transformers(ModelConfig(vocab_size=8192, moe=MoEConfig(n_experts=8)), 8, 256)  # vs Mixtral
+
+`llm-bench bench.against=transformers <overrides>` runs the training-step comparison on a
+composed config.
 
 Not a test: figures depend on the machine (and on whoever else is using it). Needs transformers.
 """
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.generate import generate
-from llm.interop.hf import export_hf, hf_config, hf_state_dict
+from llm.interop.hf import export_hf
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import Tokenizer
 
@@ -122,16 +126,26 @@ def decode_vs_transformers(
     }
 
 
-def _llama_twin(model: Transformer) -> nn.Module:
-    """transformers' LlamaForCausalLM (SDPA attention) holding exactly `model`'s weights."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _hf_twin(model: Transformer, experts_implementation: Optional[str] = None) -> nn.Module:
+    """transformers' model of `model`'s family (LlamaForCausalLM for a dense model, MixtralForCausalLM
+    for an MoE one, ...; SDPA attention) holding exactly its weights, loaded as a user loads an
+    exported folder (from_pretrained converts the per-expert tensors to transformers 5's fused
+    layout). `experts_implementation`: transformers' MoE kernel choice (None: its default)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    hf = AutoModelForCausalLM.from_config(LlamaConfig.from_dict(hf_config(model, family="llama")),
-                                          attn_implementation="sdpa")
-    missing, unexpected = hf.load_state_dict(hf_state_dict(model, "llama"), strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
-        raise RuntimeError(f"weights do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    return hf
+    kwargs = {"attn_implementation": "sdpa", _dtype_kwarg(): torch.float32}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the benchmark's lines
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            export_hf(model, folder)
+            return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def train_step_vs_transformers(
@@ -145,41 +159,51 @@ def train_step_vs_transformers(
     threads: Optional[int] = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    experts_implementation: Optional[str] = None,
 ) -> dict:
     """Tokens/s of a plain training loop (forward, cross-entropy, backward, AdamW step) over our
-    Transformer and over transformers' LlamaForCausalLM (SDPA) built from the same weights,
-    on the same batches: `warmup` untimed steps each, then `repeats` interleaved rounds of `steps`
-    timed steps; best round of each, and the ratio ours / HF. The first losses of the two are
+    Transformer and over its transformers twin built from the same weights (`_hf_twin`: Llama
+    for a dense model, Mixtral for an MoE one), on the same batches: `warmup` untimed steps each,
+    then `repeats` interleaved rounds of `steps` timed steps; best round of each, and the ratio
+    ours / HF. An MoE model trains with its router losses on both sides, as each library does:
+    ours `model.router_loss()` (aux and z-loss), transformers' `output_router_logits=True` and
+    `router_aux_loss_coef` times its aux loss. The first language-model losses of the two are
     returned too: equal (to float noise) when the twin really computes the same function.
     """
     torch.manual_seed(seed)
     device = torch.device(device)
     ours = Transformer(model_cfg)
-    hf = _llama_twin(ours)
+    hf = _hf_twin(ours, experts_implementation)
     ours.to(device)
     hf.to(device)
+    moe = model_cfg.moe.enabled
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
                for _ in range(steps)]
 
-    def make_step(model: nn.Module, forward: Callable[[Tensor], Tensor]) -> Callable[[Tensor], float]:
+    def ours_forward(x: Tensor) -> tuple[Tensor, Tensor | float]:
+        return ours(x), ours.router_loss()
+
+    def hf_forward(x: Tensor) -> tuple[Tensor, Tensor | float]:
+        out = hf(input_ids=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
+        return out.logits, hf.config.router_aux_loss_coef * out.aux_loss if moe else 0.0
+
+    def make_step(model: nn.Module, forward: Callable[[Tensor], tuple[Tensor, Tensor | float]]
+                  ) -> Callable[[Tensor], float]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         model.train()
 
         def step(tokens: Tensor) -> float:
-            logits = forward(tokens[:, :-1])
+            logits, router = forward(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss.backward()
+            (loss + router).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
 
         return step
 
-    runners = {
-        "ours": make_step(ours, ours),
-        "hf": make_step(hf, lambda x: hf(input_ids=x, use_cache=False).logits),
-    }
+    runners = {"ours": make_step(ours, ours_forward), "hf": make_step(hf, hf_forward)}
     with _threads(threads):
         first = {name: step(batches[0]) for name, step in runners.items()}
         for i in range(1, warmup):
@@ -194,6 +218,8 @@ def train_step_vs_transformers(
     tokens = steps * batch * seq_len
     ours_rate, hf_rate = tokens / best["ours"], tokens / best["hf"]
     return {
+        "hf_model": type(hf).__name__,
+        "hf_experts_implementation": getattr(hf.config, "_experts_implementation", None) if moe else None,
         "ours_tokens_per_s": ours_rate,
         "hf_tokens_per_s": hf_rate,
         "ratio": ours_rate / hf_rate,
@@ -202,5 +228,6 @@ def train_step_vs_transformers(
         "batch": batch,
         "seq_len": seq_len,
         "steps": steps,
+        "repeats": repeats,
         "threads": used_threads,
     }

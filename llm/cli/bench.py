@@ -4,6 +4,7 @@ PyTorch loop over the same model and batches in the same process.
   llm-bench                       # the default CPU model
   llm-bench model=small bench.steps=10
   llm-bench bench.parallel=[ddp,fsdp]   # 2-process DDP and FSDP runs against single
+  llm-bench bench.against=transformers  # the bare loop against transformers' twin (Llama; Mixtral for MoE)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,11 +23,16 @@ import llm.config  # noqa: F401  (registers the schemas)
 from llm.cli.common import CONFIG_ERROR_EXIT_CODE, config_error_in, setup
 from llm.cli.generate import HydraEntry
 from llm.cli.train import CONF_DIR
-from llm.fields import at_least
+from llm.fields import Choice, at_least
 
 setup()
 log = logging.getLogger("llm.cli.bench")  # not __name__: that is __main__ under `python -m`
 ENTRY = HydraEntry()
+
+
+class Against(Choice):
+    framework = "framework"  # llm-train's module, Trainer and callbacks against a bare loop
+    transformers = "transformers"  # a bare loop over our model against one over its transformers twin
 
 
 @dataclass
@@ -36,6 +43,8 @@ class BenchSettings:
     warmup: int = at_least(0, 3, high=10**6)
     repeats: int = at_least(1, 3, high=1000)
     parallel: list[str] = field(default_factory=list)
+    against: Against = Against.framework
+    hf_experts: Optional[str] = None  # transformers' experts_implementation (eager, grouped_mm, ...); null: its default
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
@@ -75,6 +84,9 @@ def _bench(cfg: DictConfig) -> None:
         _output(lines)
         log.info(f"written: {out_dir / 'bench_parallel.json'}")
         return
+    if bench.against == Against.transformers:
+        _against_transformers(run_cfg, bench, out_dir)
+        return
     result = benchmark(run_cfg, steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats, log_dir=str(out_dir))
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"model: {result['params']:,} parameters, {result['flops_per_token']:.3g} FLOPs/token, "
@@ -86,6 +98,59 @@ def _bench(cfg: DictConfig) -> None:
                  f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
     _output(lines)
     log.info(f"written: {out_dir / 'bench.json'}")
+
+
+def _against_transformers(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
+    """The training step of our model against its transformers twin (see `llm.bench.hf`)."""
+    import torch
+
+    from llm.bench.hf import train_step_vs_transformers
+    from llm.config import ConfigError, typed
+    from llm.config.schema import DataSchema, TrainerSchema
+    from llm.config.validate import tokenizer_vocab_size
+    from llm.model import ModelConfig
+    from llm.scaling.flops import model_size
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError(["bench.against=transformers: the transformers package is not installed; "
+                           "pip install 'llm[hf]' (or bench.against=framework)"]) from None
+    from llm.interop.hf import choose_family
+
+    data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
+    trainer: TrainerSchema = typed(cfg.trainer, TrainerSchema)
+    model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
+    if model_cfg.vocab_size is None:  # random token batches: no tokenizer file is read or trained
+        model_cfg.vocab_size = tokenizer_vocab_size(cfg.tokenizer, load=True)
+    try:
+        family = choose_family(model_cfg).MODEL_TYPE
+    except ValueError as e:
+        raise ConfigError([f"bench.against=transformers: {e}"]) from None
+    device = "cuda" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "cpu"
+    torch.manual_seed(cfg.seed)
+    try:
+        result = train_step_vs_transformers(model_cfg, data.micro_batch_size, data.seq_len, steps=bench.steps,
+                                            warmup=bench.warmup, repeats=bench.repeats, seed=cfg.seed, device=device,
+                                            experts_implementation=bench.hf_experts)
+    except ValueError as e:
+        if bench.hf_experts is not None and "experts_implementation" in str(e):
+            raise ConfigError([f"bench.hf_experts={bench.hf_experts!r}: {e}"]) from None
+        raise
+    size = model_size(model_cfg, data.seq_len)
+    result.update(family=family, params=size.params, params_active=size.active, flops_per_token=size.flops_per_token)
+    (out_dir / "bench_transformers.json").write_text(json.dumps(result, indent=2) + "\n")
+    kernel = f" (experts: {result['hf_experts_implementation']})" if result["hf_experts_implementation"] else ""
+    active = f" ({size.active:,} active)" if size.active != size.params else ""
+    lines = [f"model: {size.params:,} parameters{active}, batch {result['batch']} x {result['seq_len']}, "
+             f"{result['threads']} threads, fp32, AdamW; transformers: {result['hf_model']}{kernel}",
+             f"{'':14}{'tokens/s':>10}{'first loss':>12}"]
+    lines += [f"{label:14}{result[f'{name}_tokens_per_s']:>10,.0f}{result[f'first_loss_{name}']:>12.4f}"
+              for name, label in (("ours", "ours"), ("hf", "transformers"))]
+    lines.append(f"ratio ours / transformers: {result['ratio']:.3f} best of {result['repeats']} rounds "
+                 f"of {result['steps']} steps")
+    _output(lines)
+    log.info(f"written: {out_dir / 'bench_transformers.json'}")
 
 
 def _output(lines: list[str]) -> None:
