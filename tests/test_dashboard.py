@@ -96,6 +96,51 @@ def test_post_training_metrics_get_their_own_panels(sweep, tmp_path):
     assert data["runs"][0]["cells"]["objective/kl"] == pytest.approx(0.06)  # the final value, in the table
 
 
+def test_moe_metrics_get_their_own_panels(sweep, tmp_path):
+    """Runs that logged MoE metrics get a section (offline and in the W&B report); dense runs none."""
+    import wandb_workspaces.reports.v2 as wr
+
+    run_dir = tmp_path / "moe"
+    shutil.copytree(sweep / "0", run_dir)
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    for step in (2, 4, 6):  # as MoE training logs them: 2 layers of 4 experts, loads summing to 1 per layer
+        loads = {f"train/moe/load/layer{i}/expert{j}": (0.4 if j == 0 else 0.2) for i in (1, 3) for j in range(4)}
+        logger.log_metrics({"train/moe/aux_loss": 1 + 0.01 * step, "train/moe/z_loss": 2.0, "train/moe/load_cv": 0.35,
+                            "train/moe/dropped_frac": 0.0, **loads}, step=step - 1)
+    dense = find_local_runs([sweep])
+    (moe,) = find_local_runs([run_dir])
+    data = page_data([*dense, moe])
+    assert data["moeMetrics"] == ["train/moe/aux_loss", "train/moe/z_loss", "train/moe/load_cv", "train/moe/dropped_frac"]
+    assert data["expertLoads"] == {str(i): [f"train/moe/load/layer{i}/expert{j}" for j in range(4)] for i in (1, 3)}
+    row = data["runs"][-1]
+    assert [(p[0], p[3]) for p in row["curves"]["train/moe/aux_loss"]] == [(2, 1.02), (4, 1.04), (6, 1.06)]
+    assert [p[3] for p in row["curves"]["train/moe/load/layer3/expert0"]] == [0.4] * 3
+    assert row["cells"]["train/moe/load_cv"] == 0.35 and "train/moe/load_cv" in data["columns"]["final"]
+    assert page_data(dense)["moeMetrics"] == [] and page_data(dense)["expertLoads"] == {}
+
+    def moe_panels(runs: list) -> list:
+        blocks = build_report("my-team", "llm", runs, ["run"], Filters()).blocks
+        heading = [i for i, b in enumerate(blocks) if isinstance(b, wr.H2) and b.text == "Mixture of experts"]
+        return blocks[heading[0] + 1].panels if heading else []  # the panel grid below the heading
+
+    panels = moe_panels([*dense, moe])
+    assert [(p.x, p.y) for p in panels] == [("trainer/tokens", [m]) for m in data["moeMetrics"]] + [
+        ("trainer/tokens", data["expertLoads"][i]) for i in ("1", "3")]
+    assert panels[-1].title == "expert loads, layer 3 (balanced: 1/4)"
+    assert moe_panels(dense) == []
+    if not CHROMIUM.exists():
+        return
+    page = write_page([*dense, moe], tmp_path / "dashboard.html")
+    dom = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
+    assert dom.returncode == 0 and 'data-rendered="true"' in dom.stdout, dom.stderr[-2000:]
+    html = dom.stdout
+    assert '<h2 id="moe-heading">Mixture of experts</h2>' in html  # shown (hidden for dense runs)
+    for title in (*data["moeMetrics"], "expert loads, layer 1", "expert loads, layer 3"):
+        assert f'data-metric="{title}"' in html
+    # One curve per MoE metric (the MoE run's), 4 experts + the balanced line per layer, 2 x 2 loss curves.
+    assert html.count('class="curve" d="M') == 4 + 2 * 5 + 2 * 3
+
+
 def _fit(C_c: float = 1e9, alpha_C: float = 0.05) -> dict:
     """A fit.json as `llm-scaling fit` writes it (with a skipped approach)."""
     kaplan = FitResult("kaplan", "L(C) = (C_c / C)^alpha_C", {"C_c": Estimate(C_c), "alpha_C": Estimate(alpha_C)}, n_points=2)

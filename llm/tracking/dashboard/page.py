@@ -3,7 +3,9 @@ that compares runs from their local metrics, so it needs no W&B account.
 
 Panels: val/loss and train/loss curves coloured by group, against step, tokens or FLOPs (a
 selector); a sortable table of runs with their choices and final metrics; the scaling fit when a
-fit.json exists; and post-training reward panels (metrics named rewards/*, objective/*, reward*).
+fit.json exists; post-training reward panels (metrics named rewards/*, objective/*, reward*); and,
+for mixture-of-experts runs, their router metrics (train/moe/aux_loss, z_loss, load_cv,
+dropped_frac) and each layer's per-expert loads against the balanced 1/n_experts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from llm.files import write_text
-from llm.tracking.dashboard.runs import Run, group_label, varying_groups
+from llm.tracking.dashboard.runs import Run, expert_load_metrics, group_label, moe_metrics, varying_groups
 
 LOSS_METRICS = ("val/loss", "train/loss")
 REWARD_PREFIXES = ("rewards/", "objective/", "reward")
@@ -97,24 +99,26 @@ def page_data(runs: list[Run], group_by: Optional[list[str]] = None, fit: Option
     initial = list(group_by) if group_by else (varying or ["run"])
     options = {", ".join(initial): initial, **{g: [g] for g in varying}, "run": ["run"]}
     rewards = reward_metrics(runs)
+    moe, loads = moe_metrics(runs), expert_load_metrics(runs)
     wanted = dict.fromkeys([*varying, "model", *(k.removeprefix("choice/") for k in initial)])
     choice_columns = [g for g in wanted if any(g in r.choices for r in runs)]
     config_columns = [k for k in initial if k != "run" and k.removeprefix("choice/") not in choice_columns]
     final_columns = [c for c in FINAL_COLUMNS if any(_number(r.summary.get(c)) is not None for r in runs)]
     data_runs = []
     for r in runs:
-        final_rewards = {m: next((v for *_, v in reversed(curve(r, m))), None) for m in rewards}
+        final_rewards = {m: next((v for *_, v in reversed(curve(r, m))), None) for m in (*rewards, *moe)}
         data_runs.append({
             "id": r.run_id, "name": r.name, "status": r.status, "job_type": r.job_type,
             "labels": {option: group_label(r, keys) for option, keys in options.items()},
             "cells": {**{c: r.choices.get(c) for c in choice_columns}, **{c: r.value(c) for c in config_columns},
                       **{c: _number(r.summary.get(c)) for c in final_columns}, **final_rewards},
-            "curves": {m: curve(r, m) for m in (*LOSS_METRICS, *rewards)},
+            "curves": {m: curve(r, m) for m in (*LOSS_METRICS, *rewards, *moe, *(n for ns in loads.values() for n in ns))},
         })
     return {
         "title": title, "generated": time.strftime("%Y-%m-%d %H:%M"), "groupOptions": list(options),
-        "columns": {"choices": [*choice_columns, *config_columns], "final": [*final_columns, *rewards]},
+        "columns": {"choices": [*choice_columns, *config_columns], "final": [*final_columns, *rewards, *moe]},
         "lossMetrics": list(LOSS_METRICS), "rewardMetrics": rewards, "runs": data_runs,
+        "moeMetrics": moe, "expertLoads": {str(layer): names for layer, names in loads.items()},
         "groups": sorted({r.group for r in runs if r.group}), "fit": fit_panel(fit, runs) if fit else None,
     }
 
@@ -163,6 +167,8 @@ td.text, th.text { text-align: left; }
 <div class="panels" id="loss-panels"></div>
 <h2 id="reward-heading" hidden>Post-training</h2>
 <div class="panels" id="reward-panels"></div>
+<h2 id="moe-heading" hidden>Mixture of experts</h2>
+<div class="panels" id="moe-panels"></div>
 <h2 id="fit-heading" hidden>Scaling fit</h2>
 <div class="panels" id="fit-panel"></div>
 <h2>Runs</h2>
@@ -283,10 +289,29 @@ function drawLegend() {
 }
 function drawCurves() {
   const xName = X_NAMES[state.x];
-  for (const [id, metrics, heading] of [["loss-panels", DATA.lossMetrics, null], ["reward-panels", DATA.rewardMetrics, "reward-heading"]]) {
+  const panels = [["loss-panels", DATA.lossMetrics, null], ["reward-panels", DATA.rewardMetrics, "reward-heading"],
+                  ["moe-panels", DATA.moeMetrics, "moe-heading"]];
+  for (const [id, metrics, heading] of panels) {
     const box = document.getElementById(id); box.innerHTML = "";
     if (heading) document.getElementById(heading).hidden = !metrics.length;
     for (const m of metrics) plot(box, m, runSeries(m), xName, { logx: state.logx && state.x > 0 });
+  }
+  drawExpertLoads(xName);
+}
+// Per MoE layer: every run's load of each expert (coloured by expert), and the balanced 1 / n_experts.
+function drawExpertLoads(xName) {
+  const box = document.getElementById("moe-panels"), layers = Object.entries(DATA.expertLoads);
+  if (layers.length) document.getElementById("moe-heading").hidden = false;
+  for (const [layer, names] of layers) {
+    const series = [];
+    for (const r of DATA.runs) names.forEach((m, j) => series.push({
+      label: `${r.name} expert ${j}`, color: PALETTE[j % PALETTE.length], run: r.name, width: 1.2,
+      points: (r.curves[m] || []).filter(p => p[state.x] !== null).map(p => [p[state.x], p[3]]),
+    }));
+    const xs = series.flatMap(s => s.points.map(p => p[0]));
+    if (xs.length) series.push({ label: `balanced 1/${names.length}`, color: "#333", dash: "6,4", width: 1.2,
+                                 points: [[Math.min(...xs), 1 / names.length], [Math.max(...xs), 1 / names.length]] });
+    plot(box, `expert loads, layer ${layer}`, series, xName, { logx: state.logx && state.x > 0 });
   }
 }
 function drawFit() {

@@ -5,14 +5,16 @@ filters); `save_report` saves it and returns its URL (needs credentials and netw
 
 Panels: val/loss against tokens and against FLOPs, grouped by the chosen config keys; a scaling
 panel (final val/loss against training FLOPs, log-log); a parallel-coordinates plot of the
-choices, size and loss; a run comparer; and a table of the runs' final metrics.
+choices, size and loss; a run comparer; and a table of the runs' final metrics. Where the runs
+logged mixture-of-experts metrics, a section of their own: the router losses, load_cv and
+dropped_frac against tokens, and one panel per layer with its experts' loads.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from llm.tracking.dashboard.runs import Filters, Run, config_key, typed_value
+from llm.tracking.dashboard.runs import Filters, Run, config_key, expert_load_metrics, moe_metrics, typed_value
 from llm.tracking.wandb import wandb_id
 
 FINAL_METRICS = ("val/loss", "val/ppl", "train/loss", "trainer/tokens", "trainer/flops", "perf/tokens_per_s")
@@ -75,6 +77,12 @@ def build_report(entity: str, project: str, runs: list[Run], group_by: list[str]
     final = wr.BarPlot(title="final metrics", metrics=[wr.SummaryMetric(m) for m in ("val/loss", "train/loss")],
                        groupby=group_config, orientation="h")
     grouped = ", ".join(k.removeprefix("choice/") for k in keys) or "run"
+    moe = [wr.LinePlot(title=f"{m} vs tokens", x="trainer/tokens", y=[m], groupby=group_config, title_x="tokens",
+                       title_y=m.removeprefix("train/moe/")) for m in moe_metrics(runs)]
+    moe += [wr.LinePlot(title=f"expert loads, layer {layer} (balanced: 1/{len(names)})", x="trainer/tokens",
+                        y=names, title_x="tokens", title_y="fraction of assignments")
+            for layer, names in expert_load_metrics(runs).items()]
+    moe_blocks = [wr.H2(text="Mixture of experts"), wr.PanelGrid(runsets=[runset], panels=moe)] if moe else []
     return wr.Report(
         entity=entity, project=project, title=title,
         description=f"{len(runs)} runs; filters: {filters.describe()}; grouped by {grouped}. Made by llm-dashboard.",
@@ -84,6 +92,7 @@ def build_report(entity: str, project: str, runs: list[Run], group_by: list[str]
             wr.PanelGrid(runsets=[runset], panels=[*curves, scaling]),
             wr.H2(text="Comparison"),
             wr.PanelGrid(runsets=[runset], panels=[*comparison, final]),
+            *moe_blocks,
         ],
     )
 

@@ -11,6 +11,7 @@ shows must be the run on disk, not a silent gap in the table. A torn last line o
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -242,6 +243,35 @@ def find_wandb_runs(source: str, filters: Filters) -> list[Run]:
         runs.append(Run(run_id=r.id, name=r.name, status=r.state, group=r.group, job_type=r.job_type or "",
                         choices=choices, config=config, summary=dict(r.summary._json_dict), tags=list(r.tags)))
     return runs
+
+
+# ---------------------------------------------------------------- mixture-of-experts metrics
+
+# What MoE training logs every log_every steps (llm.stages.pretrain.PretrainModule.log_moe).
+MOE_METRICS = ("train/moe/aux_loss", "train/moe/z_loss", "train/moe/load_cv", "train/moe/dropped_frac")
+EXPERT_LOAD = re.compile(r"^train/moe/load/layer(\d+)/expert(\d+)$")  # small models' per-expert loads
+
+
+def logged_names(runs: list[Run]) -> list[str]:
+    """Every metric name the runs logged (local history) or hold in their summary (W&B), first seen first."""
+    names = (k for r in runs for source in (*r.history, r.summary) for k in source)
+    return list(dict.fromkeys(names))
+
+
+def moe_metrics(runs: list[Run]) -> list[str]:
+    """The MoE summary metrics (MOE_METRICS) that any of the runs logged, in that order."""
+    logged = set(logged_names(runs))
+    return [m for m in MOE_METRICS if m in logged]
+
+
+def expert_load_metrics(runs: list[Run]) -> dict[int, list[str]]:
+    """The per-expert load metrics the runs logged: {layer: names by expert}, layers in order."""
+    found: dict[int, dict[int, str]] = {}
+    for name in logged_names(runs):
+        match = EXPERT_LOAD.match(name)
+        if match:
+            found.setdefault(int(match[1]), {})[int(match[2])] = name
+    return {layer: [experts[j] for j in sorted(experts)] for layer, experts in sorted(found.items())}
 
 
 # ---------------------------------------------------------------- grouping
