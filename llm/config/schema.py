@@ -247,6 +247,7 @@ class SingleSchema:
 class DDPSchema(SingleSchema):
     _target_: str = "llm.parallel.DDP"
     find_unused_parameters: bool = False
+    expert_parallel: int = at_least(1, 1, high=MAX_RANKS)  # ranks the MoE experts are split over (1: off)
 
 
 @dataclass
@@ -260,6 +261,7 @@ class FSDPSchema(SingleSchema):
     param_dtype: DType = DType.float32
     reduce_dtype: DType = DType.float32
     cpu_offload: bool = False
+    expert_parallel: int = at_least(1, 1, high=MAX_RANKS)  # ranks the MoE experts are split over (1: off)
 
 
 # `data.corpus` options.

@@ -27,6 +27,7 @@ from llm.config.schema import (
     AdamWSchema,
     BudgetSchema,
     DataSchema,
+    DDPSchema,
     RunSchema,
     SingleSchema,
     SyntheticCorpusSchema,
@@ -429,6 +430,34 @@ def tokenizer_problems(cfg: DictConfig, t: Typed) -> list[str]:
     return problems
 
 
+def expert_parallel_problems(p: Any, model: ModelConfig, ranks: int, tp: int, inherited: bool = False) -> list[str]:
+    """parallelism.expert_parallel: EP groups are data-parallel ranks that split an MoE model's experts.
+    `inherited`: the model will be the init_from parent's, which the first validation pass has not
+    read yet (a dense parent is refused when the experts are split, `llm.parallel.expert`)."""
+    ep = getattr(p, "expert_parallel", 1) or 1
+    if ep == 1:
+        return []
+    key = f"parallelism.expert_parallel={ep}"
+    if not model.moe.enabled and inherited:
+        return []
+    if not model.moe.enabled:
+        return [f"{key}: splits the experts of an MoE model, and this model is dense (model.moe.n_experts=0); "
+                "allowed: 1, or an MoE model (model.moe.n_experts=8 ...)"]
+    if tp > 1:
+        return [f"{key} with parallelism.tensor_parallel={tp}: expert parallelism takes its ranks from the "
+                "data-parallel axis, and tensor parallelism has no plan for MoE layers (refused with MoE); allowed: "
+                "parallelism=ddp, fsdp or hsdp with tensor_parallel=1"]
+    problems = []
+    n = model.moe.n_experts
+    if n % ep:
+        problems.append(f"{key}: must divide model.moe.n_experts={n} (each rank holds n_experts / expert_parallel "
+                        f"experts); allowed: {_allowed(_divisors(n))}")
+    if ranks % ep:
+        problems.append(f"{key}: must divide the {ranks} data-parallel ranks (trainer.devices x trainer.num_nodes); "
+                        f"allowed: {_allowed(_divisors(ranks))}")
+    return problems
+
+
 def layout_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     """world = devices x nodes = data-parallel ranks x tensor-parallel ranks; the batch arithmetic."""
     problems = []
@@ -445,14 +474,15 @@ def layout_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     elif tp > 1:
         if model.moe.enabled:
             problems.append(f"parallelism.tensor_parallel={tp} with model.moe.n_experts={model.moe.n_experts}: the "
-                            "tensor-parallel plan shards dense MLPs, not stacked experts (expert parallelism is a "
-                            "separate mesh axis, not built yet); allowed: MoE with parallelism=single, ddp, fsdp or "
-                            "hsdp (tensor_parallel=1), or model.moe.n_experts=0")
+                            "tensor-parallel plan shards dense MLPs, not stacked experts (to split the experts over "
+                            "ranks, use parallelism.expert_parallel); allowed: MoE with parallelism=single, ddp, fsdp "
+                            "or hsdp (tensor_parallel=1), or model.moe.n_experts=0")
         for key, heads in (("model.n_heads", model.n_heads), ("model.attention.n_kv_heads", model.kv_heads)):
             if heads % tp:
                 problems.append(f"parallelism.tensor_parallel={tp}: must divide {key}={heads} (each rank takes whole "
                                 f"heads); allowed: {_allowed([d for d in _divisors(heads) if world % d == 0])}")
     ranks = world // tp
+    problems += expert_parallel_problems(p, model, ranks, tp, inherited=bool(t.run.init_from))
     if replicate is not None and ranks % replicate:
         problems.append(f"parallelism.replicate={replicate}: must divide the {ranks} data-parallel ranks; "
                         f"allowed: {_allowed(_divisors(ranks))}")
@@ -561,6 +591,12 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
         problems.append(f"posttrain={stage} with parallelism.tensor_parallel={tp}: rollouts decode with a KV cache of "
                         "every K/V head, which a tensor-parallel rank does not hold; allowed: parallelism=single, ddp, "
                         "fsdp or hsdp (tensor_parallel=1)")
+    ep = getattr(t.parallelism, "expert_parallel", 1) or 1
+    if isinstance(method, OnPolicyConfig) and ep > 1 and isinstance(t.parallelism, DDPSchema):
+        problems.append(f"posttrain={stage} with parallelism=ddp and parallelism.expert_parallel={ep}: each decoding "
+                        "step exchanges tokens between the ranks, so the ranks must decode in lockstep, which "
+                        "rollouts do only under FSDP; allowed: parallelism=fsdp with expert_parallel, or "
+                        "expert_parallel=1")
     data = method.data
     if data.packing and not isinstance(method, SFTConfig):
         problems.append(f"posttrain.data.packing=true: packing is for SFT rows; posttrain={stage} does not pack; "

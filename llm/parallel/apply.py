@@ -1,6 +1,6 @@
 """The `parallelism` config group: each option is a Lightning strategy plus what to apply to the
-plain model (tensor parallelism, FSDP2, activation checkpointing, torch.compile), in the order
-torchtitan applies them: TP, then activation checkpointing, then compile, then FSDP."""
+plain model (tensor or expert parallelism, FSDP2, activation checkpointing, torch.compile), in the
+order torchtitan applies them: TP or EP, then activation checkpointing, then compile, then FSDP."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class Single:
         self.checkpoint_every_n = checkpoint_every_n
         self.compile = compile
         self.tensor_parallel = 1
+        self.expert_parallel = 1
 
     def strategy(self, world_size: int = 1) -> Any:
         return "auto"
@@ -61,16 +62,35 @@ class Single:
 
 class DDP(Single):
     """Data parallel: a full replica per process, gradients averaged by all-reduce (NCCL on GPUs,
-    gloo on CPUs)."""
+    gloo on CPUs). With `expert_parallel` > 1 the MoE experts are split over groups of that many
+    ranks instead (`llm.parallel.expert`)."""
 
-    def __init__(self, find_unused_parameters: bool = False, **kwargs: Any):
+    def __init__(self, find_unused_parameters: bool = False, expert_parallel: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.find_unused_parameters = find_unused_parameters
+        self.expert_parallel = expert_parallel
 
     def strategy(self, world_size: int = 1) -> Any:
         from pytorch_lightning.strategies import DDPStrategy
 
+        if self.expert_parallel > 1:
+            from llm.parallel.strategy import ExpertParallelDDPStrategy
+
+            return ExpertParallelDDPStrategy(find_unused_parameters=self.find_unused_parameters)
         return DDPStrategy(find_unused_parameters=self.find_unused_parameters)
+
+    def parallelize(self, model: nn.Module, device_mesh: Any = None) -> nn.Module:
+        if self.expert_parallel > 1:
+            import torch.distributed as dist
+
+            from llm.parallel.expert import apply_expert_parallel, average_expert_gradients, expert_mesh, \
+                gather_in_state_dicts
+
+            mesh = expert_mesh(self.expert_parallel)
+            for experts in apply_expert_parallel(model, mesh):
+                average_expert_gradients(experts, dist.get_world_size(), mesh["expert_replicate"])
+                gather_in_state_dicts(experts)
+        return super().parallelize(model, device_mesh)
 
 
 class FSDP(Single):
@@ -82,9 +102,10 @@ class FSDP(Single):
 
     def __init__(self, tensor_parallel: int = 1, replicate: Optional[int] = None, reshard_after_forward: bool = True,
                  param_dtype: str = "float32", reduce_dtype: str = "float32", cpu_offload: bool = False,
-                 **kwargs: Any):
+                 expert_parallel: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.tensor_parallel = tensor_parallel
+        self.expert_parallel = expert_parallel
         self.replicate = replicate
         self.reshard_after_forward = reshard_after_forward
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
@@ -98,12 +119,23 @@ class FSDP(Single):
                                          save_distributed_checkpoint=True)
 
     def parallelize(self, model: nn.Module, device_mesh: Optional[Any] = None) -> nn.Module:
-        from llm.parallel.fsdp import apply_fsdp
+        from llm.parallel.fsdp import apply_fsdp, shard_experts
         from llm.parallel.tensor_parallel import apply_tensor_parallel
 
         if self.tensor_parallel > 1:
             apply_tensor_parallel(model, device_mesh["tensor_parallel"])
+        experts = []
+        if self.expert_parallel > 1:
+            from llm.parallel.expert import apply_expert_parallel, average_expert_gradients, expert_mesh
+
+            ep_mesh = expert_mesh(self.expert_parallel, device_mesh.device_type)
+            experts = apply_expert_parallel(model, ep_mesh)
+            for module in experts:
+                average_expert_gradients(module, self.expert_parallel)
         self.wrap(model)
+        for module in experts:  # before the blocks: their fully_shard leaves these parameters alone
+            shard_experts(module, ep_mesh["expert_replicate"], self.reshard_after_forward, self.param_dtype,
+                          self.reduce_dtype, self.cpu_offload)
         apply_fsdp(model, self.shard_mesh(device_mesh), self.reshard_after_forward, self.param_dtype,
                    self.reduce_dtype, self.cpu_offload)
         return model

@@ -1,6 +1,6 @@
 """The memory plan of a layout, before any data is read: the device mesh, per-rank parameter,
 gradient and optimizer-state bytes (exact, from the parameter shapes and how each option shards
-them) and an activation estimate."""
+them, expert parallelism included) and an activation estimate."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class MemoryPlan:
     grads: int
     optimizer: int
     activations: int  # an estimate
+    expert_params: int = 0  # of `params`: the routed experts' bytes on this rank (MoE)
+    experts_per_rank: Optional[tuple[int, int]] = None  # (held, of) per MoE layer, under expert parallelism
 
     @property
     def total(self) -> int:
@@ -36,7 +38,19 @@ class MemoryPlan:
         return [f"mesh: {mesh}",
                 f"per rank: parameters {self.params / gib:.3f} GiB, gradients {self.grads / gib:.3f} GiB, "
                 f"optimizer state {self.optimizer / gib:.3f} GiB, activations ~{self.activations / gib:.3f} GiB "
-                f"(total ~{self.total / gib:.3f} GiB)"]
+                f"(total ~{self.total / gib:.3f} GiB)"] + self.expert_lines()
+
+    def expert_lines(self) -> list[str]:
+        if not self.expert_params:
+            return []
+        held = "" if self.experts_per_rank is None else \
+            f"{self.experts_per_rank[0]} of {self.experts_per_rank[1]} experts per MoE layer, "
+        return [f"routed experts per rank: {held}parameters {_size(self.expert_params)} "
+                f"(with gradients and optimizer state {_size(4 * self.expert_params)})"]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.3f} MiB"
 
 
 def local_numel(name: str, shape: torch.Size, tp: int, shard: int, tied: bool, rank: int = 0) -> int:
@@ -59,28 +73,44 @@ def local_numel(name: str, shape: torch.Size, tp: int, shard: int, tied: bool, r
 
 def memory_plan(model_cfg: ModelConfig, world: int, tensor_parallel: int = 1, replicate: Optional[int] = None,
                 sharded: bool = False, micro_batch: int = 1, seq_len: int = 128, activation_bytes: int = 4,
-                checkpointing: str = "none", rank: int = 0) -> MemoryPlan:
-    """Bytes per rank for AdamW training (fp32 parameters, gradients and two moments)."""
+                checkpointing: str = "none", rank: int = 0, expert_parallel: int = 1) -> MemoryPlan:
+    """Bytes per rank for AdamW training (fp32 parameters, gradients and two moments).
+
+    With expert parallelism a rank holds n_experts / expert_parallel experts of each MoE layer,
+    which FSDP shards further over the dp / expert_parallel ranks holding the same experts
+    (`llm.parallel.expert`: EP groups are consecutive ranks)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     dp = world // tensor_parallel
     shard = (dp // (replicate or 1)) if sharded else 1
     shard_rank = (rank // tensor_parallel) % shard  # tensor parallel is the innermost mesh dimension
-    seen, elements = set(), 0
+    ep = expert_parallel
+    seen, elements, expert_elements = set(), 0, 0
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        elements += local_numel(name, p.shape, tensor_parallel if sharded else 1, shard, model_cfg.tie_embeddings,
-                                shard_rank)
+        if ".mlp.experts." in name:  # routed experts, stacked on dim 0
+            shape = torch.Size([p.shape[0] // ep, *p.shape[1:]])
+            n = local_numel(name, shape, 1, dp // ep, False, rank // ep) if sharded else shape.numel()
+            expert_elements += n
+        else:
+            n = local_numel(name, p.shape, tensor_parallel if sharded else 1, shard, model_cfg.tie_embeddings,
+                            shard_rank)
+        elements += n
     params = 4 * elements
     mesh = {"data parallel": dp} if not sharded else (
         {"replicate": replicate, "shard": shard} if replicate else {"shard (data parallel)": dp})
     if sharded and tensor_parallel > 1:
         mesh["tensor parallel"] = tensor_parallel
+    if ep > 1:
+        mesh["expert parallel"] = ep  # an axis of the data-parallel ranks (dp / ep groups of ep)
+    n_experts = model_cfg.moe.n_experts
     return MemoryPlan(mesh=mesh, params=params, grads=params, optimizer=2 * params,
                       activations=activation_estimate(model_cfg, micro_batch, seq_len, activation_bytes,
-                                                      tensor_parallel, checkpointing))
+                                                      tensor_parallel, checkpointing),
+                      expert_params=4 * expert_elements,
+                      experts_per_rank=(n_experts // ep, n_experts) if ep > 1 else None)
 
 
 def activation_estimate(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int, tp: int,

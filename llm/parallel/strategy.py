@@ -1,4 +1,5 @@
-"""Lightning's ModelParallelStrategy (FSDP2, TP, HSDP) with a resume that runs nothing from disk.
+"""Lightning's ModelParallelStrategy (FSDP2, TP, HSDP) with a resume that runs nothing from disk, and
+DDPStrategy for expert parallelism.
 
 Lightning loads a sharded checkpoint with `torch.distributed.checkpoint.load(state,
 checkpoint_id=path)`, whose reader unpickles the shards' index (`.metadata`) with plain `pickle`
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from pytorch_lightning.strategies import ModelParallelStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.optim import Optimizer
 
@@ -65,3 +66,30 @@ def _load(state: dict[str, Any], path: Path) -> None:
     from llm.checkpoint.safe_reader import safe_load
 
     safe_load(state, path)
+
+
+class ExpertParallelDDPStrategy(DDPStrategy):
+    """DDPStrategy for expert parallelism (`llm.parallel.expert`): DDP all-reduces every parameter
+    but the experts (averaged in the forward's graph), and the one-file checkpoint holds the whole
+    expert tensors and their optimizer state, as a single-process run's (gathered on save by every
+    rank, as Lightning's save runs on every rank; each rank keeps its own experts on load)."""
+
+    def _setup_model(self, model: nn.Module) -> Any:
+        from llm.parallel.expert import hide_experts_from_ddp
+
+        hide_experts_from_ddp(model)
+        return super()._setup_model(model)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from llm.parallel.expert import gather_optimizer_state
+
+        return gather_optimizer_state(getattr(optimizer, "_optimizer", optimizer), super().optimizer_state(optimizer))
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        from lightning_fabric.utilities.optimizer import _optimizer_to_device
+
+        from llm.parallel.expert import shard_optimizer_state
+
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(shard_optimizer_state(optimizer, state))
+            _optimizer_to_device(optimizer, self.root_device)

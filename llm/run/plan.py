@@ -127,7 +127,8 @@ def dry_run(cfg: DictConfig, settings: Settings) -> dict[str, Any]:
     half = "bf16" in settings.trainer.precision or getattr(parallelism, "param_dtype", "float32") != "float32"
     layout = memory_plan(model, settings.world, parallelism.tensor_parallel, getattr(parallelism, "replicate", None),
                          parallelism.sharded_checkpoints, settings.data.micro_batch_size, settings.data.seq_len,
-                         2 if half else 4, parallelism.activation_checkpointing)
+                         2 if half else 4, parallelism.activation_checkpointing,
+                         expert_parallel=getattr(parallelism, "expert_parallel", 1))
     log = logging.getLogger(__name__)
     log.info(f"dry run: {type(parallelism).__name__} on {settings.world} rank(s); model {size.describe()}")
     for line in layout.lines():

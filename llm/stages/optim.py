@@ -18,7 +18,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [part for group in groups for part in _by_tensor_kind(group)]
+
+
+def _by_tensor_kind(group: dict) -> list[dict]:
+    """A group mixing DTensors and plain tensors (expert parallelism under DDP) split in two:
+    fused and foreach optimizer kernels refuse lists that mix them."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = [[p for p in group["params"] if isinstance(p, DTensor) == dtensor] for dtensor in (False, True)]
+    if not all(kinds):
+        return [group]
+    return [{**group, "params": params} for params in kinds]
 
 
 def build_optimizer(factory: Callable, model: nn.Module) -> torch.optim.Optimizer:
