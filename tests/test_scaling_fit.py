@@ -4,6 +4,7 @@ from known laws: each approach must recover the law it was generated from."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -455,6 +456,20 @@ def test_load_points_reads_a_sweep_and_skips_unfinished_runs(tmp_path):
     assert point.C == 2e7 * 6e6 and point.run_id == "0" and point.source == str(sweep)
 
     assert sorted(p.N for p in load_points([str(sweep)], n_kind="non_embedding")) == [5e5, 1e6]
+    assert sorted(p.N for p in load_points([str(sweep)], n_kind="active")) == [1e6, 2e6]  # dense: N
+
+    # An MoE run: N counts every expert, params_active the ones a token passes through; C is active compute.
+    moe = sweep / "moe"
+    write_run(moe, N=8e6, D=1e7, loss=3.0, val=[(10, 3.0)])
+    summary = json.loads((moe / "summary.json").read_text())
+    (moe / "summary.json").write_text(json.dumps({**summary, "params_active": 2e6, "flops_per_token": 1.2e7,
+                                                  "C": 1e7 * 1.2e7}))
+    by_kind = {kind: next(p for p in load_points([str(sweep)], n_kind=kind) if p.run_id == "moe")
+               for kind in ("total", "active")}
+    assert (by_kind["total"].N, by_kind["active"].N) == (8e6, 2e6)
+    assert by_kind["total"].C == by_kind["active"].C == 1e7 * 1.2e7
+    assert next(c for c in load_curves([str(sweep)], n_kind="active") if c.run_id == "moe").N == 2e6
+    shutil.rmtree(moe)
     assert sorted(p.loss for p in load_points([str(sweep)], loss_key="best_val/loss")) == [3.49, 3.99]
 
     curve = next(c for c in load_curves([str(sweep)]) if c.N == 1e6)

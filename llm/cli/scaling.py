@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for a directory, else ./scaling)")
     fit.add_argument("--bootstrap", type=_count, default=100, metavar="R",
                      help="bootstrap resamples per approach for the intervals; 0 = none (default: %(default)s)")
-    fit.add_argument("--n-kind", choices=("total", "non_embedding"), default="total",
-                     help="N = all parameters (summary key N, as Hoffmann et al.) or non-embedding ones "
-                          "(N_non_embedding, as Kaplan et al.) (default: %(default)s)")
+    fit.add_argument("--n-kind", choices=("total", "non_embedding", "active"), default="total",
+                     help="N = all parameters (summary key N, as Hoffmann et al.), non-embedding ones "
+                          "(N_non_embedding, as Kaplan et al.) or those a token is computed with (params_active: an "
+                          "MoE model's routed top-k and shared experts; N for dense runs) (default: %(default)s). "
+                          "C always counts the active compute (flops_per_token)")
     fit.add_argument("--approaches", type=_approaches, default="1,2,3,kaplan", metavar="LIST",
                      help="comma-separated subset of 1,2,3,kaplan (default: %(default)s)")
     fit.add_argument("--loss", choices=("final", "best"), default="final",
@@ -245,7 +247,8 @@ def run_plan(args: argparse.Namespace) -> int:
         result = plan(flops=args.flops, tokens=args.tokens, params=args.params, fit=fit)
     except ValueError as e:  # the fit's law cannot plan (no approach with all parameters, a degenerate one)
         return error(f"--fit {args.fit}: {e}" if args.fit else e)
-    kind = result["n_kind"]
+    # The shape proposed is dense, whose parameters are all active: an `active` fit plans its total.
+    kind = "total" if result["n_kind"] == "active" else result["n_kind"]
     shape = shape_for_params(result["N"], kind, args.vocab_size)
     size = model_size(ModelConfig(**shape, vocab_size=args.vocab_size), args.seq_len)
     overrides = config_overrides(result["N"], result["D"], kind, args.vocab_size)

@@ -34,7 +34,7 @@ import numpy as np
 from llm.files import InputError, checked_path, read_input_json, read_input_jsonl, read_input_text
 from llm.run.layout import SUMMARY_FILE, RunDir
 
-N_KINDS = ("total", "non_embedding")
+N_KINDS = ("total", "non_embedding", "active")
 LOSS_KEYS = ("val/loss", "best_val/loss")
 CSV_REQUIRED = ("N", "D", "loss")
 CSV_OPTIONAL = ("C", "budget", "run_id", "N_non_embedding")
@@ -174,13 +174,23 @@ def _positive_product(C: float, formula: str, where: str) -> float:
     return C
 
 
+# --n-kind -> the summary.json key of N. `active` (parameters a token passes through: an MoE
+# model's top-k experts) falls back to N for runs that recorded none (dense: all are active).
+N_KEYS = {"total": "N", "non_embedding": "N_non_embedding", "active": "params_active"}
+
+
+def _n_key(summary: dict, n_kind: str) -> str:
+    key = N_KEYS[n_kind]
+    return "N" if key == "params_active" and summary.get(key) is None else key
+
+
 def point_from_summary(summary: dict, run_dir: Optional[Path], n_kind: str, loss_key: str,
                        source: str, where: Optional[str] = None) -> Point | str:
     """The run's point, or a string saying which key is missing. `run_dir` (None for W&B runs)
     names the run when summary.json has no run_id and may hold run.json; `where` names it in
     errors. A value that is present but not a positive finite number is an InputError."""
     where = where or (str(run_dir / SUMMARY_FILE) if run_dir else source)
-    n_key = "N" if n_kind == "total" else "N_non_embedding"
+    n_key = _n_key(summary, n_kind)
     values = {k: _summary_value(summary, k, where) for k in (n_key, "D", loss_key)}
     missing = [k for k, v in values.items() if v is None]
     if missing:
@@ -241,7 +251,7 @@ def curve_from_run(run_dir: Path, summary: dict, n_kind: str, source: str) -> Op
     where = str(run_dir / SUMMARY_FILE)
     tokens_per_step = _summary_value(summary, "tokens_per_step", where)
     fpt = _summary_value(summary, "flops_per_token", where)
-    N = _summary_value(summary, "N" if n_kind == "total" else "N_non_embedding", where)
+    N = _summary_value(summary, _n_key(summary, n_kind), where)
     metrics = RunDir(run_dir).metrics
     if not (tokens_per_step and fpt and N):
         return None
@@ -278,7 +288,7 @@ def read_csv(path: str | Path, n_kind: str = "total") -> list[Point]:
         for name in CSV_REQUIRED:
             if name not in columns:
                 raise InputError(f"source: {path}: missing column {name!r} (its header row has {columns}); {CSV_FIX}")
-        n_column = "N_non_embedding" if n_kind == "non_embedding" and "N_non_embedding" in columns else "N"
+        n_column = N_KEYS[n_kind] if N_KEYS[n_kind] in columns else "N"
         for row in reader:
             points.append(_csv_point(row, path, reader.line_num, n_column))
     except csv.Error as e:
