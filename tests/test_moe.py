@@ -568,3 +568,26 @@ def test_bench_against_transformers_trains_an_moe_model_and_its_mixtral_twin(tmp
     code, stderr = llm_cli("bench", [*args, "model.moe.router=softmax_topk"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "bench.against=transformers" in stderr and "router=softmax_topk" in stderr
     assert "Traceback" not in stderr
+
+
+def test_moe_ablation_arms_have_equal_active_flops_and_tokens(tmp_path):
+    """experiments/moe_ablation.yaml: dense and each MoE arm train on the same tokens with the same
+    FLOPs per token (router included), while the MoE arms hold more parameters."""
+    import re
+
+    from llm.config import typed
+
+    cfg = compose_train(["experiment=moe_ablation"], tmp_path)
+    arms = re.findall(r"\{[^}]*\}", str(cfg.hydra.sweeper.params["model.moe"]))
+    assert cfg.budget.tokens is not None and cfg.budget.flops is None and cfg.budget.steps is None
+    sizes = []
+    for arm in arms:
+        arm_cfg = compose_train(["experiment=moe_ablation", f"model.moe={arm}"], tmp_path)
+        validate(arm_cfg)
+        model = typed(arm_cfg.model, ModelConfig)
+        model.vocab_size = arm_cfg.tokenizer.vocab_size
+        sizes.append((model.moe.n_experts, model.moe.top_k, model_size(model, arm_cfg.data.seq_len)))
+    (dense_experts, _, dense), *moe = sizes
+    assert dense_experts == 0 and {(e, k) for e, k, _ in moe} == {(6, 1), (6, 2)}
+    for _, _, size in moe:
+        assert size.flops_per_token == dense.flops_per_token and size.active == dense.params < size.params

@@ -298,16 +298,19 @@ function drawCurves() {
   }
   drawExpertLoads(xName);
 }
-// Per MoE layer: every run's load of each expert (coloured by expert), and the balanced 1 / n_experts.
+// Per MoE layer: every run's load of each expert (coloured by expert, one dash pattern per run),
+// and the balanced 1 / n_experts.
 function drawExpertLoads(xName) {
   const box = document.getElementById("moe-panels"), layers = Object.entries(DATA.expertLoads);
   if (layers.length) document.getElementById("moe-heading").hidden = false;
+  const dashes = ["", "5,3", "1,3", "8,3,1,3"];
   for (const [layer, names] of layers) {
     const series = [];
-    for (const r of DATA.runs) names.forEach((m, j) => series.push({
+    DATA.runs.forEach((r, i) => names.forEach((m, j) => series.push({
       label: `${r.name} expert ${j}`, color: PALETTE[j % PALETTE.length], run: r.name, width: 1.2,
+      dash: dashes[i % dashes.length],
       points: (r.curves[m] || []).filter(p => p[state.x] !== null).map(p => [p[state.x], p[3]]),
-    }));
+    })));
     const xs = series.flatMap(s => s.points.map(p => p[0]));
     if (xs.length) series.push({ label: `balanced 1/${names.length}`, color: "#333", dash: "6,4", width: 1.2,
                                  points: [[Math.min(...xs), 1 / names.length], [Math.max(...xs), 1 / names.length]] });
