@@ -96,6 +96,29 @@ def simplified(cfg: ModelConfig) -> ModelConfig:
 # ---- The MoE families (`mixtral`, `ernie4_5_moe`): Llama's attention, norms and names around MoE MLPs.
 
 # Our name -> transformers' name, per block (under `model.layers.{i}.`) and outside the blocks; no biases.
+def llama_like_config(cfg: ModelConfig, architecture: str, model_type: str, intermediate_size: int) -> dict[str, Any]:
+    """The config.json fields the Llama-shaped families (llama, mixtral, ernie4_5_moe) share:
+    sizes, heads, SwiGLU, RMSNorm and RoPE; each family adds its own."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,  # always explicit: transformers < 4.45 would derive it otherwise
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
+        "rope_theta": cfg.position.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.position.rope_base},
+    }
+
+
 LLAMA_LIKE_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from llm.interop import llama
 from llm.interop.common import (
+    llama_like_config,
     LLAMA_LIKE_BLOCK,
     LLAMA_LIKE_TOP,
     Tensors,
@@ -114,21 +115,7 @@ def to_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json fields (special token ids and dtype are added by the caller)."""
     moe = cfg.moe
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.hidden_size,  # the dense layers'
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_size,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.position.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.position.rope_base},
+        **llama_like_config(cfg, ARCHITECTURE, MODEL_TYPE, cfg.hidden_size),
         "use_bias": False,
         "moe_num_experts": moe.n_experts,
         "moe_k": moe.top_k,

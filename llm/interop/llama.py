@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from llm.interop.common import (
+    llama_like_config,
     MLP_NAMES,
     NORM_NAMES,
     POSITION_NAMES,
@@ -68,22 +69,7 @@ def problems(cfg: ModelConfig) -> list[str]:
 def to_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json fields (special token ids and dtype are added by the caller)."""
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_size,  # always explicit: transformers < 4.45 would derive it otherwise
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
-        "rope_theta": cfg.position.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.position.rope_base},
+        **llama_like_config(cfg, ARCHITECTURE, MODEL_TYPE, cfg.hidden_size),
         "attention_bias": cfg.attention.bias,
         "attention_dropout": 0.0,
         "mlp_bias": cfg.bias,

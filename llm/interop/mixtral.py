@@ -29,6 +29,7 @@ import torch
 
 from llm.interop import llama
 from llm.interop.common import (
+    llama_like_config,
     LLAMA_LIKE_BLOCK,
     LLAMA_LIKE_TOP,
     Tensors,
@@ -90,22 +91,7 @@ def state_problems(state: Tensors, cfg: ModelConfig) -> list[str]:
 def to_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json fields (special token ids and dtype are added by the caller)."""
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.expert_hidden_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_size,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
-        "rope_theta": cfg.position.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.position.rope_base},
+        **llama_like_config(cfg, ARCHITECTURE, MODEL_TYPE, cfg.expert_hidden_size),
         "sliding_window": None,
         "attention_dropout": 0.0,
         "num_local_experts": cfg.moe.n_experts,
