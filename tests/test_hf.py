@@ -164,6 +164,11 @@ def test_tokenizer_loads_in_auto_tokenizer(tokenizer, tmp_path):
 def test_greedy_generate_matches_transformers(tmp_path):
     model = build(llama_cfg(vocab_size=128, attention=AttentionConfig(n_kv_heads=2)))
     hf = LlamaForCausalLM.from_pretrained(export_hf(model, tmp_path / "hf")).eval()
+    assert_same_greedy_tokens(model, hf)
+
+
+def assert_same_greedy_tokens(model: Transformer, hf: torch.nn.Module) -> None:
+    """20 greedy tokens for two prompts of different lengths (left padding on both sides) agree."""
     prompts = [[5, 17, 99, 3, 42, 8], [7, 1, 64]]  # different lengths: left padding on both sides
     ours = generate(model, prompts, 20, use_cache=True, pad_id=0)
     padded = torch.tensor([prompts[0], [0, 0, 0, *prompts[1]]])
