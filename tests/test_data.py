@@ -26,6 +26,7 @@ from llm.data import (
     validation_batches,
 )
 from llm.data.corpus import hash_fraction
+from llm.data.stream import stream_index
 from llm.tokenizer import build_tokenizer, bytes_per_token
 
 # ---------------------------------------------------------------- StdlibCorpus
@@ -435,3 +436,13 @@ def test_tensor_parallel_ranks_share_their_data_parallel_ranks_batches():
     dp = [first_batches(r, {"rank": r, "num_replicas": 2}) for r in (0, 1)]  # ddp on 2 ranks
     assert not any(torch.equal(a, b) for a, b in zip(*dp))
     assert all(torch.equal(a, b) for a, b in zip(dp[0], first_batches(0, None)))  # no strategy: by global rank
+
+
+@pytest.mark.parametrize("position, skip, index", [
+    (0, [], 0), (5, [], 5),
+    (0, [0], 1), (0, [1], 0), (1, [1], 2),
+    (2, [0, 1], 4), (2, [0, 2], 4), (2, [3, 7], 2), (3, [3, 7], 4), (6, [3, 7], 8),
+])
+def test_stream_index_counts_past_the_skipped_batches_by_hand(position, skip, index):
+    """The `position`-th batch not skipped: each skipped index at or before it pushes it one on."""
+    assert stream_index(position, skip) == index

@@ -74,9 +74,6 @@ def test_kaplan_without_the_irreducible_term_has_no_floor():
     assert 0.07 < result.value("alpha_C") < 0.09
 
 
-@pytest.mark.xfail(strict=True, reason="fit_kaplan(irreducible=True) starts L-BFGS from the pure power law "
-                   "(C_c ~ 1e47, alpha ~ 0.008 here) and stays in that local minimum when the floor is most of "
-                   "the loss: it returns E ~ 0.003 with residuals of 4 %, against 0 for the true law")
 def test_kaplan_irreducible_recovers_a_floor_that_is_most_of_the_loss():
     # The power term is 13 % of the loss at 1e15 and 0.2 % at 1e21, as late in a real sweep.
     result = fit_kaplan(kaplan_points(C_c=1e13), irreducible=True, n_bootstrap=0)

@@ -503,8 +503,14 @@ def _kaplan_values(C: np.ndarray, loss: np.ndarray, irreducible: bool) -> dict[s
         return ((pred - logL_t) ** 2).sum()
 
     best, best_value = None, math.inf
-    for fraction in (0.1, 0.5, 0.9):  # starts for E below the lowest loss seen
-        theta, value = _minimize(objective, np.array([log_cc, alpha, math.log(fraction * loss.min())]))
+    for fraction in (0.1, 0.5, 0.9, 0.99):  # starts for E below the lowest loss seen
+        # Each start's C_c and alpha_C are the power law through L - E: starting from the pure
+        # power law instead strands the fit (tiny alpha_C, huge C_c, E near 0) whenever E is most
+        # of the loss, as it is late in a sweep.
+        e0 = fraction * float(loss.min())
+        slope0, intercept0 = np.polyfit(np.log(C), np.log(loss - e0), 1)
+        start = [intercept0 / -slope0, -slope0] if slope0 < 0 else [log_cc, alpha]
+        theta, value = _minimize(objective, np.array([*start, math.log(e0)]))
         if value < best_value:
             best, best_value = theta, value
     lcc, al, e = (float(x) for x in best)
