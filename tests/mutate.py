@@ -53,18 +53,23 @@ DEFAULT_MODULES = ["llm/stages", "llm/generate/sampling.py", "llm/scaling/fit.py
 # failure). The first matching pattern wins.
 TESTS: list[tuple[str, list[str]]] = [
     ("llm/stages/objectives.py", ["tests/test_objectives.py", "tests/test_direction.py"]),
-    ("llm/stages/pretrain.py", ["tests/test_train.py", "tests/test_reliability.py"]),
-    ("llm/stages/optim.py", ["tests/test_training_parts.py", "tests/test_train.py"]),
-    ("llm/stages/schedule.py", ["tests/test_training_parts.py", "tests/test_train.py"]),
+    # Whole training runs (tests/test_train.py, 5 minutes) are too slow to repeat per mutant.
+    ("llm/stages/pretrain.py", ["tests/test_training_parts.py", "tests/test_direction.py",
+                                "tests/test_reliability.py::test_guard_rolls_back_and_skips_nan_and_spike_batches"]),
+    ("llm/stages/optim.py", ["tests/test_training_parts.py", "tests/test_lora.py"]),
+    ("llm/stages/schedule.py", ["tests/test_training_parts.py"]),
     ("llm/stages/init_from.py", ["tests/test_posttrain.py", "tests/test_lora.py"]),
     ("llm/stages/*", ["tests/test_direction.py", "tests/test_objectives.py", "tests/test_posttrain.py"]),
-    ("llm/generate/*", ["tests/test_generate.py", "tests/test_generate_cli.py"]),
-    ("llm/scaling/*", ["tests/test_scaling_fit.py"]),
+    ("llm/generate/*", ["tests/test_generate.py"]),
+    ("llm/scaling/*", ["tests/test_scaling_options.py", "tests/test_scaling_fit.py"]),
     ("llm/data/*", ["tests/test_data.py"]),
-    ("llm/tracking/guard.py", ["tests/test_direction.py", "tests/test_reliability.py"]),
+    ("llm/tracking/guard.py", ["tests/test_direction.py",
+                               "tests/test_reliability.py::test_guard_rolls_back_and_skips_nan_and_spike_batches",
+                               "tests/test_reliability.py::test_guard_gives_up_after_max_rollbacks_with_a_clear_error",
+                               "tests/test_reliability.py::test_a_non_finite_update_is_never_checkpointed"]),
     ("llm/model/moe.py", ["tests/test_moe.py", "tests/test_model.py"]),
     ("llm/model/lora.py", ["tests/test_lora.py"]),
-    ("llm/model/*", ["tests/test_model.py", "tests/test_hf.py", "tests/test_flops.py", "tests/test_generate.py"]),
+    ("llm/model/*", ["tests/test_model.py", "tests/test_flops.py", "tests/test_hf.py", "tests/test_generate.py"]),
 ]
 
 _BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
