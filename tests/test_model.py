@@ -263,6 +263,29 @@ def test_rope_inv_freq_uses_base():
     torch.testing.assert_close(rope.inv_freq, expected)
 
 
+def test_rope_rotates_each_half_split_pair_by_position_times_its_frequency():
+    """head_dim 4, base 100: the frequencies are 100^(-0/4) = 1 and 100^(-2/4) = 0.1, and channel i
+    pairs with i + 2 (rotate-half, Hugging Face's Llama layout). Position p turns the pair (x_i,
+    x_{i+2}) by +p * f_i: (x_i cos - x_{i+2} sin, x_{i+2} cos + x_i sin). A flipped sine, cos and sin
+    swapped, or base^(+2i/d) each change these numbers; the relative-position test cannot see a
+    flipped sine (both directions of rotation depend only on m - n)."""
+    cfg = make_cfg("rope", head_dim=4)
+    cfg.position.rope_base = 100.0
+    rope = RotaryPosition(cfg)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    c1, s1, c01, s01 = math.cos(1.0), math.sin(1.0), math.cos(0.1), math.sin(0.1)
+    # Position 1 in numbers (angles 1 and 0.1 rad): what a reader can check with a calculator.
+    at_1 = [1 * c1 - 3 * s1, 2 * c01 - 4 * s01, 3 * c1 + 1 * s1, 4 * c01 + 2 * s01]
+    assert at_1 == pytest.approx([-1.98411, 1.59067, 2.46238, 4.17968], abs=1e-5)
+    c3, s3, c03, s03 = math.cos(3.0), math.sin(3.0), math.cos(0.3), math.sin(0.3)
+    at_3 = [1 * c3 - 3 * s3, 2 * c03 - 4 * s03, 3 * c3 + 1 * s3, 4 * c03 + 2 * s03]
+    cos, sin = rope.rotary(torch.tensor([0, 1, 3]))
+    torch.testing.assert_close(cos, torch.tensor([[1.0, 1.0, 1.0, 1.0], [c1, c01, c1, c01], [c3, c03, c3, c03]]))
+    torch.testing.assert_close(sin, torch.tensor([[0.0, 0.0, 0.0, 0.0], [s1, s01, s1, s01], [s3, s03, s3, s03]]))
+    rotated = apply_rotary(x.expand(1, 1, 3, 4), cos, sin)[0, 0]  # (B, H, T, D) with T = positions 0, 1, 3
+    torch.testing.assert_close(rotated, torch.tensor([[1.0, 2.0, 3.0, 4.0], at_1, at_3]))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_row_positions_equal_shared_positions(kind):
     """(B, T) positions (the left-padded path) give the same logits as the shared (T,) ones."""
