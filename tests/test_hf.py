@@ -89,7 +89,7 @@ def assert_same_logits(ours: Transformer, theirs: torch.nn.Module, x: torch.Tens
         expected, got = ours(x), theirs(x).logits
     assert got.shape == expected.shape
     assert expected.std() > 0.5  # a meaningful comparison, not two near-constant outputs
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, expected, atol=4e-6, rtol=0)  # float32 rounding: 5e-7 measured here
 
 
 LLAMA_VARIANTS = {
@@ -284,7 +284,7 @@ def test_import_maps_hf_special_tokens(tmp_path):
     assert ours.cfg.vocab_size == size + 1 and ours.embed.weight.shape[0] >= size + 1
     x = tokens(vocab=size)
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(x)[..., :size], hf(x).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours.eval()(x)[..., :size], hf(x).logits, atol=4e-6, rtol=0)
 
 
 def test_import_gpt2_style_shared_bos_eos(tmp_path):
