@@ -1,7 +1,8 @@
 """Fault injection on CPU: runs killed (-9) at random steps, during a checkpoint write,
 preempted (SIGTERM/SIGUSR1), interrupted (Ctrl-C) or out of room for a checkpoint resume to the
-uninterrupted loss curve; NaN and spike batches are rolled back and skipped; corrupt checkpoints
-are set aside; the last K and the best are kept."""
+uninterrupted loss curve; a signal to the launcher of two ranks reaches both, and a rank that dies
+stops the launcher and the other rank; NaN and spike batches are rolled back and skipped; corrupt
+checkpoints are set aside; the last K and the best are kept."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from llm.tracking.metrics import read_metrics
 from llm.tracking.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted,
                                      PreemptionHandler, ctrl_c_stops_at_once)
 from llm.train import train
-from tests.conftest import REPO, TINY_RUN, compose_train, run_cli
+from tests.conftest import REPO, TINY_RUN, compose_train, llm_cli, run_cli
 
 # 40 steps, a checkpoint every 10: a kill anywhere after step 10 loses at most 9 steps of work.
 RUN = [*TINY_RUN, "budget.steps=40", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.log_every=1"]
@@ -314,7 +316,7 @@ def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_
     assert_same_curves(run, references / "single")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI: test_sigusr1_to_the_launcher_reaches_both_ranks_and_they_stop_at_one_step (no resume)
 def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(references):
     run = references / "ddp-preempted"
     proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references)
@@ -325,6 +327,141 @@ def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(references):
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     resume(run, references)
     assert_same_curves(run, references / "ddp")
+
+
+# ---- two quick ranks (CI): a forwarded signal reaches both; a dying rank stops the run ----
+
+# Two gloo ranks of the smallest model on the synthetic corpus (no tokenizer to train). Most of the
+# time is each rank's interpreter importing torch and Lightning.
+TWO_RANKS = ["model=nano", "tokenizer=byte", "data=synthetic", "data.corpus.n_documents=40", "data.corpus.val_documents=4",
+             "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=4", "logger=none",
+             "trainer.progress_bar=false", "budget.steps=20", "trainer.val_every=20", "trainer.checkpoint_every=20",
+             "parallelism=ddp", "trainer.devices=2", "hydra.run.dir=run"]
+MARKERS = "LLM_TEST_MARKERS"  # the folder where the ranks of the modules below leave their files
+RANK_WAIT = 30.0  # how long a rank of these modules waits for a signal
+
+
+def rank_file(name: str, rank: int | None = None) -> Path:
+    """<LLM_TEST_MARKERS>/rank<R>.<name>, R this process's rank unless given."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    return Path(os.environ[MARKERS]) / f"rank{rank}.{name}"
+
+
+def preemption_signal(trainer: pl.Trainer) -> str | None:
+    """The name of the preemption signal this rank's PreemptionHandler has received, or None."""
+    handler = next(c for c in trainer.callbacks if isinstance(c, PreemptionHandler))
+    return None if handler.received is None else signal.Signals(handler.received).name
+
+
+def wait_for_a_signal(trainer: pl.Trainer) -> None:
+    deadline = time.time() + RANK_WAIT
+    while preemption_signal(trainer) is None and time.time() < deadline:
+        time.sleep(0.01)  # the signal handler runs between these sleeps
+
+
+class WaitsForASignalAfterStep2(PretrainModule):
+    """Pretraining whose ranks, after step 2, say they are there (rankR.ready) and wait (up to
+    RANK_WAIT) until a preemption signal has reached them; from step 2 on each records the step it
+    has finished and the signal its PreemptionHandler holds (rankR.json). Waiting makes the stop
+    step certain: the ranks' all-reduce at the end of step 3 sees the flag, so they save there."""
+
+    def on_train_batch_end(self, *args) -> None:  # after the callbacks': the handler judged this step
+        step = self.trainer.global_step
+        if step == 2:
+            rank_file("ready").write_text("")
+            wait_for_a_signal(self.trainer)
+        if step >= 2:
+            rank_file("json").write_text(json.dumps({"step": step, "signal": preemption_signal(self.trainer)}))
+
+
+class Rank1DiesAfterStep2(PretrainModule):
+    """Pretraining whose rank 1 SIGKILLs itself after step 2 (no cleanup, no error of its own),
+    while rank 0 is busy (up to RANK_WAIT) outside any collective, as in a long checkpoint write or
+    an NCCL collective that never notices the dead peer, until a signal tells it to stop (the
+    launcher's SIGTERM). Each rank leaves its process id (rankR.pid); rank 1 the time it died."""
+
+    def on_train_start(self) -> None:
+        rank_file("pid").write_text(str(os.getpid()))
+
+    def on_train_batch_end(self, *args) -> None:
+        if self.trainer.global_step != 2:
+            return
+        if self.trainer.global_rank == 1:
+            rank_file("died").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        wait_for_a_signal(self.trainer)
+        rank_file("json").write_text(json.dumps({"signal": preemption_signal(self.trainer)}))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")  # a zombie has exited
+
+
+def on_a_thread_when(ready, action, timeout: float = 240) -> threading.Thread:
+    """Call `action` from a thread as soon as `ready()` (polled), or give up after `timeout`."""
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                action()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def launcher_here(tmp_path, monkeypatch):
+    """This test process is the `llm-train` that starts the ranks (one interpreter less to start:
+    seconds of CI): the ranks find the modules above and leave their files in tmp_path. A no-op
+    SIGUSR1 handler stands in for the default (which ends the process) outside the launcher's."""
+    monkeypatch.setenv(MARKERS, str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    yield tmp_path
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sigusr1_to_the_launcher_reaches_both_ranks_and_they_stop_at_one_step(launcher_here, monkeypatch, capsys):
+    """SIGUSR1 to the launcher only: it forwards it, each rank's own handler holds SIGUSR1 (not
+    just the other rank's flag through the all-reduce), both save and stop after step 3, exit 75."""
+    tmp_path = launcher_here
+    on_a_thread_when(lambda: all(rank_file("ready", r).exists() for r in (0, 1)),
+                     lambda: os.kill(os.getpid(), signal.SIGUSR1))  # to this process, the launcher, only
+    code, stderr = llm_cli("train", [*TWO_RANKS, "posttrain._target_=tests.test_reliability.WaitsForASignalAfterStep2"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert [json.loads(rank_file("json", r).read_text()) for r in (0, 1)] == [{"step": 3, "signal": "SIGUSR1"}] * 2
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["steps_done"]) == ("preempted", 3)
+    assert checkpoint_step(run / "checkpoints" / LAST) == 3  # one checkpoint, of the step both stopped at
+    assert f"continue with: llm-train resume={run}" in stderr
+
+
+def test_a_rank_killed_stops_the_launcher_and_the_other_rank_promptly(launcher_here, monkeypatch, capsys):
+    """Rank 1 is SIGKILLed while rank 0 is busy: the launcher notices at once (not once rank 0
+    ends by itself), stops rank 0 (SIGTERM), exits 1 naming the dead rank, and no rank is left."""
+    tmp_path = launcher_here
+    code, stderr = llm_cli("train", [*TWO_RANKS, "posttrain._target_=tests.test_reliability.Rank1DiesAfterStep2"],
+                           tmp_path, monkeypatch, capsys)
+    stopped_after = time.time() - float(rank_file("died", 1).read_text())
+    assert code == 1, stderr[-3000:]
+    assert "error: rank 1 exited with code -9\n" in stderr
+    assert stopped_after < RANK_WAIT / 2, f"the launcher returned {stopped_after:.0f} s after rank 1 died"
+    assert [r for r in (0, 1) if alive(int(rank_file("pid", r).read_text()))] == []
+    assert json.loads(rank_file("json", 0).read_text()) == {"signal": "SIGTERM"}  # the launcher stopped rank 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps_done"] == 2
 
 
 # ---- Ctrl-C ----

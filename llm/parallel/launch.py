@@ -110,7 +110,9 @@ def spawn_local_ranks(n: int, overrides: list[str], run_dir: Path, poll_seconds:
                        "hydra.output_subdir=null", f"hydra.job.name={'train' if rank == 0 else f'rank{rank}'}"]
             procs.append(subprocess.Popen(command, env=env,
                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None))
-        while any(p.poll() is None for p in procs):
+        # A list, not a generator: poll() records every rank's exit, and any() would stop at the first
+        # rank still running, leaving a dead rank after it unseen (and the others waiting for it).
+        while any([p.poll() is None for p in procs]):
             codes = [p.returncode for p in procs]
             if ctrl_c >= 3 or (ctrl_c >= 2 and any(code is not None for code in codes)):
                 break  # the user will not wait: the ranks still running are ended below
