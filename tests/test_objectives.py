@@ -148,7 +148,8 @@ def test_reward_loss_is_softplus_of_the_negative_gap_with_its_metrics():
     assert approx(metrics["accuracy"], 2 / 3)
     assert approx(metrics["margin"], 2 / 3)
     assert approx(metrics["mean_reward"], (2.0 + 0.5 - 1.0 + 1.0 + 1.5 - 3.0) / 6)
-    assert approx(metrics["min_reward"], -3.0) and approx(metrics["max_reward"], 2.0)
+    assert approx(metrics["min_reward"].value, -3.0) and approx(metrics["max_reward"].value, 2.0)
+    assert not metrics["min_reward"].largest and metrics["max_reward"].largest
 
 
 def test_reward_loss_margin_and_centring():

@@ -169,6 +169,9 @@ def test_each_method_changes_every_trainable_weight_and_never_the_reference(
         method, extra, parent, reward_parent, tmp_path, single_thread):
     if method in ("grpo", "ppo"):  # a reward model: continuous scores, so every group has an advantage
         extra = (*extra, f"posttrain.reward_model={reward_parent}")
+    if method == "reward":  # Bradley-Terry alone gives the head's bias a zero gradient (only gaps count):
+        # it "changed" only through rounding, which Adam blew up to a full step, or not at all
+        extra = (*extra, "posttrain.center_rewards_coefficient=0.01")
     built = build_stage(method, parent, tmp_path, extra)
     module, parent_run = built["module"], built["parent"]
     module.configure_model()  # what fit does first (and only once): weights can be recorded before

@@ -13,7 +13,8 @@ Conventions used throughout:
   padding; `IGNORE_INDEX` (-100) in labels means the same as a 0 in a mask.
 - Every loss returns `(loss, metrics)`: a scalar to backpropagate and a dict of detached scalars
   named as TRL names them. A metric that TRL averages over the tokens of all processes is a
-  `Ratio` (its sum and its count, each summed over processes before the division).
+  `Ratio` (its sum and its count, each summed over processes before the division); a minimum or
+  maximum over the batch is an `Extreme`, taken over the batches of all processes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ class Ratio(NamedTuple):
         return torch.where(self.count > 0, self.total / self.count.clamp(min=1), 0.0)
 
 
-Metrics = dict[str, Union[Tensor, Ratio]]
+class Extreme(NamedTuple):
+    """A batch's minimum (`largest=False`) or maximum: over processes, the extreme of theirs
+    (TRL gathers the values, then takes it)."""
+
+    value: Tensor
+    largest: bool
+
+
+Metrics = dict[str, Union[Tensor, Ratio, Extreme]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +209,8 @@ def reward_loss(
         "accuracy": (gap > 0).float().mean().detach(),
         "margin": gap.mean().detach(),
         "mean_reward": rewards.mean(),
-        "min_reward": rewards.min(),
-        "max_reward": rewards.max(),
+        "min_reward": Extreme(rewards.min(), largest=False),
+        "max_reward": Extreme(rewards.max(), largest=True),
     }
     return loss, metrics
 

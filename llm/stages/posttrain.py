@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from llm.model.lora import LoRAConfig, apply_lora
 from llm.model.value import build_network
-from llm.stages.objectives import IGNORE_INDEX, Metrics, Ratio
+from llm.stages.objectives import IGNORE_INDEX, Extreme, Metrics, Ratio
 from llm.stages.pretrain import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ class PostTrainModule(PretrainModule):
         each process averages its batches and Lightning averages the processes (TRL averages its
         per-batch values)."""
         if prefix == "val/":
-            local = {k: v.value() if isinstance(v, Ratio) else v for k, v in metrics.items()}
+            local = {k: v.value() if isinstance(v, Ratio) else v.value if isinstance(v, Extreme) else v
+                     for k, v in metrics.items()}
             self.log_dict({f"val/{k}": v for k, v in local.items()}, sync_dist=True, batch_size=batch_size)
         elif self.logging_step():
             reduced = reduce_over_processes(metrics, self.device)
@@ -135,8 +136,11 @@ class PostTrainModule(PretrainModule):
         self.num_tokens = self.num_tokens + count
 
     def log_progress(self, loss: Tensor) -> None:
+        """`train/loss` is the mean of the processes' micro-batch losses, as TRL gathers it: the
+        global batch's loss over equal batches, the same on every process."""
         if self.logging_step():
             tokens, flops = self.trained(self.global_step + 1)
+            loss = reduce_over_processes({"loss": loss}, self.device)["loss"]
             self.log_dict({"train/loss": loss, "trainer/tokens": tokens, "trainer/flops": flops,
                            "trainer/lr": self.optimizers().param_groups[0]["lr"],
                            "trainer/trainable_params": float(self.trainable_params)}, batch_size=1)
@@ -164,21 +168,33 @@ class PostTrainModule(PretrainModule):
 
 def reduce_over_processes(metrics: Metrics, device: torch.device) -> dict[str, Tensor]:
     """Metrics as TRL gathers them over processes: a `Ratio`'s sum and count are each summed, then
-    divided (a token-weighted mean); any other value is averaged over processes (per-example
-    means over equal batches: the mean over every example). One all-reduce, in float64, for all of
-    them; every process must pass the same names. Tensor-parallel ranks hold equal values, which
-    changes neither kind."""
-    parts = [p for v in metrics.values() for p in ((v.total, v.count) if isinstance(v, Ratio) else (v,))]
-    if not parts:
-        return {}
-    flat = torch.stack([torch.as_tensor(p).detach().to(device, torch.float64).reshape(()) for p in parts])
+    divided (a token-weighted mean); an `Extreme` is the minimum or maximum over processes; any
+    other value is averaged over processes (per-example means over equal batches: the mean over
+    every example). One all-reduce, in float64, for the sums and means, one more for extremes;
+    every process must pass the same names. Tensor-parallel ranks hold equal values, which changes
+    none of these."""
+    def scalar(x) -> Tensor:
+        return torch.as_tensor(x).detach().to(device, torch.float64).reshape(())
+
+    summed = [p for v in metrics.values() if not isinstance(v, Extreme)
+              for p in ((v.total, v.count) if isinstance(v, Ratio) else (v,))]
+    # Maxima negated, so that one MIN all-reduce takes both kinds.
+    extremes = [-scalar(v.value) if v.largest else scalar(v.value) for v in metrics.values() if isinstance(v, Extreme)]
+    flat = torch.stack([scalar(p) for p in summed]) if summed else None
+    lowest = torch.stack(extremes) if extremes else None
     world = 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
-        dist.all_reduce(flat)
-    reduced, i = {}, 0
+        if flat is not None:
+            dist.all_reduce(flat)
+        if lowest is not None:
+            dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    reduced, i, j = {}, 0, 0
     for name, v in metrics.items():
-        if isinstance(v, Ratio):
+        if isinstance(v, Extreme):
+            reduced[name] = -lowest[j] if v.largest else lowest[j]
+            j += 1
+        elif isinstance(v, Ratio):
             reduced[name] = Ratio(flat[i], flat[i + 1]).value()
             i += 2
         else:
