@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rev", help="mutate this commit's files (e.g. HEAD) instead of the working tree's")
     parser.add_argument("--tests-rev", help="run the tests/ folder of this commit (e.g. an older suite, for a "
                         "before/after score on the same mutants)")
+    parser.add_argument("--only", type=Path, metavar="REPORT_JSON",
+                        help="run only the mutants a report.json lists as killed (the same mutants against "
+                        "another suite: with --tests-rev, which of them an older suite misses)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "mutation",
                         help="where report.json and report.md go (default: runs/mutation)")
@@ -330,11 +333,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.sample < 0 or args.jobs < 1:
         parser.error("--sample must be >= 0 and --jobs >= 1")
 
+    only: set[tuple[str, int]] = set()
+    if args.only:
+        try:
+            only = {(m["path"], m["index"]) for r in json.loads(args.only.read_text()) for m in r["killed_mutants"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--only {args.only}: not a report.json of this command ({e})")
     rng = random.Random(args.seed)
     chosen: dict[str, list[Mutant]] = {}
     for target in args.targets:
         every = [m for path in python_files([target]) for m in mutants_of(path, args.rev)]
         picked = every if args.sample == 0 or args.sample >= len(every) else rng.sample(every, args.sample)
+        if args.only:
+            picked = [m for m in every if (m.path, m.index) in only]
         chosen[target] = sorted(picked, key=lambda m: (m.path, m.index))
         log.info("%s: %d mutants, %d to run", target, len(every), len(chosen[target]))
     if args.list:
@@ -386,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         report.append({"target": target, "total": total, "run": len(mutants),
             "killed": killed, "score": killed / max(1, len(mutants)), "interval95": [low, high],
             "tests": sorted({t for m in mutants for t in (args.tests or tests_for(m.path))}),
-            "survivors": [asdict(m) for m in mutants if results[m][0] == "passed"]})
+            "survivors": [asdict(m) for m in mutants if results[m][0] == "passed"],
+            "killed_mutants": [asdict(m) for m in mutants if results[m][0] != "passed"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["| target | mutants | run | killed | score (95% interval) |", "|---|---|---|---|---|"]
