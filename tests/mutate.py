@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", type=Path, metavar="REPORT_JSON",
                         help="run only the mutants a report.json lists as killed (the same mutants against "
                         "another suite: with --tests-rev, which of them an older suite misses)")
+    parser.add_argument("--retry", type=Path, metavar="REPORT_JSON",
+                        help="run only the mutants a report.json lists as survivors (after new tests)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "mutation",
                         help="where report.json and report.md go (default: runs/mutation)")
@@ -334,17 +336,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--sample must be >= 0 and --jobs >= 1")
 
     only: set[tuple[str, int]] = set()
-    if args.only:
+    for option, report_path, key in (("--only", args.only, "killed_mutants"), ("--retry", args.retry, "survivors")):
+        if report_path is None:
+            continue
         try:
-            only = {(m["path"], m["index"]) for r in json.loads(args.only.read_text()) for m in r["killed_mutants"]}
+            only |= {(m["path"], m["index"]) for r in json.loads(report_path.read_text()) for m in r[key]}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            parser.error(f"--only {args.only}: not a report.json of this command ({e})")
+            parser.error(f"{option} {report_path}: not a report.json of this command ({e})")
     rng = random.Random(args.seed)
     chosen: dict[str, list[Mutant]] = {}
     for target in args.targets:
         every = [m for path in python_files([target]) for m in mutants_of(path, args.rev)]
         picked = every if args.sample == 0 or args.sample >= len(every) else rng.sample(every, args.sample)
-        if args.only:
+        if args.only or args.retry:
             picked = [m for m in every if (m.path, m.index) in only]
         chosen[target] = sorted(picked, key=lambda m: (m.path, m.index))
         log.info("%s: %d mutants, %d to run", target, len(every), len(chosen[target]))
