@@ -35,7 +35,7 @@ START_MARKER = "<!-- matrix:refused:start -->"
 END_MARKER = "<!-- matrix:refused:end -->"
 
 PRETRAIN = "none"  # posttrain=none is pretraining
-STAGES = (PRETRAIN, "sft", "reward", "dpo", "ppo", "grpo")
+STAGES = (PRETRAIN, "sft", "reward", "dpo", "ppo", "grpo", "distill")
 PARALLELISMS = ("single", "ddp", "fsdp", "fsdp_tp", "hsdp")
 SCHEDULES = ("cosine", "wsd")
 # The architecture groups and keys, in the order the covering array is built.
@@ -61,6 +61,7 @@ POSTTRAIN_DATA = ["posttrain.data.n_train=32", "posttrain.data.n_val=8", "posttr
 METHOD_ARGS = {
     "grpo": ["posttrain.num_generations=2", "posttrain.max_new_tokens=4"],
     "ppo": ["posttrain.max_new_tokens=4", "posttrain.num_ppo_epochs=1"],
+    "distill": ["posttrain.max_new_tokens=4"],  # the row's parent is also the teacher (self-distillation)
 }
 DEVICES = 2  # every multi-process layout runs on 2 ranks (fsdp_tp: 1 x 2; hsdp: 2 replicas of 1)
 WSD_BRANCHES = "schedule.branches=[0.5]"
@@ -145,12 +146,14 @@ class Combination:
             return [*out, *PRETRAIN_DATA, *architecture_overrides(self.architecture)]
         if parent is None:
             raise ValueError(f"{self.id}: post-training needs the parent run of row {self.row}")
-        return [*out, f"posttrain={self.stage}", f"init_from={parent}", *POSTTRAIN_DATA,
+        teacher = [f"posttrain.teacher={parent}"] if self.stage == "distill" else []
+        return [*out, f"posttrain={self.stage}", f"init_from={parent}", *teacher, *POSTTRAIN_DATA,
                 *METHOD_ARGS.get(self.stage, []), f"posttrain.lora.enabled={str(self.lora).lower()}"]
 
     def command_line(self) -> str:
         """The overrides as a user would type them (the parent shown as <parent>)."""
-        return " ".join(o if not o.startswith("init_from=") else "init_from=<parent>" for o in self.overrides(Path("-")))
+        return " ".join(o if not o.startswith(("init_from=", "posttrain.teacher=")) else o.split("=")[0] + "=<parent>"
+                        for o in self.overrides(Path("-")))
 
 
 def combinations() -> list[Combination]:

@@ -28,6 +28,7 @@ REQUIRED = {
     ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
     # Post-training starts from a trained model (validate reads no files: any path will do here).
     **{("posttrain", m): ["init_from=runs/base"] for m in ("sft", "reward", "dpo", "ppo", "grpo")},
+    ("posttrain", "distill"): ["posttrain.teacher=runs/teacher"],  # a fresh student needs no init_from
 }
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))

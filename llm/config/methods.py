@@ -42,6 +42,13 @@ class RewardScaling(Choice):  # GRPO: what the advantages are divided by
     none = "none"
 
 
+class Divergence(Choice):  # distillation: what the student's distribution is pulled toward the teacher's by
+    forward_kl = "forward_kl"  # KL(teacher || student)
+    reverse_kl = "reverse_kl"  # KL(student || teacher)
+    jsd = "jsd"  # TRL's generalized JSD (beta 0: forward KL, 1: reverse KL)
+    tv = "tv"  # total variation
+
+
 class LossAggregation(Choice):  # GRPO: mean over all tokens, or per sequence then over sequences
     token = "token"
     sequence = "sequence"
@@ -170,6 +177,22 @@ class GRPOConfig(OnPolicyConfig):
     num_iterations: int = at_least(1, 1, high=1024)  # optimizer steps per rollout
 
 
+@dataclass
+class DistillConfig(PostTrainConfig):
+    """Distillation from a frozen teacher over SFT rows (TRL's GKDTrainer: on-policy fraction `lmbda`,
+    generalized JSD `beta`, one `temperature` for the loss and the sampling)."""
+
+    _target_: str = "llm.stages.distill.DistillModule"
+    teacher: Optional[str] = None  # <run directory | run id | checkpoint | HF folder> sharing the student's tokenizer
+    divergence: Divergence = Divergence.jsd
+    beta: float = unit_interval(0.5)  # divergence=jsd: 0 = forward KL, 1 = reverse KL, between: generalized JSD
+    temperature: float = positive(0.9, high=100)  # divides student and teacher logits (and the sampling's)
+    lmbda: float = unit_interval(0.5)  # share of batches whose completions the student samples (on-policy)
+    max_new_tokens: int = at_least(1, 16, high=2**16)  # on-policy completions: at most this many tokens
+    top_k: Optional[int] = at_least(1, None, high=2**24, null="for the teacher's full distribution")  # teacher's top-k, renormalised
+    nll_weight: float = at_least(0, 0.0, high=COEF_MAX)  # adds nll_weight x the next-token loss on the rows' completions
+
+
 # posttrain option -> its config.
 METHODS: dict[str, type] = {"none": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
-                            "ppo": PPOConfig, "grpo": GRPOConfig}
+                            "ppo": PPOConfig, "grpo": GRPOConfig, "distill": DistillConfig}

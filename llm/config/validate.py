@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm import fields
-from llm.config.methods import METHODS, OnPolicyConfig, PostTrainConfig, PretrainConfig, SFTConfig
+from llm.config.methods import METHODS, DistillConfig, OnPolicyConfig, PostTrainConfig, PretrainConfig, SFTConfig
 from llm.config.schema import (
     SCHEMAS,
     TARGET_NODES,
@@ -580,19 +580,20 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     if not isinstance(method, PostTrainConfig):
         return problems
     stage = {schema: name for name, schema in METHODS.items()}[type(method)]
-    if not t.run.init_from:
+    if not t.run.init_from and not isinstance(method, DistillConfig):  # a student may start fresh
         problems.append(f"init_from: posttrain={stage} starts from a trained model; give "
                         "init_from=<run directory | run id | checkpoint file> (e.g. a pretraining run)")
     tp = getattr(t.parallelism, "tensor_parallel", 1) or 1
     if method.lora.enabled and tp > 1:
         problems.append(f"posttrain.lora.enabled=true with parallelism.tensor_parallel={tp}: LoRA adapters have no "
                         "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
-    if isinstance(method, OnPolicyConfig) and tp > 1:
+    samples = isinstance(method, OnPolicyConfig) or (isinstance(method, DistillConfig) and method.lmbda > 0)
+    if samples and tp > 1:
         problems.append(f"posttrain={stage} with parallelism.tensor_parallel={tp}: rollouts decode with a KV cache of "
                         "every K/V head, which a tensor-parallel rank does not hold; allowed: parallelism=single, ddp, "
                         "fsdp or hsdp (tensor_parallel=1)")
     ep = getattr(t.parallelism, "expert_parallel", 1) or 1
-    if isinstance(method, OnPolicyConfig) and ep > 1 and isinstance(t.parallelism, DDPSchema):
+    if samples and ep > 1 and isinstance(t.parallelism, DDPSchema):
         problems.append(f"posttrain={stage} with parallelism=ddp and parallelism.expert_parallel={ep}: each decoding "
                         "step exchanges tokens between the ranks, so the ranks must decode in lockstep, which "
                         "rollouts do only under FSDP; allowed: parallelism=fsdp with expert_parallel, or "
@@ -604,7 +605,7 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     if data.format is not None:
         from llm.data.formats import KINDS
 
-        module_kind = {"sft": "sft", "reward": "preference", "dpo": "preference"}.get(stage, "prompt")
+        module_kind = {"sft": "sft", "distill": "sft", "reward": "preference", "dpo": "preference"}.get(stage, "prompt")
         if data.format not in KINDS[module_kind]:
             problems.append(f"posttrain.data.format={data.format!r}: posttrain={stage} reads {module_kind} rows; "
                             f"allowed: {_allowed(KINDS[module_kind])}, or null (detected from the rows)")
@@ -612,6 +613,22 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
         problems += _task_problems(data.tasks, "posttrain.data.tasks")
     if isinstance(method, OnPolicyConfig):
         problems += _on_policy_problems(method, stage, t)
+    if isinstance(method, DistillConfig):
+        problems += _distill_problems(method)
+    return problems
+
+
+def _distill_problems(method: Any) -> list[str]:
+    problems = []
+    if not method.teacher:
+        problems.append("posttrain.teacher: posttrain=distill learns from a teacher; give posttrain.teacher=<run "
+                        "directory | run id | checkpoint file | Hugging Face folder> sharing the student's tokenizer")
+    reverse = method.divergence == "reverse_kl" or (method.divergence == "jsd" and method.beta == 1.0)
+    if method.top_k is not None and reverse:
+        what = "divergence=reverse_kl" if method.divergence == "reverse_kl" else "divergence=jsd with beta=1"
+        problems.append(f"posttrain.top_k={method.top_k}: a top-k teacher gives the other tokens probability 0, where "
+                        f"the reverse KL (posttrain.{what}) is infinite; allowed: null with it, or "
+                        "divergence=forward_kl, tv, or jsd with beta < 1")
     return problems
 
 

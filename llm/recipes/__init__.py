@@ -11,11 +11,13 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from llm.recipes.base import Recipe, StageData
+from llm.recipes.distill import Distill
 from llm.recipes.posttrain import OnPolicy, PostTrain
 from llm.recipes.pretrain import Pretrain
 
 # (module base class, recipe), most specific first.
 RECIPES: tuple[tuple[str, type[Recipe]], ...] = (
+    ("llm.stages.distill.DistillModule", Distill),
     ("llm.stages.grpo.OnPolicyModule", OnPolicy),
     ("llm.stages.posttrain.PostTrainModule", PostTrain),
     ("llm.stages.pretrain.PretrainModule", Pretrain),

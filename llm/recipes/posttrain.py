@@ -86,7 +86,7 @@ class PostTrain(Recipe):
         from llm.data.posttrain_datamodule import build_posttrain_data
         from llm.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(self.parent.tokenizer_path, "init_from")
+        tokenizer = Tokenizer.load(self.tokenizer_path(), "init_from")
         data = settings.data
         datamodule, eval_rows, line = build_posttrain_data(self.method.data, self.module_class.data_kind, tokenizer,
                                                            data.seq_len, data.micro_batch_size, data.val_batches,
@@ -101,7 +101,15 @@ class PostTrain(Recipe):
                                f"validation batch(es) of data.micro_batch_size={data.micro_batch_size}, but each of the "
                                f"{ranks} data-parallel ranks needs one; give more held-out rows (posttrain.data.n_val, "
                                "val_source or val_fraction) or a smaller micro batch"])
-        return StageData(tokenizer, datamodule, {**self.parent.facts(), "posttrain_data": line}, eval_rows)
+        return StageData(tokenizer, datamodule, {**self.parent_facts(), "posttrain_data": line}, eval_rows)
+
+    def tokenizer_path(self) -> Path:
+        """The tokenizer the stage's data is read with: the parent's."""
+        return self.parent.tokenizer_path
+
+    def parent_facts(self) -> dict[str, Any]:
+        """What summary.json and W&B record about where the stage started."""
+        return self.parent.facts()
 
     def module_arguments(self, data: StageData) -> dict[str, Any]:
         return {"parent": self.parent, "tokenizer": data.tokenizer}

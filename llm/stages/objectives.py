@@ -19,6 +19,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -493,3 +494,104 @@ def grpo_loss(
     metrics["clip_ratio/high_mean"] = masked_mean(high.float(), mask).detach()
     metrics["clip_ratio/region_mean"] = masked_mean((low | high).float(), mask).detach()
     return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation (TRL's GKDTrainer conventions)
+# --------------------------------------------------------------------------------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
+
+
+def _kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """KL(p || q) per position over the last axis, with 0 log 0 = 0 (p may be exactly 0 where a
+    top-k teacher dropped a token): sum_v p_v (log p_v - log q_v)."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), 0.0).sum(-1)
+
+
+def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(teacher || student) at each position (..., V) -> (...): mass-covering; TRL's beta = 0."""
+    return _kl(teacher_logp, student_logp)
+
+
+def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """KL(student || teacher) at each position: mode-seeking; TRL's beta = 1. Infinite where the
+    student puts mass on a token the teacher gives probability 0 (hence no top-k teacher)."""
+    return _kl(student_logp, teacher_logp)
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.5) -> Tensor:
+    """TRL's `generalized_jsd_loss` at each position, log-probs (..., V) -> (...):
+
+        M = beta teacher + (1 - beta) student
+        JSD_beta = beta KL(teacher || M) + (1 - beta) KL(student || M)
+
+    beta = 0 and beta = 1 are TRL's special cases, the forward and the reverse KL (the formula
+    itself would vanish there); beta = 0.5 is the symmetric Jensen-Shannon divergence."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized JSD beta={beta}: must lie in [0, 1]")
+    if beta == 0.0:
+        return forward_kl(student_logp, teacher_logp)
+    if beta == 1.0:
+        return reverse_kl(student_logp, teacher_logp)
+    mixture = torch.logsumexp(torch.stack([student_logp + math.log(1 - beta), teacher_logp + math.log(beta)]), dim=0)
+    return beta * _kl(teacher_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
+
+
+def total_variation(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
+    """Total variation distance at each position: 1/2 sum_v |student_v - teacher_v|, in [0, 1]."""
+    return 0.5 * (student_logp.exp() - teacher_logp.exp()).abs().sum(-1)
+
+
+def token_divergence(student_logp: Tensor, teacher_logp: Tensor, divergence: str, beta: float = 0.5) -> Tensor:
+    """The chosen divergence (one of DIVERGENCES) at each position."""
+    if divergence == "forward_kl":
+        return forward_kl(student_logp, teacher_logp)
+    if divergence == "reverse_kl":
+        return reverse_kl(student_logp, teacher_logp)
+    if divergence == "jsd":
+        return generalized_jsd(student_logp, teacher_logp, beta)
+    if divergence == "tv":
+        return total_variation(student_logp, teacher_logp)
+    raise ValueError(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
+
+
+def teacher_log_probs(teacher_logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None) -> Tensor:
+    """The teacher's log-probabilities at `temperature`: (..., V) -> (..., V). With `top_k`, only
+    its k most likely tokens per position keep their mass, renormalised over those k; every other
+    token gets log-probability -inf (probability 0). k >= V is the full distribution."""
+    scores = teacher_logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        values, indices = scores.topk(top_k, dim=-1)
+        kept = torch.full_like(scores, float("-inf")).scatter(-1, indices, values)
+        return F.log_softmax(kept, dim=-1)
+    return F.log_softmax(scores, dim=-1)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+) -> tuple[Tensor, Ratio]:
+    """The mean divergence between student and teacher over the completion tokens, as TRL's
+    GKDTrainer computes it: (B, T, V), (B, T, V), (B, T) -> (loss, Ratio(sum, tokens)).
+
+    Both logits are divided by `temperature` before their softmax (TRL divides both). Positions
+    follow the next-token alignment: `logits[:, t]` is compared where `labels[:, t + 1]` is not
+    IGNORE_INDEX (the prompt, template and padding are not distilled), and the loss is the sum
+    over those positions divided by their number (TRL's "batchmean" with labels). The teacher's
+    logits carry no gradient. `top_k` keeps the teacher's k most likely tokens per position
+    (`teacher_log_probs`). The Ratio is the metric summed over processes as TRL gathers it."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
+    with torch.no_grad():
+        teacher = teacher_log_probs(teacher_logits[:, :-1][scored].detach(), temperature, top_k)
+    per_token = token_divergence(student, teacher, divergence, beta)
+    total, count = per_token.sum(), scored.sum()
+    loss = total / count.clamp(min=1)
+    return loss, Ratio(total.detach(), count)

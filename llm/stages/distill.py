@@ -1,0 +1,167 @@
+"""Distillation: a student learns a frozen teacher's next-token distribution (TRL's GKDTrainer).
+
+Over the same rows as SFT, the loss is a divergence between the student's and the teacher's
+distributions at every completion token (forward KL, reverse KL, TRL's generalized JSD with
+`beta`, or total variation; both logits divided by `temperature`), plus optionally `nll_weight` x
+the ordinary next-token loss. A seeded `lmbda` share of the training batches is on-policy (GKD):
+the student samples completions of the batch's prompts (llm.stages.rollout) and the teacher
+scores those instead of the rows' own completions.
+
+The teacher stays frozen, in eval mode and whole on every rank (like DPO's reference); it is not
+a submodule of the LightningModule, so it is neither in the optimizer nor in the checkpoints.
+
+Logged: `train/loss`, TRL's SFT metrics (`mean_token_accuracy`, `num_tokens`), `distill_loss`
+(the divergence), `nll_loss`, `on_policy_fraction` (share of the batches so far that were
+on-policy), and under `val/` the divergence on held-out rows as `val/loss` with `val/nll_loss`
+and its perplexity `val/ppl` (comparable with an SFT run's)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from llm.config.methods import DistillConfig
+from llm.config.validate import method_arguments
+from llm.stages.objectives import IGNORE_INDEX, Metrics, distillation_loss, token_accuracy
+from llm.stages.posttrain import SupervisedModule, masked_lm_loss
+from llm.stages.rollout import sample_rollout
+
+
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether training step `step` samples its completions from the student: a Bernoulli(lmbda)
+    draw seeded by (seed, step), so the share of on-policy steps is `lmbda` in expectation, the
+    same on every rank (they sample in lockstep) and again on a resume. 0: never, 1: always."""
+    if lmbda <= 0.0:
+        return False
+    if lmbda >= 1.0:
+        return True
+    draw = torch.rand((), generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    return bool(draw < lmbda)
+
+
+def prompts_of(batch: dict[str, Tensor]) -> list[list[int]]:
+    """Each row's prompt: its tokens before the first trained label (at least one token)."""
+    prompts = []
+    for tokens, labels in zip(batch["tokens"].tolist(), batch["labels"].tolist()):
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        prompts.append(tokens[:max(first, 1)])
+    return prompts
+
+
+class DistillModule(SupervisedModule):
+    stage = "distill"
+    data_kind = "sft"
+    counts_tokens = True
+    # On-policy batches score the student's own samples: their loss swings with what it sampled.
+    loss_spikes_are_faults = False
+
+    def __init__(self, *args: Any, teacher: Optional[str] = None, divergence: str = "jsd", beta: float = 0.5,
+                 temperature: float = 0.9, lmbda: float = 0.5, max_new_tokens: int = 16, top_k: Optional[int] = None,
+                 nll_weight: float = 0.0, **kwargs: Any):
+        c = method_arguments(DistillConfig, kwargs, teacher=teacher, divergence=divergence, beta=beta,
+                             temperature=temperature, lmbda=lmbda, max_new_tokens=max_new_tokens, top_k=top_k,
+                             nll_weight=nll_weight)
+        super().__init__(*args, **kwargs)
+        self.divergence, self.beta, self.temperature = c.divergence, c.beta, c.temperature
+        self.lmbda, self.max_new_tokens, self.top_k, self.nll_weight = c.lmbda, c.max_new_tokens, c.top_k, c.nll_weight
+        self.teacher_source: Any = None  # llm.checkpoint.Parent of posttrain.teacher, set by the run
+        self.on_policy_steps = 0
+        self.steps_seen = 0
+
+    # --- the frozen teacher --------------------------------------------------------------------
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self.__dict__.get("_teacher")
+
+    def set_teacher(self, network: nn.Module) -> None:
+        # Held outside nn.Module's registry (which `self.x = module` would use): no optimizer, no
+        # checkpoint, no DDP/FSDP wrapping, and Lightning's train() never reaches it (it stays in eval mode).
+        self.__dict__["_teacher"] = network.requires_grad_(False).eval()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.teacher is None and self.teacher_source is not None:
+            self.set_teacher(self.teacher_source.load(value_head=False))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def teacher_logits(self, tokens: Tensor, positions: Optional[Tensor] = None,
+                       mask: Optional[Tensor] = None) -> Tensor:
+        if self.teacher is None:
+            raise RuntimeError("posttrain=distill: no teacher network (set teacher_source before configure_model)")
+        with torch.no_grad():
+            return self.teacher(tokens) if positions is None else self.teacher(tokens, positions, mask=mask)
+
+    # --- the loss ------------------------------------------------------------------------------
+
+    def divergence_loss(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
+        return distillation_loss(student_logits, teacher_logits, labels, self.divergence, self.beta, self.temperature,
+                                 self.top_k)
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        """The rows' own completions, scored by student and teacher (validation, off-policy steps)."""
+        logits = self.logits(self.model, batch)
+        divergence, ratio = self.divergence_loss(logits, self.teacher_logits(batch["tokens"]), batch["labels"])
+        nll = masked_lm_loss(logits, batch["labels"])
+        loss = divergence + self.nll_weight * nll if self.nll_weight else divergence
+        metrics: Metrics = {"distill_loss": ratio, "nll_loss": nll.detach()}
+        if self.wants_metrics():
+            metrics["mean_token_accuracy"] = token_accuracy(logits, batch["labels"])
+        return loss, metrics
+
+    def on_policy_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Metrics]:
+        """GKD's on-policy batch: the student samples completions of the rows' prompts at the
+        loss's temperature; the divergence is taken on those. The next-token term (nll_weight)
+        still reads the rows' own completions."""
+        sharded = bool(getattr(self.parallelism, "sharded_checkpoints", False))
+        seed = int(self.data_config.get("seed", 0)) * 1_000_003 + self.global_step * 101 + self.global_rank
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        prompts = prompts_of(batch)
+        rollout = sample_rollout(self.model, prompts, [{}] * len(prompts), 1, self.max_new_tokens, self.temperature,
+                                 self.tokenizer.eos_id, self.tokenizer.pad_id, generator, lockstep=sharded)
+        logits = rollout.forward(self.model)
+        teacher = self.teacher_logits(rollout.tokens, rollout.positions, rollout.mask)
+        loss, ratio = self.divergence_loss(logits, teacher, rollout.labels)
+        metrics: Metrics = {"distill_loss": ratio, "completions/mean_length": rollout.lengths.mean()}
+        if self.nll_weight:
+            nll = masked_lm_loss(self.logits(self.model, batch), batch["labels"])
+            loss = loss + self.nll_weight * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        seed = int(self.data_config.get("seed", 0))
+        on_policy = on_policy_step(seed, self.global_step, self.lmbda)
+        self.steps_seen += 1
+        self.on_policy_steps += int(on_policy)
+        loss, metrics = self.on_policy_loss(batch) if on_policy else self.step(batch)
+        # The ranks agree on `on_policy` (same seed and step), so they log the same names, as the
+        # all-reduce of reduce_over_processes needs.
+        metrics["on_policy_fraction"] = torch.tensor(self.on_policy_steps / self.steps_seen)
+        self.count_tokens(batch["mask"])
+        metrics["num_tokens"] = self.num_tokens
+        self.log_progress(loss)
+        self.log_metrics("train/", metrics)
+        return loss + self.router_loss()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics = self.step(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_metrics("val/", metrics)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """The student's perplexity on the held-out completions (its next-token loss), comparable
+        with an SFT run's `val/ppl`; `val/loss` is the distillation objective."""
+        nll = self.trainer.callback_metrics.get("val/nll_loss")
+        if nll is not None:
+            self.log("val/ppl", math.exp(min(float(nll), 50.0)), sync_dist=True)
