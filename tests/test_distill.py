@@ -88,6 +88,10 @@ def test_temperature_divides_both_logits_and_the_loss_is_a_mean_over_completion_
     second = float(forward_kl(F.log_softmax(student[0, 1], -1), F.log_softmax(teacher[0, 1], -1)))
     loss, ratio = distillation_loss(s3, t3, both, "forward_kl")
     assert loss.item() == pytest.approx((FORWARD + second) / 2, abs=1e-5) and int(ratio.count) == 2
+    # A prompt or padding label (IGNORE_INDEX) after the first position leaves its position out.
+    padded = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
+    loss, ratio = distillation_loss(s3, t3, padded, "forward_kl")
+    assert loss.item() == pytest.approx(FORWARD, abs=1e-6) and int(ratio.count) == 1
 
 
 def test_a_top_k_teacher_keeps_k_tokens_renormalised_and_k_equal_to_vocab_is_the_full_teacher():

@@ -589,12 +589,14 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
                         "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
     samples = isinstance(method, OnPolicyConfig) or (isinstance(method, DistillConfig) and method.lmbda > 0)
     if samples and tp > 1:
-        problems.append(f"posttrain={stage} with parallelism.tensor_parallel={tp}: rollouts decode with a KV cache of "
-                        "every K/V head, which a tensor-parallel rank does not hold; allowed: parallelism=single, ddp, "
-                        "fsdp or hsdp (tensor_parallel=1)")
+        what, fix = (f"posttrain={stage}", "") if isinstance(method, OnPolicyConfig) else \
+            (f"posttrain.lmbda={method.lmbda} (on-policy distillation)", "posttrain.lmbda=0 (off-policy only), or ")
+        problems.append(f"{what} with parallelism.tensor_parallel={tp}: rollouts decode with a KV cache of "
+                        f"every K/V head, which a tensor-parallel rank does not hold; allowed: {fix}parallelism=single, "
+                        "ddp, fsdp or hsdp (tensor_parallel=1)")
     ep = getattr(t.parallelism, "expert_parallel", 1) or 1
     if samples and ep > 1 and isinstance(t.parallelism, DDPSchema):
-        problems.append(f"posttrain={stage} with parallelism=ddp and parallelism.expert_parallel={ep}: each decoding "
+        problems.append(f"posttrain={stage}{' (lmbda > 0)' if stage == 'distill' else ''} with parallelism=ddp and parallelism.expert_parallel={ep}: each decoding "
                         "step exchanges tokens between the ranks, so the ranks must decode in lockstep, which "
                         "rollouts do only under FSDP; allowed: parallelism=fsdp with expert_parallel, or "
                         "expert_parallel=1")

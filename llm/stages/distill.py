@@ -125,8 +125,11 @@ class DistillModule(SupervisedModule):
         sharded = bool(getattr(self.parallelism, "sharded_checkpoints", False))
         seed = int(self.data_config.get("seed", 0)) * 1_000_003 + self.global_step * 101 + self.global_rank
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        prompts = prompts_of(batch)
-        rollout = sample_rollout(self.model, prompts, [{}] * len(prompts), 1, self.max_new_tokens, self.temperature,
+        # Prompt + completion fit the model's context (an absolute position table ends there): long
+        # prompts keep their last tokens. The same on every rank, so the ranks sample in lockstep.
+        budget = min(self.max_new_tokens, self.model_config.max_seq_len - 1)
+        prompts = [p[-(self.model_config.max_seq_len - budget):] for p in prompts_of(batch)]
+        rollout = sample_rollout(self.model, prompts, [{}] * len(prompts), 1, budget, self.temperature,
                                  self.tokenizer.eos_id, self.tokenizer.pad_id, generator, lockstep=sharded)
         logits = rollout.forward(self.model)
         teacher = self.teacher_logits(rollout.tokens, rollout.positions, rollout.mask)
