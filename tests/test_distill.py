@@ -243,6 +243,9 @@ def test_llm_train_distills_a_teacher_into_its_student(parent, teacher, tmp_path
     assert last["train/on_policy_fraction"] == 0.5 and last["completions/mean_length"] > 0
     assert {"train/distill_loss", "train/nll_loss", "val/loss", "val/nll_loss", "val/distill_loss"} <= set(last)
     assert summary["eval/prompts"] == 2 and 0 <= summary["eval_teacher/accuracy"] <= 1
+    # val/ppl is the student's next-token perplexity, not exp of the divergence (val/loss).
+    assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/nll_loss"]), rel=1e-4)
+    assert summary["val/ppl"] > 10 * math.exp(summary["val/loss"])  # random tiny models: ppl ~ vocab size
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(k.startswith("model.") for k in checkpoint["state_dict"])  # the teacher is not saved
     assert checkpoint["llm"]["stage"] == "distill"
@@ -300,3 +303,16 @@ def test_bad_values_and_mismatched_teachers_exit_2_naming_the_key(parent, teache
         for phrase in phrases:
             assert phrase in stderr, (phrase, stderr[-3000:])
     assert not list(tmp_path.glob("runs/*/checkpoints/*"))
+
+
+@pytest.mark.slow  # ~35 s each on 2 CPU cores (checked by hand when added: both completed)
+@pytest.mark.parametrize("parallelism,lmbda", [("ddp", 1.0), ("fsdp", 0.5)])
+def test_distill_runs_on_two_processes_sampling_in_lockstep(parallelism, lmbda, parent, teacher, tmp_path):
+    """On-policy steps under DDP and FSDP: every rank draws the same steps, so their sampling (and,
+    under FSDP, its weight gathers) and the metrics' all-reduces line up; the teacher stays whole."""
+    result = run_cli(["posttrain=distill", f"init_from={parent}", f"posttrain.teacher={teacher}",
+                      f"parallelism={parallelism}", "trainer.devices=2", *CLI_TINY, *DISTILL_ARGS,
+                      f"posttrain.lmbda={lmbda}"], cwd=tmp_path)
+    _, summary = completed_run(result, tmp_path)
+    assert (summary["world_size"], summary["steps_done"]) == (2, 2)
+    assert summary["last_metrics"]["train/on_policy_fraction"] == lmbda

@@ -12,6 +12,7 @@ model of the `model` group on the teacher's tokenizer.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -114,6 +115,12 @@ class Distill(PostTrain):
                 after = evaluate_answers(model, data.tokenizer, data.eval_rows, self.eval_reward(cfg),
                                          self.method.data.eval_max_new_tokens)
                 out.update({**{f"eval/{k}": v for k, v in after.items()}, "eval/prompts": len(data.eval_rows)})
+        # summary.json's val/ppl is exp(val/loss), here the divergence's: the student's perplexity
+        # (the last val/ppl it logged, from val/nll_loss) is what compares with an SFT or scratch run.
+        last = out["last_metrics"]
+        if "val/nll_loss" in last:
+            out["val/nll_loss"] = last["val/nll_loss"]
+            out["val/ppl"] = last.get("val/ppl", math.exp(min(last["val/nll_loss"], 50.0)))
         if data.eval_rows:
             teacher = evaluate_answers(self.teacher.load(value_head=False).eval(), data.tokenizer, data.eval_rows,
                                        self.eval_reward(cfg), self.method.data.eval_max_new_tokens)
@@ -121,6 +128,12 @@ class Distill(PostTrain):
             log.info(f"held-out greedy answers: teacher exact match {teacher['accuracy']:.3f}, student "
                      f"{out['eval/accuracy']:.3f}")
         return out
+
+
+    def done_line(self, summary: dict[str, Any]) -> str:
+        line = f"val/loss {summary['val/loss']:.4f}"
+        return line + (f" (student next-token loss {summary['val/nll_loss']:.4f}, ppl {summary['val/ppl']:.1f})"
+                       if "val/nll_loss" in summary else "")
 
 
 def tokenizer_hash(path: Path) -> str:
