@@ -316,3 +316,29 @@ def test_distill_runs_on_two_processes_sampling_in_lockstep(parallelism, lmbda, 
     _, summary = completed_run(result, tmp_path)
     assert (summary["world_size"], summary["steps_done"]) == (2, 2)
     assert summary["last_metrics"]["train/on_policy_fraction"] == lmbda
+
+
+def test_a_hugging_face_folder_teaches_and_a_differently_padded_vocabulary_is_refused(parent, tokenizer, tmp_path,
+                                                                                     single_thread):
+    """A transformers folder (weights and tokenizer) is a teacher like a run; a teacher on the same
+    tokenizer whose logits have another width (pad_vocab_to=1: 259 entries, not 320) is refused."""
+    pytest.importorskip("safetensors")
+    from llm.config import ConfigError
+    from llm.interop import export_hf
+
+    torch.manual_seed(6)
+    model = Transformer(ModelConfig(**TEACHER_SHAPE, vocab_size=tokenizer.vocab_size))
+    folder = export_hf(model, tmp_path / "hf", tokenizer)
+    built = build_distill(parent, folder, tmp_path / "a")
+    module = built["module"]
+    module.configure_model()
+    for name, weight in module.teacher.state_dict().items():
+        torch.testing.assert_close(weight, model.state_dict()[name], rtol=0, atol=0)
+    module.eval()
+    loss, _ = module.step(next(iter(built["datamodule"].train_dataloader())))
+    assert loss.item() > 0 and math.isfinite(loss.item())
+
+    narrow = ModelConfig(**TEACHER_SHAPE, vocab_size=tokenizer.vocab_size, pad_vocab_to=1)
+    other = save_run(tmp_path / "runs" / "narrow", Transformer(narrow), narrow, tokenizer, "sft")
+    with pytest.raises(ConfigError, match=r"posttrain.teacher=.*its logits have 259 entries .* the student's 320"):
+        build_distill(parent, other, tmp_path / "b")
