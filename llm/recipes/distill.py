@@ -98,7 +98,10 @@ class Distill(PostTrain):
     def lineage(self) -> Optional[tuple[Path, Optional[Path]]]:
         if self.parent is not None:
             return super().lineage()
-        return (self.teacher.ref.path, self.teacher.ref.run_dir) if self.teacher is not None else None
+        # A fresh student's one parent is its teacher, when that is a run (an HF folder has no run.json).
+        if self.teacher is None or self.teacher.ref.run_dir is None:
+            return None
+        return self.teacher.ref.path, self.teacher.ref.run_dir
 
     def finish(self, cfg: DictConfig, run_dir: RunDir, data: StageData, summary: dict[str, Any]) -> dict[str, Any]:
         """As SFT's (held-out greedy answers before and after; a fresh student has no before),
