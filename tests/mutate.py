@@ -260,23 +260,27 @@ class Worker:
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(self.root)], input=archive, check=True)
 
-    def pytest(self, tests: list[str], timeout: float) -> tuple[str, float]:
+    def pytest(self, tests: list[str], timeout: float) -> tuple[str, float, str]:
+        """(passed|failed|timeout, seconds, the first test that failed)."""
         tests = [t for t in tests if (self.root / t.split("::")[0]).exists()]  # an older suite may lack some
         if not tests:
             raise SystemExit(f"error: none of the mapped test files exist in {self.root}")
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                   "-m", "not slow", *tests], cwd=self.root, env=self.env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
+                                   "-m", "not slow", *tests], cwd=self.root, env=self.env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return "timeout", time.perf_counter() - start
+            return "timeout", time.perf_counter() - start, ""
         seconds = time.perf_counter() - start
         if proc.returncode == 5:
             raise SystemExit(f"error: pytest collected no tests from {tests}")
-        return ("passed" if proc.returncode == 0 else "failed"), seconds
+        if proc.returncode == 0:
+            return "passed", seconds, ""
+        failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+        return "failed", seconds, failed[0] if failed else f"pytest exit {proc.returncode}"
 
-    def run(self, mutant: Mutant, tests: list[str], timeout: float) -> tuple[str, float]:
+    def run(self, mutant: Mutant, tests: list[str], timeout: float) -> tuple[str, float, str]:
         target = self.root / mutant.path
         original = target.read_text()
         target.write_text(mutated_source(original, mutant.index))
@@ -364,20 +368,27 @@ def main(argv: list[str] | None = None) -> None:
             workers.put(Worker(Path(tmp) / f"w{i}", args.rev, args.tests_rev))
         # The unmutated tests must pass (in a copy, as the mutants run) and give the timeout.
         baseline: dict[tuple[str, ...], float] = {}
-        for tests in {tuple(args.tests or tests_for(m.path)) for ms in chosen.values() for m in ms}:
+
+        def run_baseline(tests: tuple[str, ...]) -> None:
             worker = workers.get()
-            outcome, seconds = worker.pytest(list(tests), timeout=3600)
-            workers.put(worker)
+            try:
+                outcome, seconds, failed = worker.pytest(list(tests), timeout=3600)
+            finally:
+                workers.put(worker)
             if outcome != "passed":  # no mutant can be judged by tests that already fail
-                log.error("the unmutated tests fail (%s); their mutants are left out: %s", outcome, " ".join(tests))
-                continue
+                log.error("the unmutated tests fail (%s %s); their mutants are left out: %s", outcome, failed,
+                          " ".join(tests))
+                return
             baseline[tests] = seconds
             log.info("baseline %.1f s: %s", seconds, " ".join(tests))
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(run_baseline, {tuple(args.tests or tests_for(m.path)) for ms in chosen.values() for m in ms}))
         for target in chosen:
             chosen[target] = [m for m in chosen[target] if tuple(args.tests or tests_for(m.path)) in baseline]
 
         todo = [m for ms in chosen.values() for m in ms]
-        results: dict[Mutant, tuple[str, float]] = {}
+        results: dict[Mutant, tuple[str, float, str]] = {}
 
         def run(m: Mutant) -> None:
             tests = tuple(args.tests or tests_for(m.path))
@@ -386,9 +397,9 @@ def main(argv: list[str] | None = None) -> None:
                 results[m] = worker.run(m, list(tests), timeout=2 * baseline[tests] + 60)
             finally:
                 workers.put(worker)
-            outcome, seconds = results[m]
+            outcome, seconds, killer = results[m]
             log.info("[%d/%d] %s: %s (%.0f s)", len(results), len(todo), m.name,
-                     "survived" if outcome == "passed" else f"killed ({outcome})", seconds)
+                     "survived" if outcome == "passed" else f"killed ({outcome} {killer})".rstrip(), seconds)
 
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run, todo))
@@ -402,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
             "killed": killed, "score": killed / max(1, len(mutants)), "interval95": [low, high],
             "tests": sorted({t for m in mutants for t in (args.tests or tests_for(m.path))}),
             "survivors": [asdict(m) for m in mutants if results[m][0] == "passed"],
-            "killed_mutants": [asdict(m) for m in mutants if results[m][0] != "passed"]})
+            "killed_mutants": [{**asdict(m), "by": results[m][0] if results[m][0] == "timeout" else results[m][2]}
+                               for m in mutants if results[m][0] != "passed"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["| target | mutants | run | killed | score (95% interval) |", "|---|---|---|---|---|"]
