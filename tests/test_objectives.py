@@ -395,6 +395,10 @@ def test_grpo_loss_token_and_sequence_aggregation_on_policy():
     assert approx(loss, -(3 * 1.0 + 1 * -1.0) / 8)
     with pytest.raises(ValueError, match="token, sequence"):
         grpo_loss(logp, logp, advantages, mask, aggregation="mean")
+    # One completion token in the batch: its loss is -A, divided by 1; none at all: 0, not NaN.
+    one = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]])
+    assert approx(grpo_loss(logp, logp.detach(), advantages, one)[0], 1.0)
+    assert approx(grpo_loss(logp, logp.detach(), advantages, torch.zeros_like(mask))[0], 0.0)
 
 
 def test_grpo_loss_clips_and_penalises_kl_by_hand():

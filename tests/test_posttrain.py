@@ -513,8 +513,9 @@ def test_methods_bring_trls_learning_rates_and_the_command_line_wins(tmp_path):
 def test_a_method_config_validates_with_the_parents_architecture(parent, tmp_path):
     overrides = ["posttrain=grpo", f"init_from={parent}", "model=small", "model.dropout=0.1"]
     cfg = compose_train(overrides, tmp_path)
-    with pytest.raises(ConfigError, match="model=small: the architecture comes from init_from"):
+    with pytest.raises(ConfigError, match="model=small: the architecture comes from init_from") as refused:
         recipe_for(cfg).prepare(cfg, overrides)
+    assert "whose checkpoint has n_layers=2, d_model=32, n_heads=" in str(refused.value)  # the parent's shape
     overrides = overrides[:2] + overrides[3:]  # dropout is not architecture: the command line may set it
     cfg = compose_train(overrides, tmp_path)
     cfg = recipe_for(cfg).prepare(cfg, overrides)
