@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -479,6 +480,9 @@ def test_moe_run_logs_router_metrics_and_counts_active_parameters(tmp_path, monk
         assert r["train/moe/z_loss"] > 0 and r["train/moe/load_cv"] >= 0 and 0 <= r["train/moe/dropped_frac"] < 1
         loads = [r[f"train/moe/load/layer{i}/expert{j}"] for i in range(2) for j in range(4)]
         assert sum(loads) == pytest.approx(2.0)  # each layer's fractions sum to 1
+        # load_cv: each layer's std / mean of its experts' loads (population std), averaged
+        cvs = [float(np.std(loads[i * 4:(i + 1) * 4]) / np.mean(loads[i * 4:(i + 1) * 4])) for i in range(2)]
+        assert r["train/moe/load_cv"] == pytest.approx(sum(cvs) / 2, rel=1e-5)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["params_active"] < summary["params_total"] == summary["N"]
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, max_seq_len=256, vocab_size=summary["vocab_size"],
