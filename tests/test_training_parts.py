@@ -42,6 +42,14 @@ def test_wsd_is_flat_then_decays_over_its_last_fraction():
     assert Constant(warmup=0.0)(0, 10) == 1.0
 
 
+def test_wsd_branch_points_by_hand():
+    """Each branch leaves the stable phase decay_fraction of its length before its own end."""
+    s = WSD(decay_fraction=0.2, branches=[0.5, 0.25, 0.004])
+    # sorted: 0.004 of 100 rounds to 0 steps, so that branch ends after step 1 with no decay phase
+    assert s.branch_points(100) == [(1, 1), (25 - 5, 25), (50 - 10, 50)]
+    assert s.branch_points(1000) == [(4, 4), (250 - 50, 250), (500 - 100, 500)]
+
+
 def test_weight_decay_only_on_matrices_not_embeddings_norms_or_biases():
     model = Transformer(tiny(bias=True, norm="layernorm", tie_embeddings=False, position=__import__(
         "llm.model", fromlist=["PositionConfig"]).PositionConfig(kind="learned")))
