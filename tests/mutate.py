@@ -52,10 +52,13 @@ DEFAULT_MODULES = ["llm/stages", "llm/generate/sampling.py", "llm/scaling/fit.py
 # The test files that exercise each module, most direct first (pytest stops at the first
 # failure). The first matching pattern wins.
 TESTS: list[tuple[str, list[str]]] = [
-    ("llm/stages/objectives.py", ["tests/test_objectives.py", "tests/test_direction.py"]),
+    ("llm/stages/objectives.py", ["tests/test_objectives.py", "tests/test_direction.py", "tests/test_distill.py"]),
     # Whole training runs (tests/test_train.py, 5 minutes) are too slow to repeat per mutant.
     ("llm/stages/pretrain.py", ["tests/test_training_parts.py", "tests/test_direction.py",
-                                "tests/test_reliability.py::test_guard_rolls_back_and_skips_nan_and_spike_batches"]),
+                                "tests/test_reliability.py::test_guard_rolls_back_and_skips_nan_and_spike_batches",
+                                "tests/test_moe.py::test_moe_run_logs_router_metrics_and_counts_active_parameters",
+                                "tests/test_trust.py::test_resume_with_another_lr_and_seq_len_takes_effect_and_counts_d_as_trained"]),
+    ("llm/stages/distill.py", ["tests/test_distill.py", "tests/test_objectives.py"]),
     ("llm/stages/optim.py", ["tests/test_training_parts.py", "tests/test_lora.py"]),
     ("llm/stages/schedule.py", ["tests/test_training_parts.py"]),
     ("llm/stages/init_from.py", ["tests/test_posttrain.py", "tests/test_lora.py"]),
