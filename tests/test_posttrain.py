@@ -9,6 +9,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
@@ -214,8 +215,9 @@ def test_each_method_changes_every_trainable_weight_and_never_the_reference(
         assert all(0 <= r["train/mean_token_accuracy"] <= 1 and 0 < r["train/entropy"] <= math.log(vocab) for r in rows)
         # TRL's num_tokens: every non-padding token trained on, cumulative; kept by a checkpoint.
         assert [r["train/num_tokens"] for r in rows][-1] == seen
-        checkpoint: dict = {"state_dict": {}}
+        checkpoint: dict = {"state_dict": dict(module.state_dict())}
         module.on_save_checkpoint(checkpoint)
+        assert checkpoint["state_dict"].keys() == module.state_dict().keys()  # without LoRA: every key
         module.num_tokens = 0
         module.on_load_checkpoint(checkpoint)
         assert module.num_tokens == seen
@@ -310,6 +312,12 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_is_base_plus_update(
     trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == adapters | value_head
+    # ...except a sharded checkpoint: torch.distributed.checkpoint loads every key back, so it keeps all.
+    parallelism, module.parallelism = module.parallelism, SimpleNamespace(sharded_checkpoints=True)
+    checkpoint = {"state_dict": dict(module.state_dict())}
+    module.on_save_checkpoint(checkpoint)
+    module.parallelism = parallelism
+    assert checkpoint["state_dict"].keys() == module.state_dict().keys()
     merged = load_trained_network(tmp_path, parent_run, built["model_config"], module.lora,
                                              method == "reward")
     assert not lora_modules(merged) and all(p.requires_grad for p in merged.parameters())
