@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llm.cli.scaling import main as scaling_main
-from llm.scaling.fit import fit_approach1, fit_approach2, fit_kaplan, isoflop_minimum, near_minimum
+from llm.scaling.fit import _with_intervals, fit_approach1, fit_approach2, fit_kaplan, isoflop_minimum, near_minimum
 from llm.scaling.laws import ParametricLaw
 from llm.scaling.points import Curve, Point
 
@@ -368,3 +368,31 @@ def test_cli_n_kind_non_embedding_takes_the_csv_column(tmp_path, capsys):
     assert non_embedding["k_D"] == pytest.approx(total["k_D"] * 2, rel=1e-9)
     assert non_embedding["a"] == pytest.approx(total["a"], abs=1e-9)
     assert non_embedding["b"] == pytest.approx(total["b"], abs=1e-9)
+
+
+def test_approach2_resamples_every_budget_of_at_least_three_sizes(monkeypatch):
+    """Three sizes are the fewest a parabola needs: such a budget is resampled with the others
+    (a budget of two sizes never has a minimum, so it is left out of the resamples)."""
+    import llm.scaling.fit as fit
+    points = isoflop_points()
+    by_budget = {C: sorted((p for p in points if p.C == C), key=lambda p: p.N) for C in sorted({p.C for p in points})}
+    budgets = list(by_budget)
+    kept = by_budget[budgets[0]] + by_budget[budgets[1]] + by_budget[budgets[2]][3:6] + by_budget[budgets[3]][3:5]
+    seen: list[set[float]] = []
+    original = fit._approach2_values
+
+    def spy(groups, window):
+        seen.append({g[0].C for g in groups})
+        return original(groups, window)
+
+    monkeypatch.setattr(fit, "_approach2_values", spy)
+    fit.fit_approach2(kept, n_bootstrap=5, seed=0, window=0)
+    assert seen[0] == set(budgets)  # the fit itself sees every budget
+    assert all(s == set(budgets[:3]) for s in seen[1:]) and len(seen) == 6  # resamples: 9, 9 and 3 sizes, not 2
+
+
+def test_intervals_are_the_2_5th_and_97_5th_percentiles_of_the_resamples():
+    samples = [{"a": float(x)} for x in range(101)]  # 0 ... 100: percentile q is q
+    estimate = _with_intervals({"a": 50.0}, samples)["a"]
+    assert (estimate.value, estimate.low, estimate.high) == (50.0, 2.5, 97.5)
+    assert _with_intervals({"a": 1.0}, [{"a": 3.0}])["a"].low is None  # one resample gives no interval
