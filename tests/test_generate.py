@@ -19,6 +19,7 @@ from llm.generate import (
     top_k_filter,
     top_p_filter,
 )
+from llm.generate.sampling import filter_logits
 from llm.generate.speculative import accept_or_resample
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.model.attention import attention_bias
@@ -215,6 +216,23 @@ def test_top_p_never_samples_outside_the_nucleus(p, nucleus):
     ids = {0: 1, 1: 3, 2: 0, 3: 2}  # rank -> id after the shuffle
     seen = set(draws(logits, temperature=1.0, top_p=p).tolist())
     assert seen == {ids[r] for r in nucleus}
+
+
+def test_top_p_at_an_exact_boundary_and_at_one():
+    # Four equal logits: exactly 0.25 each. A nucleus of 0.5 is the first two, whose mass reaches
+    # p exactly (the third's preceding mass is 0.5, not below it).
+    assert torch.isfinite(top_p_filter(torch.zeros(4), 0.5)).tolist() == [True, True, False, False]
+    # top_p=1 filters nothing, not even a token whose preceding mass rounds to 1 in float32.
+    logits = torch.tensor([20.0, 0.0])
+    assert probabilities(logits, temperature=1.0, top_p=1.0)[1] == logits.softmax(-1)[1] > 0
+
+
+def test_filter_defaults_are_the_identity_and_temperature_zero_is_refused():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    assert torch.equal(filter_logits(logits), logits)
+    torch.testing.assert_close(probabilities(logits), logits.softmax(-1))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        filter_logits(logits, temperature=0.0)
 
 
 def test_top_k_then_top_p():
