@@ -26,7 +26,7 @@ from llm.data import (
     validation_batches,
 )
 from llm.data.corpus import hash_fraction
-from llm.data.stream import stream_index
+from llm.data.stream import ShardedStream, stream_index
 from llm.tokenizer import build_tokenizer, bytes_per_token
 
 # ---------------------------------------------------------------- StdlibCorpus
@@ -446,3 +446,23 @@ def test_tensor_parallel_ranks_share_their_data_parallel_ranks_batches():
 def test_stream_index_counts_past_the_skipped_batches_by_hand(position, skip, index):
     """The `position`-th batch not skipped: each skipped index at or before it pushes it one on."""
     assert stream_index(position, skip) == index
+
+
+class _Items(ShardedStream):
+    """The bare stream: a batch is the list of its item indices."""
+
+    def collate(self, items: list[int]) -> list[int]:
+        return items
+
+
+def test_a_stream_of_one_item_repeats_it_and_of_none_is_refused():
+    assert _Items(1, micro_batch_size=3).batch(0) == [0, 0, 0]
+    with pytest.raises(ValueError, match="at least one item"):
+        _Items(0, micro_batch_size=1)
+
+
+def test_a_stream_s_defaults_are_one_rank_from_the_start_with_seed_0():
+    default, explicit = _Items(7, 2), _Items(7, 2, seed=0, rank=0, world_size=1, start=0, skip=())
+    assert [default.batch(m) for m in range(10)] == [explicit.batch(m) for m in range(10)]
+    assert next(iter(default)) == explicit.batch(0)
+    assert sorted(default.batch(0) + default.batch(1) + default.batch(2) + default.batch(3)[:1]) == list(range(7))
