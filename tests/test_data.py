@@ -459,6 +459,12 @@ def test_a_stream_of_one_item_repeats_it_and_of_none_is_refused():
     assert _Items(1, micro_batch_size=3).batch(0) == [0, 0, 0]
     with pytest.raises(ValueError, match="at least one item"):
         _Items(0, micro_batch_size=1)
+    assert _Items(3, micro_batch_size=1).batch(4) == [_Items(3, 1).permutation(1)[1]]  # one item per batch
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1, got 0"):
+        _Items(3, micro_batch_size=0)
+    assert _Items(4, 1, rank=1, world_size=2).batch(0) == [_Items(4, 1).permutation(0)[1]]  # the last rank
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got 2"):
+        _Items(4, 1, rank=2, world_size=2)
 
 
 def test_a_stream_s_defaults_are_one_rank_from_the_start_with_seed_0():

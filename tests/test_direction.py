@@ -398,6 +398,35 @@ def constant_history(loss: float = 2.0, steps: int = 8) -> tuple[LossGuard, Step
     return guard, trainer
 
 
+def test_guard_moving_mean_and_variance_by_hand():
+    # window 3: alpha = 2 / (3 + 1) = 0.5. Losses 1, 3, 2:
+    #   1 -> mean 1, var 0;  3 -> delta 2, mean 1 + 0.5 * 2 = 2, var 0.5 * (0 + 0.5 * 4) = 1;
+    #   2 -> delta 0, mean 2, var 0.5 * (1 + 0) = 0.5.  Threshold: 2 + 6 sqrt(0.5) = 6.242641.
+    guard, trainer = LossGuard(warmup_steps=3, window=3, spike_threshold=6.0), Steps()
+    for loss, (mean, var) in zip((1.0, 3.0, 2.0), ((1.0, 0.0), (2.0, 1.0), (2.0, 0.5))):
+        trainer.step(guard, loss)
+        assert (guard.mean, guard.var) == pytest.approx((mean, var))
+    trainer.step(guard, 6.24)  # just under the threshold: observed
+    with pytest.raises(GuardTripped) as tripped:
+        trainer.step(guard, 100.0)
+    mean = 2.0 + 0.5 * (6.24 - 2.0)
+    var = 0.5 * (0.5 + 0.5 * (6.24 - 2.0) ** 2)
+    assert tripped.value.event["threshold"] == pytest.approx(mean + 6 * math.sqrt(var), abs=1e-5)  # 6.24 in float32
+
+
+def test_guard_judges_a_whole_accumulated_step_from_the_first():
+    # Two micro-batches per step: the optimizer steps (global_step + 1) after the second. The
+    # guard must see 1 + 2 = 3, the first step's loss, not 1 and then 2 as two steps.
+    guard = LossGuard(warmup_steps=0, window=3, spike_threshold=None)
+    trainer = Steps()
+    trainer.accumulate_grad_batches = 2
+    guard.on_train_start(trainer, None)
+    for micro_batch, loss in enumerate((1.0, 2.0, 5.0, 5.0)):
+        trainer.global_step += micro_batch % 2  # after each step's second micro-batch
+        guard.on_train_batch_end(trainer, None, torch.tensor(loss), None, micro_batch)
+    assert guard.seen == 2 and guard.mean == pytest.approx(3.0 + 0.5 * (10.0 - 3.0))
+
+
 @pytest.mark.parametrize("loss, spike", [(2.0, False), (2.1, False), (2.119, False), (2.121, True), (2.5, True)])
 def test_guard_deviation_floor_on_a_constant_loss_by_hand(loss, spike):
     # The deviation is 0, so the floor 0.01 |mean| sets the threshold: 2 + 6 * 0.01 * 2 = 2.12.

@@ -63,6 +63,11 @@ class LossGuard(Callback):
             trainer.datamodule.skip(self.skip_batches)
         self._step_loss, self._judged_step = None, -1
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The step count the first micro-batches see until the optimizer steps (0, or a resumed
+        # run's step): judging then would split the first step's accumulated loss in two.
+        self._step_loss, self._judged_step = None, trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.enabled:
