@@ -414,6 +414,14 @@ def test_guard_moving_mean_and_variance_by_hand():
     assert tripped.value.event["threshold"] == pytest.approx(mean + 6 * math.sqrt(var), abs=1e-5)  # 6.24 in float32
 
 
+def test_a_rollback_without_a_checkpoint_goes_back_to_step_0_and_skips_the_batches(tmp_path):
+    guard, skipped = LossGuard(max_rollbacks=1), []
+    datamodule = SimpleNamespace(skip=skipped.extend)
+    event = {"step": 3, "kind": "spike", "loss": 9.0, "threshold": 4.0, "batches_skipped": [2]}
+    assert guard.roll_back(event, datamodule, tmp_path, rank_zero=False) is None  # fit again from the start
+    assert event["rolled_back_to"] == 0 and skipped == [2] and guard.events == [event]
+
+
 def test_guard_judges_a_whole_accumulated_step_from_the_first():
     # Two micro-batches per step: the optimizer steps (global_step + 1) after the second. The
     # guard must see 1 + 2 = 3, the first step's loss, not 1 and then 2 as two steps.

@@ -18,6 +18,7 @@ from llm.model.position import (
     apply_rotary,
     sinusoidal_table,
 )
+from llm.model.value import ValueModel
 from llm.scaling.flops import model_size
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
@@ -636,3 +637,32 @@ def test_post_norm_has_no_final_norm():
 
 def test_alibi_module_slopes():
     assert torch.equal(AlibiPosition(make_cfg("alibi")).slopes(), alibi_slopes(4))
+
+
+@pytest.mark.parametrize("kind", ["rope", "alibi", "learned"])
+def test_packed_documents_see_only_themselves_as_if_run_alone(kind):
+    """Two rows, each packing two documents (positions restarting at each): every document's
+    logits equal those of the document run on its own."""
+    model = build(make_cfg(kind, n_kv_heads=2))
+    docs = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 4, 5, 2)]
+    rows = [(docs[0], docs[1]), (docs[2], docs[3])]
+    tokens = torch.stack([torch.cat(row) for row in rows])  # 3 + 4 and 5 + 2 tokens
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
+    with torch.no_grad():
+        packed = model(tokens, positions, documents=documents)
+        for row, (first, second) in enumerate(rows):
+            for doc, span in ((first, slice(0, len(first))), (second, slice(len(first), len(first) + len(second)))):
+                alone = model(doc[None])[0]
+                torch.testing.assert_close(packed[row, span], alone, atol=1e-5, rtol=0)
+
+
+def test_a_value_model_gives_one_value_per_token_from_its_head():
+    torch.manual_seed(0)
+    model = ValueModel(make_cfg()).eval()
+    tokens = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        values = model(tokens)
+        hidden = model.backbone(tokens, hidden=True)
+    assert values.shape == (2, 5) and values.dtype == torch.float32
+    torch.testing.assert_close(values, hidden @ model.head.weight[0] + model.head.bias[0])

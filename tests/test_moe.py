@@ -595,3 +595,9 @@ def test_moe_ablation_arms_have_equal_active_flops_and_tokens(tmp_path):
     assert dense_experts == 0 and {(e, k) for e, k, _ in moe} == {(6, 1), (6, 2)}
     for _, _, size in moe:
         assert size.flops_per_token == dense.flops_per_token and size.active == dense.params < size.params
+
+
+def test_top_k_may_be_every_expert_but_no_more():
+    assert MoEConfig(n_experts=4, top_k=4).problems(n_layers=2) == []  # every token to every expert
+    assert MoEConfig(n_experts=4, top_k=5).problems(n_layers=2) == [
+        "model.moe.top_k=5: a token cannot go to more than the model.moe.n_experts=4 experts; allowed: 1..4"]
