@@ -71,6 +71,8 @@ TESTS: list[tuple[str, list[str]]] = [
                                "tests/test_reliability.py::test_guard_gives_up_after_max_rollbacks_with_a_clear_error",
                                "tests/test_reliability.py::test_a_non_finite_update_is_never_checkpointed"]),
     ("llm/model/moe.py", ["tests/test_moe.py", "tests/test_model.py"]),
+    ("llm/model/config.py", ["tests/test_model.py", "tests/test_moe.py", "tests/test_config.py"]),
+    ("llm/model/value.py", ["tests/test_model.py", "tests/test_direction.py"]),
     ("llm/model/lora.py", ["tests/test_lora.py"]),
     ("llm/model/*", ["tests/test_model.py", "tests/test_flops.py", "tests/test_hf.py", "tests/test_generate.py"]),
 ]
@@ -339,6 +341,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="where report.json and report.md go (default: runs/mutation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for option in ("rev", "tests_rev"):  # one commit for the whole run, though the branch moves on
+        if getattr(args, option):
+            resolved = subprocess.run(["git", "rev-parse", "--verify", f"{getattr(args, option)}^{{commit}}"], cwd=REPO,
+                                      capture_output=True, text=True)
+            if resolved.returncode:
+                parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: not a commit of {REPO}")
+            setattr(args, option, resolved.stdout.strip())
     if args.sample < 0 or args.jobs < 1:
         parser.error("--sample must be >= 0 and --jobs >= 1")
 
