@@ -304,16 +304,20 @@ def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def python_files(targets: list[str]) -> list[Path]:
+def python_files(targets: list[str], rev: str | None = None) -> list[Path]:
+    """The Python files of each target (a file or a folder), in the working tree or at `rev`."""
     files = []
     for target in targets:
-        path = (REPO / target).resolve()
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*.py"))
-        elif path.suffix == ".py" and path.is_file():
-            files.append(path)
+        if rev:
+            listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "--", target], cwd=REPO,
+                                    capture_output=True, text=True).stdout.split()
+            found = sorted(REPO / name for name in listed if name.endswith(".py"))
         else:
-            raise SystemExit(f"error: {target} is neither a Python file nor a folder in {REPO}")
+            path = (REPO / target).resolve()
+            found = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.suffix == ".py" and path.is_file() else []
+        if not found:
+            raise SystemExit(f"error: {target} is neither a Python file nor a folder of them in {rev or REPO}")
+        files += found
     return files
 
 
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     chosen: dict[str, list[Mutant]] = {}
     for target in args.targets:
-        every = [m for path in python_files([target]) for m in mutants_of(path, args.rev)]
+        every = [m for path in python_files([target], args.rev) for m in mutants_of(path, args.rev)]
         picked = every if args.sample == 0 or args.sample >= len(every) else rng.sample(every, args.sample)
         if args.only or args.retry:
             picked = [m for m in every if (m.path, m.index) in only]
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     for target, mutants in chosen.items():
         killed = sum(results[m][0] != "passed" for m in mutants)
         low, high = wilson(killed, len(mutants))
-        total = sum(len(mutants_of(path, args.rev)) for path in python_files([target]))
+        total = sum(len(mutants_of(path, args.rev)) for path in python_files([target], args.rev))
         report.append({"target": target, "total": total, "run": len(mutants),
             "killed": killed, "score": killed / max(1, len(mutants)), "interval95": [low, high],
             "tests": sorted({t for m in mutants for t in (args.tests or tests_for(m.path))}),
