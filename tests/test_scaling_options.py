@@ -330,20 +330,25 @@ def write_summary(run_dir: Path, C: float, val_loss: float, best_loss: float) ->
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
+def cli_fit_values(source: Path, approach: str, option: str, value: str, out: Path, capsys) -> dict[str, float]:
+    """`llm-scaling fit` of one approach with `option value` (no bootstrap, no plots): the fitted
+    values, after checking that fit.json records the option."""
+    code, _, err = run_main(["fit", str(source), "--approaches", approach, option, value, "--bootstrap", "0",
+                             "--no-plots", "--out", str(out)], capsys)
+    assert code == 0, err
+    fit = fit_json(out)
+    assert fit[option.removeprefix("--").replace("-", "_")] == value
+    return {k: e["value"] for k, e in fit["approaches"][approach]["params"].items()}
+
+
 def test_cli_loss_best_fits_the_best_losses(tmp_path, capsys):
     # Each run's best loss is the pure law (2.3e8 / C)^0.05; its final loss is 1.1x that. The same
     # exponent, and C_c scaled by 1.1^(1 / 0.05) for the final losses.
     for i, C in enumerate(np.logspace(15, 21, 7)):
         best = (2.3e8 / C) ** 0.05
         write_summary(tmp_path / "sweep" / str(i), C, 1.1 * best, best)
-    fitted = {}
-    for loss in ("best", "final"):
-        code, _, err = run_main(["fit", str(tmp_path / "sweep"), "--approaches", "kaplan", "--loss", loss,
-                                 "--bootstrap", "0", "--no-plots", "--out", str(tmp_path / loss)], capsys)
-        assert code == 0, err
-        fit = fit_json(tmp_path / loss)
-        assert fit["loss"] == loss
-        fitted[loss] = {k: e["value"] for k, e in fit["approaches"]["kaplan"]["params"].items()}
+    fitted = {loss: cli_fit_values(tmp_path / "sweep", "kaplan", "--loss", loss, tmp_path / loss, capsys)
+              for loss in ("best", "final")}
     assert fitted["best"]["alpha_C"] == pytest.approx(0.05, rel=1e-9)
     assert fitted["best"]["C_c"] == pytest.approx(2.3e8, rel=1e-6)
     assert fitted["final"]["alpha_C"] == pytest.approx(0.05, rel=1e-9)
@@ -355,14 +360,8 @@ def test_cli_n_kind_non_embedding_takes_the_csv_column(tmp_path, capsys):
     # doubles, the exponents stay.
     rows = [",".join(repr(float(x)) for x in (p.N, p.N / 2, p.D, p.C, p.loss)) + "\n" for p in isoflop_points()]
     (tmp_path / "p.csv").write_text("N,N_non_embedding,D,C,loss\n" + "".join(rows))
-    fitted = {}
-    for kind in ("total", "non_embedding"):
-        code, _, err = run_main(["fit", str(tmp_path / "p.csv"), "--approaches", "2", "--n-kind", kind,
-                                 "--bootstrap", "0", "--no-plots", "--out", str(tmp_path / kind)], capsys)
-        assert code == 0, err
-        fit = fit_json(tmp_path / kind)
-        assert fit["n_kind"] == kind
-        fitted[kind] = {k: e["value"] for k, e in fit["approaches"]["2"]["params"].items()}
+    fitted = {kind: cli_fit_values(tmp_path / "p.csv", "2", "--n-kind", kind, tmp_path / kind, capsys)
+              for kind in ("total", "non_embedding")}
     total, non_embedding = fitted["total"], fitted["non_embedding"]
     assert non_embedding["k_N"] == pytest.approx(total["k_N"] / 2, rel=1e-9)
     assert non_embedding["k_D"] == pytest.approx(total["k_D"] * 2, rel=1e-9)
