@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import fnmatch
 import json
 import logging
@@ -155,21 +156,28 @@ class _Sites(ast.NodeTransformer):
         return self.generic_visit(node)
 
     # The mutations.
-    def visit_BinOp(self, node):
+    def _swap_operator(self, node, table: dict, suffix: str = ""):
+        """The node with its `op` swapped by `table` (`+` for `-`, `and` for `or`, ...), if listed."""
         node = self.generic_visit(node)
-        new = _BINOP.get(type(node.op))
+        new = table.get(type(node.op))
         if new is None:
             return node
-        change = f"`{_SYMBOL[type(node.op)]}` -> `{_SYMBOL[new]}`"
-        return self._site(node, change, lambda: ast.copy_location(ast.BinOp(node.left, new(), node.right), node))
+
+        def mutated():
+            changed = copy.copy(node)
+            changed.op = new()
+            return changed
+
+        return self._site(node, f"`{_SYMBOL[type(node.op)]}{suffix}` -> `{_SYMBOL[new]}{suffix}`", mutated)
+
+    def visit_BinOp(self, node):
+        return self._swap_operator(node, _BINOP)
 
     def visit_AugAssign(self, node):
-        node = self.generic_visit(node)
-        new = _BINOP.get(type(node.op))
-        if new is None:
-            return node
-        change = f"`{_SYMBOL[type(node.op)]}=` -> `{_SYMBOL[new]}=`"
-        return self._site(node, change, lambda: ast.copy_location(ast.AugAssign(node.target, new(), node.value), node))
+        return self._swap_operator(node, _BINOP, "=")
+
+    def visit_BoolOp(self, node):
+        return self._swap_operator(node, _BOOLOP)
 
     def visit_Compare(self, node):
         node = self.generic_visit(node)
@@ -183,12 +191,6 @@ class _Sites(ast.NodeTransformer):
 
             node = self._site(node, f"`{_SYMBOL[type(op)]}` -> `{_SYMBOL[new]}`", mutated)
         return node
-
-    def visit_BoolOp(self, node):
-        node = self.generic_visit(node)
-        new = _BOOLOP[type(node.op)]
-        change = f"`{_SYMBOL[type(node.op)]}` -> `{_SYMBOL[new]}`"
-        return self._site(node, change, lambda: ast.copy_location(ast.BoolOp(new(), node.values), node))
 
     def visit_UnaryOp(self, node):
         node = self.generic_visit(node)
