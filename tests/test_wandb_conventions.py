@@ -249,6 +249,24 @@ def test_use_parent_artifact_records_the_parent_offline(sweep, tmp_path, caplog)
     assert parent_checkpoint(stray, parent_run_dir=parent).artifact == ref.artifact
 
 
+def test_a_stage_from_a_checkpoint_outside_any_run_logs_to_wandb(sweep, tmp_path):
+    """init_from a loose checkpoint (or a Hugging Face folder, or an import): no run.json to link
+    to, so the lineage is the parent_checkpoint in the config, and the run goes on."""
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(sweep["jobs"][0] / "checkpoints" / "last.ckpt", loose / "model.ckpt")
+    shutil.copy(sweep["jobs"][0] / "tokenizer.json", loose / "tokenizer.json")
+    from tests.test_posttrain import CLI_TINY
+
+    args = ["posttrain=sft", f"init_from={loose / 'model.ckpt'}", *CLI_TINY, "budget.steps=1",
+            "logger=wandb", "logger.mode=offline"]
+    result = run_cli(args, cwd=tmp_path, env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = offline_runs(tmp_path / "runs")
+    config = OfflineRun(run).config
+    assert config["derived"]["parent_checkpoint"] == str((loose / "model.ckpt").resolve()) and "parent" not in config
+
+
 def test_sample_log_writes_jsonl_always_and_a_wandb_table_when_a_run_is_active(tmp_path):
     import wandb
 

@@ -268,7 +268,11 @@ class Run:
                                   rank_zero=self.rank_zero)
             parent = recipe.lineage()
             if parent is not None and self.rank_zero:  # this stage's input is its parent's checkpoint
-                use_parent_artifact(*parent)
+                checkpoint, parent_run = parent
+                if parent_run is None:  # a Hugging Face folder, an import, a loose file: no run to link to
+                    log.info(f"lineage: {checkpoint} is not in a run directory; recorded as parent_checkpoint only")
+                else:
+                    use_parent_artifact(checkpoint, parent_run)
             return [logger]
         if settings.logger.kind == "csv":
             from pytorch_lightning.loggers import CSVLogger
