@@ -93,8 +93,19 @@ class DType(Choice):
 
 
 @dataclass
+class SourceSchema:
+    """One source of `data.sources` (data=mixture): a corpus node, as `data.corpus`, and its share."""
+
+    weight: float = 1.0  # relative share of training tokens (finite, >= 0; normalised over the sources)
+    corpus: Any = None  # a `_target_` node, typed by its corpus schema (below)
+
+
+@dataclass
 class DataSchema:
     corpus: Any = None  # a `_target_` node, typed by its option's corpus schema (below)
+    # data=mixture: named sources trained on by weight, each validated on its own (val/loss/<name>);
+    # with sources, data.corpus is null
+    sources: dict[str, SourceSchema] = field(default_factory=dict)
     seq_len: int = at_least(1, 128, high=MAX_SEQ_LEN)
     micro_batch_size: int = at_least(1, 16, high=MAX_BATCH)
     global_batch_size: Optional[int] = at_least(1, None, high=2**30, null="for micro_batch_size x data-parallel ranks")

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -309,6 +310,9 @@ def type_groups(cfg: DictConfig) -> tuple[Optional[Typed], list[str]]:
         problems += found
     for key in TARGET_NODES:
         node = OmegaConf.select(cfg, key)
+        if node is None and key == "data.corpus" and OmegaConf.select(cfg, "data.sources"):
+            typed_groups[key] = None  # a mixture: its sources' corpora are typed by source_problems
+            continue
         if node is None:
             problems.append(f"{key}: missing")
             continue
@@ -327,12 +331,54 @@ def type_groups(cfg: DictConfig) -> tuple[Optional[Typed], list[str]]:
     if run_keys is not None:
         typed_groups["run"], found = schema_problems(run_keys, RunSchema, "")
         problems += found
+    problems += source_problems(cfg)
     if problems:
         return None, problems
     return Typed(model=typed_groups["model"], data=typed_groups["data"], trainer=typed_groups["trainer"],
                  budget=typed_groups["budget"], tokenizer=typed_groups["tokenizer"], optim=typed_groups["optim"],
                  parallelism=typed_groups["parallelism"], corpus=typed_groups["data.corpus"],
                  method=typed_groups["posttrain"], run=typed_groups["run"], schedule=typed_groups["schedule"]), []
+
+
+def source_problems(cfg: DictConfig) -> list[str]:
+    """data.sources (data=mixture): names usable in metric names, weights finite, >= 0 and not all
+    zero, each source a corpus node typed by its schema, and no data.corpus beside them."""
+    sources = OmegaConf.select(cfg, "data.sources")
+    if not sources:
+        return []
+    from llm.data.mixture import NAME
+
+    problems = []
+    if OmegaConf.select(cfg, "data.corpus") is not None:
+        problems.append("data.corpus: a run reads one corpus or a mixture of data.sources, not both; choose "
+                        "data=mixture (data.corpus null) or a single data option without data.sources")
+    weights = []
+    for name, source in sources.items():
+        key = f"data.sources.{name}"
+        if not NAME.match(str(name)):
+            problems.append(f"{key}: the source's name is part of its metric names (val/loss/{name}); allowed: "
+                            "letters, digits, '_', '-', '.'")
+        weight = source.get("weight") if isinstance(source, DictConfig) else None
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+            problems.append(f"{key}.weight={weight!r}: a source's share of the training tokens; allowed: a finite "
+                            "number >= 0 (0 leaves the source out of training, still validated)")
+        else:
+            weights.append(float(weight))
+        node = source.get("corpus") if isinstance(source, DictConfig) else None
+        if node is None:
+            problems.append(f"{key}.corpus: missing; give the source a corpus, e.g. +data@{key}=text "
+                            f"{key}.corpus.paths=...")
+            continue
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        schema = TARGET_SCHEMAS.get(str(target))
+        if schema is None:
+            problems += check_target(node, f"{key}.corpus")
+        else:
+            problems += [p for p in schema_problems(node, schema, f"{key}.corpus")[1] if "required but not set" not in p]
+    if len(weights) == len(sources) and sum(weights) <= 0:
+        problems.append(f"data.sources: every weight is 0 ({', '.join(f'{n}.weight' for n in sources)}); give at "
+                        "least one source a positive weight")
+    return problems
 
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
@@ -674,15 +720,18 @@ def check_input_files(cfg: DictConfig) -> None:
                 problems.append(f"model.vocab_size={cfg.model.vocab_size}: smaller than the tokenizer's vocabulary "
                                 f"({vocab}) in {tokenizer.path}; allowed: >= {vocab}, or null to take it from the "
                                 "tokenizer")
-    corpus = OmegaConf.select(cfg, "data.corpus")
-    if isinstance(corpus, DictConfig) and str(corpus.get("_target_", "")).endswith("TextCorpus"):
-        from llm.data.text import match_files
+    sources = OmegaConf.select(cfg, "data.sources") or {}
+    corpora = [("data.corpus", OmegaConf.select(cfg, "data.corpus")),
+               *((f"data.sources.{n}.corpus", s.get("corpus")) for n, s in sources.items())]
+    for key, corpus in corpora:
+        if isinstance(corpus, DictConfig) and str(corpus.get("_target_", "")).endswith("TextCorpus"):
+            from llm.data.text import KEY, match_files
 
-        paths = corpus.get("paths")
-        try:
-            match_files([paths] if isinstance(paths, str) else list(paths or []))
-        except InputError as e:
-            problems.append(str(e))
+            paths = corpus.get("paths")
+            try:
+                match_files([paths] if isinstance(paths, str) else list(paths or []))
+            except InputError as e:
+                problems.append(str(e).replace(KEY, f"{key}.paths", 1))
     data = OmegaConf.select(cfg, "posttrain.data")
     for key in ("source", "val_source"):
         source = data.get(key) if isinstance(data, DictConfig) else None

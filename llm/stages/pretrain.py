@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -41,6 +41,7 @@ class PretrainModule(pl.LightningModule):
         tokens_per_step: int,
         flops_per_token: float,
         gradient_clip: Optional[float] = 1.0,
+        val_sources: Sequence[str] = (),
     ):
         super().__init__()
         self.model_config = model_config
@@ -51,6 +52,8 @@ class PretrainModule(pl.LightningModule):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.gradient_clip = gradient_clip
+        # a mixture's validation dataloaders, by name (llm.data.mixture); () for one corpus
+        self.val_sources = list(val_sources)
         self.model: Optional[Transformer] = None
 
     def configure_model(self) -> None:
@@ -126,13 +129,32 @@ class PretrainModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         update_router_biases(self.trained_module())  # auxiliary-loss-free balancing, if on
 
-    def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if not self.val_sources:
+            self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+            return loss
+        # A mixture: each source's own loss, and token totals for the mixed val/loss at the epoch's end
+        # (Lightning refuses one key logged from several dataloaders).
+        tokens = batch[:, 1:].numel()
+        self.log(f"val/loss/{self.val_sources[dataloader_idx]}", loss, sync_dist=True, add_dataloader_idx=False,
+                 batch_size=tokens)
+        self._val_totals += torch.stack([loss.detach().float() * tokens, loss.new_tensor(tokens, dtype=torch.float)])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = torch.zeros(2, device=self.device)  # (sum of token losses, tokens) of a mixture
+
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
+        if self.val_sources:  # the token-weighted mean over every source's validation tokens, all ranks
+            loss_sum, tokens = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum").tolist()
+            loss = loss_sum / tokens if tokens else math.nan
+            self.log("val/loss", loss, prog_bar=True)
+            epochs = getattr(self.trainer.datamodule, "epochs_consumed", None)
+            if epochs is not None:
+                self.log_dict(epochs(self.global_step), batch_size=1)
+        else:
+            loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/ppl", math.exp(min(float(loss), 50.0)), sync_dist=True)
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "model"
 # Metrics plotted against tokens seen; post-training and eval metrics against optimizer steps.
-TOKEN_AXIS_METRICS = ("train/*", "val/*", "perf/*")
+TOKEN_AXIS_METRICS = ("train/*", "val/*", "perf/*", "data/epochs/*")
 STEP_AXIS_METRICS = ("rewards/*", "logps/*", "logits/*", "objective/*", "eval/*", "samples/*")
 NAME_GROUPS = ("model", "attention", "position", "posttrain")  # what the run name describes
 
