@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
+import yaml
 
 from llm.cli.dashboard import main as dashboard_main
 from llm.files import InputError
 from llm.scaling.fit import Estimate, FitResult
 from llm.scaling.laws import ComputeLaw
-from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, page_data, varying_groups, write_page
+from llm.tracking.dashboard import (Filters, SelectionError, find_local_runs, page_data, varying_groups, varying_keys,
+                                    write_page)
 from llm.tracking.dashboard.page import fit_panel
+from llm.tracking.dashboard.runs import format_value
 from llm.tracking.dashboard.report import build_report
 from llm.tracking.metrics import JsonlLogger
 from tests.conftest import TINY_RUN, place_files, run_cli
@@ -130,15 +135,20 @@ def test_moe_metrics_get_their_own_panels(sweep, tmp_path):
     assert moe_panels(dense) == []
     if not CHROMIUM.exists():
         return
-    page = write_page([*dense, moe], tmp_path / "dashboard.html")
-    dom = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
-    assert dom.returncode == 0 and 'data-rendered="true"' in dom.stdout, dom.stderr[-2000:]
-    html = dom.stdout
-    assert '<h2 id="moe-heading">Mixture of experts</h2>' in html  # shown (hidden for dense runs)
-    for title in (*data["moeMetrics"], "expert loads, layer 1", "expert loads, layer 3"):
-        assert f'data-metric="{title}"' in html
-    # One curve per MoE metric (the MoE run's), 4 experts + the balanced line per layer, 2 x 2 loss curves.
-    assert html.count('class="curve" d="M') == 4 + 2 * 5 + 2 * 3
+    html, _ = render(write_page([*dense, moe], tmp_path / "dashboard.html"), tmp_path)
+    assert '<h2 class="section" data-family="moe">Mixture of experts</h2>' in html  # (no section for dense runs)
+    # One curve per MoE metric (the MoE run's); per layer, 4 experts + the balanced line; 3 runs' losses.
+    for title in data["moeMetrics"]:
+        assert curves_in(html, title) == 1
+    assert curves_in(html, "expert loads, layer 1") == curves_in(html, "expert loads, layer 3") == 5
+    assert curves_in(html, "train/loss") == 3
+
+
+def curves_in(html: str, title: str) -> int:
+    """The curves drawn in the panel titled `title` of a rendered page."""
+    start = html.index(f'<div class="panel" data-metric="{title}"')
+    end = html.find('<div class="panel"', start + 1)
+    return html[start:end if end > 0 else len(html)].count('class="curve" d="M')
 
 
 def _fit(C_c: float = 1e9, alpha_C: float = 0.05) -> dict:
@@ -149,7 +159,7 @@ def _fit(C_c: float = 1e9, alpha_C: float = 0.05) -> dict:
 
 def test_scaling_fit_panel_draws_the_fitted_law(sweep):
     runs = find_local_runs([sweep])
-    panel = fit_panel(_fit(), runs)
+    panel = fit_panel({**_fit(), "run_ids": [r.run_id for r in runs]}, runs)
     assert sorted(p[0] for p in panel["points"]) == sorted(summary(r.run_dir)["C"] for r in runs)
     (curve,) = panel["curves"]
     law = ComputeLaw(C_c=1e9, alpha_C=0.05)
@@ -238,38 +248,59 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium): "
-                                                  "/usr/bin/chromium not found")
-def test_offline_dashboard_renders_in_headless_chromium(sweep, tmp_path):
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y "
+                                    "chromium): /usr/bin/chromium not found")
+
+
+def render(page: Path, tmp_path: Path, size: str = "1400,1000", shot: bool = True) -> tuple[str, Optional[np.ndarray]]:
+    """The page as headless Chromium renders it: (its DOM after the script ran, a screenshot's pixels)."""
     from PIL import Image
 
-    runs = find_local_runs([sweep])
-    fit_file = tmp_path / "fit.json"
-    fit_file.write_text(json.dumps(_fit()))
-    page = write_page(runs, tmp_path / "dashboard.html", fit=json.loads(fit_file.read_text()), title="ablation")
     assert "http://" not in page.read_text().replace("http://www.w3.org/2000/svg", "")  # no network assets
+    dom = _chromium(["--dump-dom", f"--window-size={size}", page.as_uri()], tmp_path / "profile-dom")
+    assert dom.returncode == 0 and 'data-rendered="true"' in dom.stdout, dom.stderr[-2000:]  # the script ran to its end
+    if not shot:
+        return dom.stdout, None
+    png = tmp_path / f"{page.stem}.png"
+    result = _chromium([f"--screenshot={png}", f"--window-size={size}", page.as_uri()], tmp_path / "profile-shot")
+    assert result.returncode == 0 and png.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    width, height = map(int, size.split(","))
+    assert pixels.shape == (height, width, 3) and pixels.std() > 5  # not blank (a blank page: 0)
+    return dom.stdout, pixels
 
-    dom = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
-    assert 'data-rendered="true"' in html  # the script ran to its end
-    for run in runs:  # a table row, and a curve in each loss panel, for each run
+
+def drawn(pixels: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum())
+
+
+def panels(html: str) -> list[str]:
+    return re.findall(r'<div class="panel" data-metric="([^"]+)"', html)
+
+
+@needs_chromium
+def test_offline_dashboard_renders_in_headless_chromium(sweep, tmp_path):
+    runs = find_local_runs([sweep])
+    fit = {**_fit(), "run_ids": [r.run_id for r in runs]}
+    page = write_page(runs, tmp_path / "dashboard.html", fit=fit, title="ablation")
+    html, pixels = render(page, tmp_path)
+    shown = panels(html)
+    # A panel per logged metric, the losses first, the learning rate and guard events among them.
+    assert shown[:2] == ["val/loss", "val/ppl"] and {"train/loss", "trainer/lr", "guard/rollbacks"} <= set(shown)
+    assert "trainer/tokens" not in shown and shown[-1].startswith("final val/loss vs compute")
+    for run in runs:  # a table row, and a curve in each metric panel, for each run
         assert f'<tr data-run="{run.name}">' in html
-        assert html.count(f'data-run="{run.name}" data-group=') == 2
-    assert html.count('class="curve" d="M') == 2 * 2 + 1  # and the fitted law
+        assert html.count(f'data-run="{run.name}" data-group=') == len(shown) - 1
+    assert html.count('class="curve" d="M') == 2 * (len(shown) - 1) + 1  # and the fitted law
     for label in ("attention=mha", "attention=mqa"):
         assert f'class="legend-item" data-group="{label}"' in html
     assert html.count('class="point"') == 2  # the scaling panel's runs
-    assert "alpha_C = 0.05" in html
-
-    shot = tmp_path / "dashboard.png"
-    result = _chromium([f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()], tmp_path / "profile-shot")
-    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
-    assert pixels.shape == (1000, 1400, 3) and pixels.std() > 5  # not blank (a blank page: 0)
+    assert "alpha_C = 0.05" in html and "fit: Kaplan L(C)" in html  # the fit's legend
+    # The config diff of the (all ticked) runs: the attention choice and its K/V heads differ.
+    diff = re.findall(r'<tr data-key="([^"]+)">', html)
+    assert "choice/attention" in diff and "model.attention.n_kv_heads" in diff and "choice/logger" not in diff
     for colour in (BLUE, RED):  # both groups' curves are drawn
-        close = (np.abs(pixels - np.array(colour)).max(axis=2) < 40).sum()
-        assert close > 200, (colour, close)
+        assert drawn(pixels, colour) > 200, colour
 
 
 # ---------------------------------------------------------------- bad inputs through the CLI
@@ -372,3 +403,190 @@ def test_failed_runs_and_torn_last_lines_are_shown_not_refused(tmp_path, capsys)
     assert [(r["status"], len(r["curves"]["val/loss"])) for r in data["runs"]] == \
         [("completed", 3), ("completed", 3), ("diverged", 0)]
     assert (tmp_path / "sweep" / "dashboard.html").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------- what varied, stages, families, fits (no training)
+
+BASE_CHOICES = {"model": "ladder", "attention": "mha", "position": "rope", "budget": "flops", "posttrain": "none",
+                "logger": "none"}
+
+
+def made_run(run_dir: Path, *, config: dict, overrides: list[str], choices: Optional[dict] = None,
+             stage: str = "pretrain", records: Optional[list[dict]] = None, **summary) -> Path:
+    """A run directory as llm-train leaves it, written directly: summary.json, run.json (choices,
+    overrides, config), config.yaml and metrics.jsonl."""
+    run_dir.mkdir(parents=True)
+    choices = {**BASE_CHOICES, **(choices or {})}
+    run_id = f"{run_dir.parent.name}-{run_dir.name}"  # as llm-train names a sweep's job: unique
+    (run_dir / "summary.json").write_text(json.dumps({
+        "run_id": run_id, "status": "completed", "stage": stage, "choices": choices, "tokens_per_step": 1000,
+        "flops_per_token": 1e6, **summary}))
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "choices": choices, "overrides": overrides,
+                                                  "config": config}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    records = records or [{"step": s, "train/loss": 4 - s / 10, "trainer/lr": 1e-3 / s} for s in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def made_sweep(sweep_dir: Path, params: Optional[dict] = None, task: Optional[list[str]] = None) -> Path:
+    """The multirun.yaml Hydra writes into a sweep directory (the parts the dashboard reads)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"sweeper": {"params": params}, "overrides": {"task": task or []}}, "model": {"size": None}}))
+    return sweep_dir
+
+
+def key_sweep(root: Path, name: str = "isoflop") -> Path:
+    """sweep=isoflop's shape at 2 x 2: model.size x budget.flops from hydra.sweeper.params; every job's
+    overrides name its own values (and logger=none, which the sweep file set)."""
+    sweep = made_sweep(root / name, params={"budget.flops": "2.5e12,5e12", "model.size": "2.5e4,5e4"})
+    for i, (flops, size) in enumerate([(2.5e12, 2.5e4), (2.5e12, 5e4), (5e12, 2.5e4), (5e12, 5e4)]):
+        made_run(sweep / str(i), config={"model": {"size": size, "d_model": 64}, "budget": {"flops": flops},
+                                         "logger": {"kind": "none"}, "paths": {"run_dir": str(sweep / str(i))}},
+                 overrides=["sweep=isoflop", f"budget.flops={flops:g}", f"model.size={size:g}"],
+                 records=[{"step": s, "train/loss": 6 - s * (i + 1) / 8, "trainer/lr": 1e-3 * (1 - s / 8)}
+                          for s in range(1, 9)],
+                 N=size, C=flops, **{"val/loss": 5 - math.log10(flops) / 10 - size / 1e5})
+    return sweep
+
+
+def test_labels_name_exactly_what_the_sweep_varied(tmp_path):
+    sweep = key_sweep(tmp_path)
+    runs = find_local_runs([sweep])
+    assert varying_keys(runs) == ["budget.flops", "model.size"]  # the sweeper's keys; nothing else varied
+    data = page_data(runs)
+    labels = [r["labels"][data["groupOptions"][0]] for r in data["runs"]]
+    assert labels == ["budget.flops=2.5e12, model.size=2.5e4", "budget.flops=2.5e12, model.size=5e4",
+                      "budget.flops=5e12, model.size=2.5e4", "budget.flops=5e12, model.size=5e4"]
+    assert data["groupOptions"] == ["budget.flops, model.size", "budget.flops", "model.size", "run"]
+    assert data["columns"]["choices"][:2] == ["budget.flops", "model.size"]
+    assert data["runs"][1]["cells"]["model.size"] == "5e4"
+    # Runs logged another way (logger=wandb, another paths.run_dir) do not vary in anything they tested.
+    other = made_run(tmp_path / "single" / "w", config={"model": {"size": 5e4, "d_model": 64}, "budget": {"flops": 5e12},
+                                                        "logger": {"kind": "wandb"}, "paths": {"run_dir": "x"}},
+                     overrides=["model=ladder", "model.size=5e4", "budget.flops=5e12", "logger=wandb", "logger.mode=offline"],
+                     choices={"logger": "wandb"})
+    both = [runs[3], *find_local_runs([other])]
+    assert varying_keys(both) == []
+    assert all("logger" not in label for r in page_data(both)["runs"] for label in r["labels"].values())
+    # A command-line sweep (`model.d_model=32,64`) and a choice: both named, the logger never.
+    cli = made_sweep(tmp_path / "cli", task=["model=nano", "model.d_model=32,64", "attention=mha,gqa", "logger=none"])
+    for i, (d, attention) in enumerate([(32, "mha"), (32, "gqa"), (64, "mha"), (64, "gqa")]):
+        made_run(cli / str(i), config={"model": {"d_model": d}}, choices={"attention": attention, "logger": "csv" if i else "none"},
+                 overrides=["model=nano", f"model.d_model={d}", f"attention={attention}", "logger=none"])
+    assert find_local_runs([cli])[0].swept == ["model.d_model", "attention"]
+    assert varying_keys(find_local_runs([cli])) == ["model.d_model", "attention"]
+
+
+def test_numbers_are_formatted_compactly():
+    assert [format_value(v) for v in (25000, 2.5e12, 1e5, 3e-4, 0.01, 128, 0.5, 3.14159, 0, -2.5e4, True, None, "gqa")] == \
+        ["2.5e4", "2.5e12", "1e5", "3e-4", "0.01", "128", "0.5", "3.142", "0", "-2.5e4", "true", "null", "gqa"]
+
+
+def mixed_posttraining(root: Path) -> Path:
+    """An SFT and a DPO run of the same model (their losses are different objectives) and a pretraining
+    run with an eval task and a data source's loss: families the dashboard has no code for."""
+    made_run(root / "sft", config={"lr": 1e-4}, overrides=["posttrain=sft"], choices={"posttrain": "sft"}, stage="sft",
+             records=[{"step": s, "train/loss": 2 - s / 10, "val/loss": 2.1 - s / 10} for s in (1, 2, 3)])
+    made_run(root / "dpo", config={"lr": 1e-5}, overrides=["posttrain=dpo"], choices={"posttrain": "dpo"}, stage="dpo",
+             records=[{"step": s, "train/loss": 0.69 - s / 100, "rewards/margins": s / 10, "objective/kl": s / 50}
+                      for s in (1, 2, 3)])
+    made_run(root / "base", config={"lr": 3e-3}, overrides=[], records=[
+        {"step": s, "train/loss": 5 - s / 10, "val/loss/code": 5.5 - s / 10, "eval/hellaswag/acc": 0.25 + s / 100,
+         "eval/hellaswag/acc_norm": 0.26 + s / 100, "data/epochs/code": s / 30} for s in (1, 2, 3)])
+    return root
+
+
+def test_each_stage_gets_its_own_axes_and_new_families_their_panels(tmp_path):
+    runs = find_local_runs([mixed_posttraining(tmp_path)])
+    data = page_data(runs)
+    shown = {s["family"]: [(p["metric"], p["stage"]) for p in s["panels"]] for s in data["sections"]}
+    assert list(shown) == ["val", "val/loss", "train", "eval/hellaswag", "rewards", "objective", "data/epochs"]
+    # train/loss of three stages: three panels, never one axis; val/loss only SFT logged: one panel.
+    assert shown["train"] == [("train/loss", "pretrain"), ("train/loss", "sft"), ("train/loss", "dpo")]
+    assert shown["val"] == [("val/loss", None)] and shown["val/loss"] == [("val/loss/code", None)]
+    assert shown["eval/hellaswag"] == [("eval/hellaswag/acc", None), ("eval/hellaswag/acc_norm", None)]
+    assert data["varying"] == ["posttrain"] and data["rewardMetrics"] == ["rewards/margins", "objective/kl"]
+    titles = [p["title"] for s in data["sections"] for p in s["panels"]]
+    assert "train/loss (sft)" in titles and "train/loss (dpo)" in titles
+
+
+def test_a_fit_is_drawn_only_over_the_sweep_it_was_fitted_to(tmp_path, capsys):
+    sweep = key_sweep(tmp_path, "isoflop-a")
+    other = key_sweep(tmp_path, "isoflop-b")
+    runs, others = find_local_runs([sweep]), find_local_runs([other])
+    fit = {**_fit(), "run_ids": [r.run_id for r in runs[:3]]}  # the ids `llm-scaling fit` lists
+    (sweep / "scaling").mkdir()
+    (sweep / "scaling" / "fit.json").write_text(json.dumps(fit))
+    panel = fit_panel(fit, [*runs, *others])
+    assert [p[2] for p in panel["points"]] == [r.name for r in runs[:3]] and panel["runs"] == [r.run_id for r in runs[:3]]
+    cs = [c for c, _ in panel["curves"][0]["points"]]  # over its runs' compute range, not the other sweep's
+    assert cs[0] == pytest.approx(2.5e12 / 3) and cs[-1] == pytest.approx(5e12 * 3)
+    assert fit_panel(fit, others) is None and page_data(others, fit=fit)["fit"] is None
+    # An older fit.json without run ids: the runs below the sweep it sits in (<sweep>/scaling/fit.json).
+    old = {k: v for k, v in fit.items() if k != "run_ids"}
+    assert fit_panel(old, [*runs, *others], sweep / "scaling" / "fit.json")["runs"] == [r.run_id for r in runs]
+    assert fit_panel(old, others, sweep / "scaling" / "fit.json") is None
+    # The CLI: the other sweep's page has no fit; this sweep's has it.
+    out = tmp_path / "page.html"
+    with pytest.raises(SystemExit) as exit_code:
+        dashboard_main([str(tmp_path), "--where", f"paths.run_dir={others[0].run_dir}", "-o", str(out)])
+    assert exit_code.value.code == 0 and '"fit": null' in out.read_text()
+    assert "was fitted to none of the shown runs; not drawn" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        dashboard_main([str(tmp_path), "-o", str(out)])
+    page = json.loads(re.search(r'<script id="dashboard-data" type="application/json">(.*?)</script>',
+                                out.read_text(), re.S)[1])
+    assert page["fit"]["runs"] == [r.run_id for r in runs[:3]] and "isoflop" in page["fit"]["of"]
+
+
+DRIVE = """{
+const zone = document.querySelector('.panel[data-metric="train/loss"] .hover-zone'), box = zone.getBoundingClientRect();
+const at = (kind, f) => zone.dispatchEvent(new MouseEvent(kind, {clientX: box.left + box.width * f, clientY: box.top + 20, bubbles: true}));
+const mark = (key, value) => document.body.setAttribute("data-" + key, value);
+at("mousemove", 0.5); mark("hover", document.getElementById("tooltip").innerText.replace(/\\n/g, " | "));
+at("mousedown", 0.5); at("mousemove", 0.9); at("mouseup", 0.9); mark("zoom", JSON.stringify(state.xrange));
+const slider = document.getElementById("smooth"); slider.value = "0.6"; slider.dispatchEvent(new Event("input"));
+mark("raw", document.querySelectorAll("path.raw").length);
+const diffKeys = () => [...document.querySelectorAll("#diff-table tr[data-key]")].map(r => r.dataset.key)
+  .filter(k => !k.startsWith("choice/")).join(" ");
+mark("diff", diffKeys());
+for (const box of [...document.querySelectorAll("input.pick")].slice(0, 2)) { box.checked = false; box.dispatchEvent(new Event("change")); }
+mark("diff-after", diffKeys());
+}"""
+
+
+@needs_chromium
+def test_key_sweep_post_training_and_eval_pages_render(tmp_path):
+    """Headless Chromium: a model.size x budget.flops sweep with its fit, a mixed SFT/DPO/pretraining set
+    with eval and data-source panels."""
+    sweep = key_sweep(tmp_path)
+    runs = find_local_runs([sweep])
+    page = write_page(runs, tmp_path / "sweep.html", fit={**_fit(), "run_ids": [r.run_id for r in runs]}, title="isoflop")
+    html, pixels = render(page, tmp_path)
+    for label in ("budget.flops=2.5e12, model.size=2.5e4", "budget.flops=5e12, model.size=5e4"):
+        assert f'class="legend-item" data-group="{label}"' in html
+    assert "logger" not in "".join(re.findall(r'data-group="([^"]*)"', html))
+    assert curves_in(html, "train/loss") == 4 and html.count('class="point"') == 4
+    assert drawn(pixels, BLUE) > 100 and drawn(pixels, RED) > 100
+
+    # Hover, zoom, smoothing and the config diff, as a user's mouse would drive them.
+    driven = tmp_path / "driven.html"
+    driven.write_text(page.read_text().replace("</body>", f"<script>{DRIVE}</script></body>"))
+    html, _ = render(driven, tmp_path, shot=False)
+    found = dict(re.findall(r'data-(hover|zoom|raw|diff|diff-after)="([^"]*)"', html))
+    assert found["hover"].startswith("tokens 4000") and "budget.flops=5e12, model.size=5e4" in found["hover"]
+    assert found["hover"].count("\u00b7") == 4  # a row per run: value, label, run
+    zoom = json.loads(found["zoom"])
+    assert 4000 < zoom[0] < zoom[1] < 8000  # tokens: the dragged half of the plot
+    assert found["raw"] == "8"  # smoothing on: the 4 runs' raw train/loss and trainer/lr curves stay, faint
+    assert found["diff"] == "budget.flops model.size" and found["diff-after"] == "model.size"  # 2 runs unticked
+
+    mixed = write_page(find_local_runs([mixed_posttraining(tmp_path / "mixed")]), tmp_path / "mixed.html")
+    html, _ = render(mixed, tmp_path, size="1200,2400")
+    assert re.findall(r'data-metric="(train/loss[^"]*)" data-stage="(\w+)"', html) == [
+        ("train/loss (pretrain)", "pretrain"), ("train/loss (sft)", "sft"), ("train/loss (dpo)", "dpo")]
+    for title in ("train/loss (sft)", "train/loss (dpo)", "eval/hellaswag/acc", "val/loss/code", "rewards/margins"):
+        assert curves_in(html, title) == 1, title  # one run each: no objective shares an axis with another
+    assert '<h2 class="section" data-family="eval/hellaswag">Evaluation: hellaswag</h2>' in html

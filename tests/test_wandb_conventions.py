@@ -158,6 +158,9 @@ def test_metrics_carry_tokens_and_flops_axes(sweep):
         assert record["trainer/flops"] == pytest.approx(record["trainer/tokens"] * summary["flops_per_token"])
     metrics = {m.glob_name or m.name: m for m in w.of("metric")}
     assert metrics["train/*"].step_metric == "trainer/tokens" and metrics["val/*"].step_metric == "trainer/tokens"
+    # The learning rate and the loss guard's events line up with the loss: tokens too.
+    assert metrics["trainer/lr"].step_metric == metrics["guard/*"].step_metric == "trainer/tokens"
+    assert all("trainer/tokens" in h for h in history if "trainer/lr" in h or "guard/rollbacks" in h)
     assert metrics["val/loss"].summary.min  # the summary of val/loss is its minimum
 
 

@@ -24,17 +24,20 @@ EPILOG = """Sources:
   DIR                       a run or sweep directory: every summary.json below it is one run
   wandb:[ENTITY/]PROJECT    the runs of a W&B project (needs `wandb login` and network)
 
-Offline (directories): one self-contained HTML file (no network assets) with val/loss and train/loss
-curves coloured by group against step, tokens or FLOPs; a sortable table of the runs' choices and final
-metrics; the scaling fit when `llm-scaling fit` wrote a fit.json below the sources (or --fit); and
-panels for post-training metrics (rewards/*, objective/*, reward*).
+Offline (directories): one self-contained HTML file (no network assets): a section per metric family
+the runs logged (train, val, trainer (lr), perf, guard, rewards, objective, eval/<task>, MoE, ...), a
+panel per metric and per stage (SFT's and DPO's losses never share an axis), curves coloured by group
+against step, tokens or FLOPs, with hover values, smoothing and drag-to-zoom; a sortable table of the
+runs; a config diff of the ticked runs; and the scaling fit over the runs it was fitted to, when
+`llm-scaling fit` wrote a fit.json below the sources (or --fit).
 
 Online (wandb: source, or --report): a W&B Report with val/loss against tokens and FLOPs grouped by the
 same keys, a scaling panel, a parallel-coordinates plot, a run comparer and the runs' final metrics.
 
-Grouping: by default, every config group whose choice differs between the selected runs (e.g.
-attention for the attention ablation); --group-by takes choices (attention, position) or config keys
-(model.d_model), comma-separated, or `run`.
+Grouping: by default, what varied between the selected runs: the keys their sweeps swept and their
+overrides set (model.size, budget.flops, attention, ...) and the config groups whose choice differs,
+if their values differ (never the logger); labels name just those keys, numbers compact (2.5e4).
+--group-by takes choices (attention, position) or config keys (model.d_model), comma-separated, or `run`.
 
 Exit codes: 0 done; 1 the W&B report could not be saved; 2 no runs found, a bad source, filter or key, a
 wandb: source or --report without W&B credentials, or a damaged file (summary.json, run.json, config.yaml,
@@ -82,9 +85,10 @@ def check_output(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, find_wandb_runs, varying_groups
+    from llm.tracking.dashboard import Filters, SelectionError, find_local_runs, find_wandb_runs, varying_keys
     from llm.scaling.fit import FIT_FIX, read_fit
-    from llm.tracking.dashboard.runs import check_group_by, find_fit
+    from llm.tracking.dashboard.page import fit_members
+    from llm.tracking.dashboard.runs import check_group_by, find_fits
     from llm.tracking.wandb import has_credentials
 
     online = [s for s in args.sources if s.startswith("wandb:")]
@@ -108,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
         if not runs:
             hint = "" if found else " (no summary.json below the directories: are they run or sweep directories?)"
             return fail(f"no runs to show{hint}")
-        group_by = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else varying_groups(runs)
+        group_by = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else varying_keys(runs)
         check_group_by(runs, group_by)
     except SelectionError as e:
         return fail(str(e))
-    grouping = ", ".join(group_by) or "run (no choice differs between the runs)"
+    grouping = ", ".join(group_by) or "run (no swept key or choice differs between the runs)"
     log.info(f"grouped by {grouping}")
     title = args.title or (filters.group or (runs[0].group if len({r.group for r in runs}) == 1 else None)
                            or "Run comparison")
@@ -125,15 +129,20 @@ def run(args: argparse.Namespace) -> int:
 
     # Every input is read and checked before the page is written: a damaged file leaves no page.
     out = check_output(Path(args.out) if args.out else Path(args.sources[0]) / "dashboard.html")
-    fit_path = Path(args.fit) if args.fit else find_fit(args.sources)
-    fit = None
-    if fit_path is not None:
-        fit = read_fit(fit_path, "--fit") if args.fit else read_fit(
-            fit_path, "fit.json", f"{FIT_FIX}; or give --fit another one (this is the newest fit.json below the sources)")
-        log.info(f"scaling fit: {fit_path}")
+    # The fit is drawn over the runs it was fitted to only: the newest fit.json below the sources
+    # that was fitted to some of the shown runs (a fit of another sweep there is not theirs).
+    fit, fit_path = None, None
+    for path in [Path(args.fit)] if args.fit else find_fits(args.sources):
+        candidate = read_fit(path, "--fit") if args.fit else read_fit(
+            path, "fit.json", f"{FIT_FIX}; or give --fit another one (this fit.json is below the sources)")
+        if fit_members(candidate, runs, path):
+            fit, fit_path = candidate, path
+            log.info(f"scaling fit: {path}")
+            break
+        log.info(f"scaling fit: {path} was fitted to none of the shown runs; not drawn")
     from llm.tracking.dashboard import write_page
 
-    write_page(runs, out, group_by or None, fit, title)
+    write_page(runs, out, group_by or None, fit, title, fit_path)
     log.info(f"written: {out} ({out.stat().st_size / 1024:.0f} KiB; open it in a browser, it needs no network)")
     if args.report:
         return publish_report(report_entity or None, report_project, runs, group_by, filters, title, exact_runs=True)

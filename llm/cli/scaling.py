@@ -221,6 +221,7 @@ def run_fit(args: argparse.Namespace) -> int:
     report = {
         "sources": args.sources, "n_kind": args.n_kind, "loss": args.loss, "n_points": len(runs.points),
         "n_curves": len(runs.curves), "skipped_runs": runs.skipped, "bootstrap": args.bootstrap, "seed": args.seed,
+        "run_ids": [p.run_id for p in runs.points],  # the runs fitted: the dashboard draws the fit over these only
         "succeeded": list(results), "approaches": {k: r.as_dict() for k, r in results.items()},
         "skipped": skipped, "plots": plots,
     }

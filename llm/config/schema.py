@@ -50,6 +50,7 @@ class MatmulPrecision(Choice):  # torch.set_float32_matmul_precision
 class LoggerKind(Choice):
     wandb = "wandb"
     csv = "csv"
+    tensorboard = "tensorboard"
     none = "none"
 
 
@@ -174,6 +175,7 @@ class LoggerSchema:
     tags: list[str] = field(default_factory=list)
     notes: Optional[str] = None
     log_checkpoints: bool = False
+    also: list[LoggerKind] = field(default_factory=list)  # more loggers beside `kind`: logger.also=[tensorboard,csv]
 
 
 @dataclass

@@ -38,6 +38,7 @@ from llm.checkpoint.save import AtomicCheckpointIO
 from llm.files import write_json
 from llm.tracking.checkpoints import PeriodicCheckpoint
 from llm.tracking.guard import LossGuard, fit_with_rollbacks
+from llm.tracking.loggers import csv_logger, logger_kinds, tensorboard_logger, uses
 from llm.tracking.metrics import JsonlLogger, read_metrics
 from llm.tracking.preemption import PreemptionHandler, requeued_run
 from llm.tracking.progress import progress_callback
@@ -75,7 +76,7 @@ class RunCallbacks:
                                          vet=guard.check_weights)
         throughput = ThroughputMonitor(plan.tokens_per_step, plan.size.flops_per_token, window=t.log_every)
         artifacts = None
-        if settings.logger.kind == "wandb" and settings.logger.log_checkpoints:
+        if uses(settings.logger, "wandb") and settings.logger.log_checkpoints:
             from llm.tracking.wandb import CheckpointArtifacts
 
             artifacts = CheckpointArtifacts(checkpoints, run_id)
@@ -250,7 +251,7 @@ class Run:
                            wall_seconds=round(time.time() - self.started, 1), D=tokens,
                            C=kit.tokens.flops(trainer.global_step))
             self.write_summary(summary)
-            if settings.logger.kind == "wandb":
+            if uses(settings.logger, "wandb"):
                 from llm.tracking.wandb import finish_run
 
                 finish_run(summary["status"] != "completed")  # always closed, so the next job never reuses it
@@ -258,8 +259,10 @@ class Run:
 
     def experiment_loggers(self, recipe: Recipe, cfg: DictConfig, settings: Settings, plan: Plan, facts: dict,
                            stage: str) -> list:
-        """W&B (one run, on global rank zero) or CSV, as logger.kind says; metrics.jsonl always."""
-        if settings.logger.kind == "wandb":
+        """W&B (one run, on global rank zero), TensorBoard or CSV, as logger.kind and logger.also say;
+        metrics.jsonl always."""
+        loggers: list = []
+        if uses(settings.logger, "wandb"):
             from llm.tracking.wandb import run_config, use_parent_artifact, wandb_logger
 
             config = run_config(resolved_config(cfg), self.choices, self.overrides, facts)
@@ -273,12 +276,10 @@ class Run:
                     log.info(f"lineage: {checkpoint} is not in a run directory; recorded as parent_checkpoint only")
                 else:
                     use_parent_artifact(checkpoint, parent_run)
-            return [logger]
-        if settings.logger.kind == "csv":
-            from pytorch_lightning.loggers import CSVLogger
-
-            return [CSVLogger(self.dir.path, name="csv", version="")]
-        return []
+            loggers.append(logger)
+        kinds = logger_kinds(settings.logger)
+        loggers += [tensorboard_logger(self.dir.path)] if "tensorboard" in kinds else []
+        return loggers + ([csv_logger(self.dir.path)] if "csv" in kinds else [])
 
     @staticmethod
     def trainer(settings: Settings, steps: int, accumulate: int, loggers: list, callbacks: list,

@@ -6,7 +6,7 @@
   one, the sweep); job_type: the stage; tags: `group:option` for every config group.
 - Config: the resolved Hydra config, `choice/<group>` keys, the command-line overrides and the
   derived facts (N, FLOPs per token, git commit and dirty flag, data fingerprint), with secrets redacted.
-- Axes: `trainer/tokens` for train/*, val/* and perf/*; the summary of val/loss is its minimum.
+- Axes: `trainer/tokens` for train/*, val/*, perf/*, trainer/lr and guard/*; the summary of val/loss is its minimum.
 - Checkpoints as artifacts (`logger.log_checkpoints`), and a later stage records its parent's as input.
 """
 
@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from llm.config import ConfigError
 from llm.files import InputError, read_input_json
+from llm.tracking.loggers import uses
 from llm.tracking.run import redact_secrets, redacted_argv
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 ARTIFACT_TYPE = "model"
 # Metrics plotted against tokens seen; post-training and eval metrics against optimizer steps.
 TOKEN_AXIS_METRICS = ("train/*", "val/*", "perf/*", "data/epochs/*")
+# The learning rate and the loss guard's events against tokens too, so they line up with the loss.
+TRAINER_AXIS_METRICS = ("trainer/lr", "guard/*")
 STEP_AXIS_METRICS = ("rewards/*", "logps/*", "logits/*", "objective/*", "eval/*", "samples/*")
 NAME_GROUPS = ("model", "attention", "position", "posttrain")  # what the run name describes
 
@@ -109,7 +112,7 @@ def define_axes(run: Any) -> None:
     """Tokens and FLOPs as x-axes; the best validation loss as its summary."""
     for axis in ("trainer/global_step", "trainer/tokens", "trainer/flops"):
         run.define_metric(axis)
-    for pattern in TOKEN_AXIS_METRICS:
+    for pattern in (*TOKEN_AXIS_METRICS, *TRAINER_AXIS_METRICS):
         run.define_metric(pattern, step_metric="trainer/tokens")
     for pattern in STEP_AXIS_METRICS:
         run.define_metric(pattern, step_metric="trainer/global_step")
@@ -260,7 +263,7 @@ def parent_checkpoint(checkpoint: str | Path, parent_run_dir: Optional[str | Pat
     name = f"{artifact_name(saved['run_id'])}:step-{step}"
     return ParentCheckpoint(run_id=saved["run_id"], checkpoint=str(checkpoint), step=step,
                             artifact=f"{owner}/{name}" if owner else name,
-                            logged=logger.get("kind") == "wandb" and bool(logger.get("log_checkpoints")))
+                            logged=uses(logger, "wandb") and bool(logger.get("log_checkpoints")))
 
 
 def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | Path] = None,

@@ -6,7 +6,8 @@
 """
 
 from llm.tracking.dashboard.page import page_data, write_page
-from llm.tracking.dashboard.runs import Filters, Run, SelectionError, find_local_runs, find_wandb_runs, varying_groups
+from llm.tracking.dashboard.runs import (Filters, Run, SelectionError, find_local_runs, find_wandb_runs, varying_groups,
+                                         varying_keys)
 
 __all__ = ["Filters", "Run", "SelectionError", "find_local_runs", "find_wandb_runs", "page_data", "varying_groups",
-           "write_page"]
+           "varying_keys", "write_page"]

@@ -44,6 +44,8 @@ class Run:
     tags: list[str] = field(default_factory=list)
     run_dir: Optional[Path] = None
     history: list[dict] = field(default_factory=list)  # metrics.jsonl records (local runs only)
+    overrides: list[str] = field(default_factory=list)  # the command line's overrides (a sweep job's own values)
+    swept: list[str] = field(default_factory=list)  # the keys its sweep swept (hydra.sweeper.params, `k=a,b`)
 
     def value(self, key: str) -> Any:
         """A choice (`attention` or `choice/attention`), a config key (`model.d_model`), or a summary key."""
@@ -52,7 +54,9 @@ class Run:
             return self.choices[key]
         if key in self.config:
             return self.config[key]
-        return self.summary.get(key)
+        if key in self.summary:
+            return self.summary[key]
+        return override_values(self.overrides).get(key)  # e.g. experiment=..., which no config key keeps
 
 
 @dataclass
@@ -108,6 +112,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- local run directories
 
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 RUN_FIX = "rerun the run, or move its directory out of the directories given"
 SOURCE_FIX = "give run or sweep directories (llm-train writes summary.json into every run directory)"
 
@@ -135,7 +140,8 @@ def load_local_run(run_dir: Path) -> Run:
     return Run(run_id=rid, name=run_name(rid, choices),
                status=str(summary.get("status", "unknown")), group=None if group is None else str(group),
                job_type=str(summary.get("stage", "pretrain")), choices=choices, config=flat, summary=summary,
-               tags=tags, run_dir=run_dir, history=read_records(files.metrics, "run", RUN_FIX))
+               tags=tags, run_dir=run_dir, history=read_records(files.metrics, "run", RUN_FIX),
+               overrides=_overrides(run_dir, saved), swept=swept_keys(run_dir.parent))
 
 
 def _present(path: Path) -> bool:
@@ -160,6 +166,64 @@ def _resolved_config(run_dir: Path) -> Optional[dict]:
     return OmegaConf.to_container(config, resolve=False)
 
 
+def _overrides(run_dir: Path, saved: dict) -> list[str]:
+    """The run's command-line overrides: run.json keeps them; Hydra's .hydra/overrides.yaml too."""
+    overrides = saved.get("overrides")
+    if overrides is None and (run_dir / HYDRA_OVERRIDES).is_file():
+        import yaml
+
+        try:
+            overrides = yaml.safe_load((run_dir / HYDRA_OVERRIDES).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:  # optional: grouping falls back to the choices
+            log.warning(f"{run_dir / HYDRA_OVERRIDES}: not read ({type(e).__name__}); its overrides are not compared")
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys a Hydra multirun swept: hydra.sweeper.params (sweep=/experiment= files) and the
+    command line's `key=a,b` / range / choice overrides, from the multirun.yaml Hydra writes."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return []
+    cached = _SWEPT.get(path)
+    if cached is None:
+        cached = _read_swept(path)
+        _SWEPT[path] = cached
+    return list(cached)
+
+
+_SWEPT: dict[Path, list[str]] = {}
+SWEEP_VALUE = re.compile(r"^(range|choice|interval|glob)\(|^[^\[{].*,")  # a list or dict value is not a sweep
+
+
+def _read_swept(path: Path) -> list[str]:
+    import yaml
+
+    try:
+        hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, AttributeError) as e:
+        log.warning(f"{path}: not read ({type(e).__name__}); the sweep's keys come from the runs' overrides")
+        return []
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    task = (hydra.get("overrides") or {}).get("task") or []
+    keys = [str(k) for k in params] if isinstance(params, dict) else []
+    for key, value in override_values([str(o) for o in task] if isinstance(task, list) else []).items():
+        if SWEEP_VALUE.search(value):
+            keys.append(key)
+    return list(dict.fromkeys(keys))
+
+
+def override_values(overrides: list[str]) -> dict[str, str]:
+    """['+a.b=1', 'attention=gqa', '~x'] -> {'a.b': '1', 'attention': 'gqa'} (deletions have no value)."""
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("+")
+        if sep and key and not key.startswith("~"):
+            out[key.removeprefix("hydra/").strip()] = value.strip()
+    return out
+
+
 def _sweep_of(run_dir: Path, runs_dir: Any) -> Optional[str]:
     """A multirun job's sweep (Hydra writes multirun.yaml there), named as its W&B group is."""
     if not (run_dir.parent / "multirun.yaml").is_file():
@@ -182,10 +246,16 @@ def find_local_runs(paths: list[str | Path]) -> list[Run]:
     return runs
 
 
+def find_fits(paths: list[str | Path]) -> list[Path]:
+    """The fit.json files that `llm-scaling fit` wrote below the given directories, newest first."""
+    fits = {f.resolve() for p in map(Path, paths) if p.is_dir() for f in p.rglob("fit.json") if f.is_file()}
+    return sorted(fits, key=lambda f: f.stat().st_mtime, reverse=True)
+
+
 def find_fit(paths: list[str | Path]) -> Optional[Path]:
     """The newest fit.json that `llm-scaling fit` wrote below the given directories."""
-    fits = [f for p in map(Path, paths) if p.is_dir() for f in p.rglob("fit.json") if f.is_file()]
-    return max(fits, key=lambda f: f.stat().st_mtime) if fits else None
+    fits = find_fits(paths)
+    return fits[0] if fits else None
 
 
 # ---------------------------------------------------------------- W&B projects
@@ -240,8 +310,11 @@ def find_wandb_runs(source: str, filters: Filters) -> list[Run]:
     for r in listed:
         config = flatten({k: v for k, v in r.config.items() if not k.startswith("_")})
         choices = {k.removeprefix("choice/"): str(v) for k, v in config.items() if k.startswith("choice/")}
+        overrides = r.config.get("overrides")
         runs.append(Run(run_id=r.id, name=r.name, status=r.state, group=r.group, job_type=r.job_type or "",
-                        choices=choices, config=config, summary=dict(r.summary._json_dict), tags=list(r.tags)))
+                        choices=choices, config={k: v for k, v in config.items() if k != "overrides"},
+                        summary=dict(r.summary._json_dict), tags=list(r.tags),
+                        overrides=[str(o) for o in overrides] if isinstance(overrides, list) else []))
     return runs
 
 
@@ -276,10 +349,30 @@ def expert_load_metrics(runs: list[Run]) -> dict[int, list[str]]:
 
 # ---------------------------------------------------------------- grouping
 
-def varying_groups(runs: list[Run]) -> list[str]:
-    """The config groups whose chosen option differs between the runs (the default grouping)."""
-    groups = list(dict.fromkeys(g for r in runs for g in r.choices))
-    return [g for g in groups if len({r.choices.get(g) for r in runs}) > 1]
+# What says how a run was set up or launched, not what it tested: never a grouping key. (A sweep
+# file's jobs carry the values it swept as their own overrides; its name adds nothing.)
+NOT_VARIABLES = ("logger", "paths", "hydra", "resume", "trainer.progress_bar", "dry_run", "sweep")
+
+
+def _is_variable(key: str) -> bool:
+    return not any(key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in NOT_VARIABLES)
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """What really varied between the runs (the default grouping): the keys their sweeps swept and
+    their overrides set (config keys such as model.size, or group choices such as attention), then
+    the config groups whose option differs; each only if its value differs between these runs.
+    Never the logger, paths or Hydra's own settings."""
+    candidates = [*(k for r in runs for k in r.swept), *(k for r in runs for k in override_values(r.overrides)),
+                  *(g for r in runs for g in r.choices)]
+    keys = []
+    for key in dict.fromkeys(candidates):
+        if _is_variable(key) and len({_text(r.value(key)) for r in runs}) > 1:
+            keys.append(key)
+    return keys
+
+
+varying_groups = varying_keys  # the name the W&B report builder and older callers use
 
 
 def check_group_by(runs: list[Run], keys: list[str]) -> None:
@@ -291,7 +384,25 @@ def check_group_by(runs: list[Run], keys: list[str]) -> None:
 
 
 def group_label(run: Run, keys: list[str]) -> str:
-    """'attention=gqa' (or 'attention=gqa, position=rope'); the run's name when grouping by run."""
+    """'attention=gqa' (or 'model.size=2.5e4, budget.flops=5e12'); the run's name when grouping by run."""
     if not keys or keys == ["run"]:
         return run.name
-    return ", ".join(f"{k.removeprefix('choice/')}={_text(run.value(k))}" for k in keys)
+    return ", ".join(f"{k.removeprefix('choice/')}={format_value(run.value(k))}" for k in keys)
+
+
+def format_value(value: Any) -> str:
+    """A value as a label shows it: numbers compactly (25000 -> 2.5e4, 0.0003 -> 3e-4, 128 -> 128)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _text(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1e4 or magnitude < 1e-2:
+        mantissa, exponent = f"{value:.3e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4g}"
