@@ -34,6 +34,18 @@ def scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def test_tensorboard_logger_writes_at_metrics_jsonl_steps(tmp_path):
+    """Lightning's step 0 is one optimizer step done: step 1, as metrics.jsonl; no `epoch` tag."""
+    from llm.tracking.loggers import tensorboard_logger
+
+    logger = tensorboard_logger(tmp_path)
+    logger.log_metrics({"train/loss": 2.5, "trainer/lr": 1e-3, "epoch": 0}, step=0)
+    logger.log_metrics({"val/loss": 2.25}, step=1)
+    logger.finalize("success")
+    assert scalars(tmp_path / "tensorboard") == {"train/loss": [(1, 2.5)], "trainer/lr": [(1, pytest.approx(1e-3))],
+                                                 "val/loss": [(2, 2.25)]}
+
+
 def metrics_jsonl(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of a run's metrics.jsonl."""
     expected: dict[str, list[tuple[int, float]]] = {}
