@@ -180,7 +180,8 @@ class GRPOConfig(OnPolicyConfig):
 @dataclass
 class DistillConfig(PostTrainConfig):
     """Distillation from a frozen teacher over SFT rows (TRL's GKDTrainer: on-policy fraction `lmbda`,
-    generalized JSD `beta`, one `temperature` for the loss and the sampling)."""
+    generalized JSD `beta`, one `temperature` for the loss and the sampling), or over the pretraining
+    corpus (`corpus`)."""
 
     _target_: str = "llm.stages.distill.DistillModule"
     teacher: Optional[str] = None  # <run directory | run id | checkpoint | HF folder> sharing the student's tokenizer
@@ -191,6 +192,9 @@ class DistillConfig(PostTrainConfig):
     max_new_tokens: int = at_least(1, 16, high=2**16)  # on-policy completions: at most this many tokens
     top_k: Optional[int] = at_least(1, None, high=2**24, null="for the teacher's full distribution")  # teacher's top-k, renormalised
     nll_weight: float = at_least(0, 0.0, high=COEF_MAX)  # adds nll_weight x the next-token loss on the rows' completions
+    # true: learn on the `data` group's corpus as pretraining reads it (packed blocks, every token;
+    # posttrain.data unused), with val/loss the student's next-token loss on pretraining's validation split
+    corpus: bool = False
 
 
 # posttrain option -> its config.
