@@ -49,6 +49,12 @@ class Divergence(Choice):  # distillation: what the student's distribution is pu
     tv = "tv"  # total variation
 
 
+class QATScheme(Choice):  # quantisation-aware training: the weight-only scheme of llm.generate.quantize
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
 class LossAggregation(Choice):  # GRPO: mean over all tokens, or per sequence then over sequences
     token = "token"
     sequence = "sequence"
@@ -98,12 +104,16 @@ class PretrainConfig:
 
 @dataclass
 class PostTrainConfig:
-    """What every post-training method has: its data and its (optional) LoRA adapters."""
+    """What every post-training method has: its data, its (optional) LoRA adapters and
+    quantisation-aware training."""
 
     _target_: str = ""
     _partial_: bool = True
     data: PostTrainDataSchema = field(default_factory=PostTrainDataSchema)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # int8 | int4: train through fake-quantised Linear layers (straight-through gradient), the scheme
+    # llm-eval/llm-generate quantize=... apply; the checkpoint stays a float model with the same keys
+    qat: QATScheme = QATScheme.none
 
 
 @dataclass

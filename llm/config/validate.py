@@ -633,6 +633,12 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     if method.lora.enabled and tp > 1:
         problems.append(f"posttrain.lora.enabled=true with parallelism.tensor_parallel={tp}: LoRA adapters have no "
                         "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
+    if method.qat != "none" and method.lora.enabled:
+        problems.append(f"posttrain.qat={method.qat} with posttrain.lora.enabled=true: the merged model is what gets "
+                        "quantised, but training would fake-quantise the frozen base alone; allowed: qat=none with LoRA")
+    if method.qat != "none" and tp > 1:
+        problems.append(f"posttrain.qat={method.qat} with parallelism.tensor_parallel={tp}: a tensor-parallel rank holds "
+                        "part of a weight row, not its whole quantisation groups; allowed: tensor_parallel=1")
     samples = isinstance(method, OnPolicyConfig) or (isinstance(method, DistillConfig) and method.lmbda > 0)
     if samples and tp > 1:
         what, fix = (f"posttrain={stage}", "") if isinstance(method, OnPolicyConfig) else \
