@@ -137,6 +137,22 @@ class PreemptionSchema:
 
 
 @dataclass
+class DownstreamSchema:
+    """`trainer.downstream`: downstream evaluation during training (llm.tracking.downstream)."""
+
+    every: int = at_least(0, 0)  # steps between evaluations (and one before the first step); 0: none
+    # built-in multiple-choice tasks (llm.data.tasks: addition, sorting, copying, counting), scored
+    # by log-likelihood: eval/<task>/acc and acc_norm; with data=tasks, on the corpus's held-out prompts
+    tasks: list[str] = field(default_factory=list)
+    questions: int = at_least(1, 64)  # per built-in task
+    choices: int = at_least(2, 4)  # per question: the answer and choices - 1 corruptions of it
+    harness: list[str] = field(default_factory=list)  # lm-evaluation-harness task names (the `eval` extra)
+    harness_include: Optional[str] = None  # a folder of harness task YAMLs beside the harness's own
+    harness_limit: Optional[int] = at_least(1, None, null="for every document of each harness task")
+    batch_size: int = at_least(1, 16)  # sequences per forward
+
+
+@dataclass
 class TrainerSchema:
     accelerator: Accelerator = Accelerator.auto
     devices: int = at_least(1, 1, high=MAX_RANKS)  # processes (devices) per node
@@ -150,6 +166,7 @@ class TrainerSchema:
     keep_last: int = at_least(1, 2)  # checkpoints kept (last.ckpt and step-N.ckpt), plus the best by val/loss
     guard: GuardSchema = field(default_factory=GuardSchema)
     preemption: PreemptionSchema = field(default_factory=PreemptionSchema)
+    downstream: DownstreamSchema = field(default_factory=DownstreamSchema)
     progress_bar: bool = True
     matmul_precision: MatmulPrecision = MatmulPrecision.high
     deterministic: bool = False

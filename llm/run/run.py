@@ -37,6 +37,7 @@ from llm.checkpoint import checkpoint_step, last_checkpoint, load_meta, newest_l
 from llm.checkpoint.save import AtomicCheckpointIO
 from llm.files import write_json
 from llm.tracking.checkpoints import PeriodicCheckpoint
+from llm.tracking.downstream import downstream_callback
 from llm.tracking.guard import LossGuard, fit_with_rollbacks
 from llm.tracking.loggers import csv_logger, logger_kinds, tensorboard_logger, uses
 from llm.tracking.metrics import JsonlLogger, read_metrics
@@ -211,6 +212,9 @@ class Run:
         kit = RunCallbacks.build(settings, plan, self.dir, self.id, module.loss_spikes_are_faults,
                                  tuple(start for start, _ in branches), OmegaConf.to_container(cfg.optim, resolve=True))
         guard, checkpoints, callbacks = kit.guard, kit.checkpoints, kit.all
+        downstream = downstream_callback(settings, OmegaConf.to_container(cfg.data.corpus, resolve=True)
+                                         if cfg.data.get("corpus") else None, data.tokenizer, kit.tokens)
+        callbacks = callbacks + [downstream] if downstream else callbacks
         trainer = self.trainer(settings, plan.steps, plan.accumulate, loggers, callbacks, self.dir.path)
         pristine = copy.deepcopy(module)  # not yet configured: what a rollback starts again from
 
@@ -269,12 +273,13 @@ class Run:
             logger = wandb_logger(settings.logger, self.id, self.dir.path, stage, self.choices, config,
                                   Path(cfg.paths.runs_dir), plan.tokens_per_step, plan.size.flops_per_token,
                                   rank_zero=self.rank_zero)
-            # This stage's inputs, its parents' checkpoints (init_from's; a distilled student's teacher too).
-            for key, (checkpoint, parent_run) in (recipe.inputs() if self.rank_zero else {}).items():
+            parent = recipe.lineage()
+            if parent is not None and self.rank_zero:  # this stage's input is its parent's checkpoint
+                checkpoint, parent_run = parent
                 if parent_run is None:  # a Hugging Face folder, an import, a loose file: no run to link to
-                    log.info(f"lineage: {checkpoint} is not in a run directory; recorded as {key}_checkpoint only")
+                    log.info(f"lineage: {checkpoint} is not in a run directory; recorded as parent_checkpoint only")
                 else:
-                    use_parent_artifact(checkpoint, parent_run, key=key)
+                    use_parent_artifact(checkpoint, parent_run)
             loggers.append(logger)
         kinds = logger_kinds(settings.logger)
         loggers += [tensorboard_logger(self.dir.path)] if "tensorboard" in kinds else []

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
@@ -117,6 +117,15 @@ def define_axes(run: Any) -> None:
     for pattern in STEP_AXIS_METRICS:
         run.define_metric(pattern, step_metric="trainer/global_step")
     run.define_metric("val/loss", summary="min")
+
+
+def define_token_axis(run: Any, names: Iterable[str]) -> None:
+    """Exact metric names plotted against trainer/tokens: in-training downstream evaluation
+    (llm.tracking.downstream) logs eval/<task>/<metric>, which the eval/* glob puts on the step
+    axis; an exact definition takes precedence over a glob."""
+    for name in names:
+        if not name.startswith("trainer/"):
+            run.define_metric(name, step_metric="trainer/tokens")
 
 
 def start_run(cfg: Any, run_id: str, run_dir: Path, job_type: str, name: str, group: Optional[str],
@@ -267,11 +276,10 @@ def parent_checkpoint(checkpoint: str | Path, parent_run_dir: Optional[str | Pat
 
 
 def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | Path] = None,
-                        run: Any = None, key: str = "parent") -> ParentCheckpoint:
+                        run: Any = None) -> ParentCheckpoint:
     """Record the parent checkpoint of this run (the active W&B run unless `run` is given): always
-    under `key` in its config (`parent`; a distilled student's teacher: `teacher`); online, also as
-    an input artifact, so W&B's lineage graph links the two runs. W&B can declare inputs only
-    online; offline the config keeps the reference."""
+    under `parent` in its config; online, also as an input artifact, so W&B's lineage graph links
+    the two runs. W&B can declare inputs only online; offline the config keeps the reference."""
     parent = parent_checkpoint(checkpoint, parent_run_dir)
     if run is None:
         import wandb
@@ -279,12 +287,12 @@ def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | P
         run = wandb.run
     if run is None:  # not logging to W&B
         return parent
-    run.config.update({key: parent.as_config()}, allow_val_change=True)
+    run.config.update({"parent": parent.as_config()}, allow_val_change=True)
     if not parent.logged:
-        log.warning(f"lineage: {key} run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
+        log.warning(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
                     "recorded in the config only")
     elif run.settings.mode == "offline":
-        log.info(f"lineage: {key} artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
+        log.info(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
     else:
         try:
             run.use_artifact(parent.artifact, type=ARTIFACT_TYPE)
