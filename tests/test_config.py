@@ -251,7 +251,7 @@ COMPOSE_REFUSED = [
     (["trainer.precision=fp8"], "bf16-mixed"),
     (["trainer.accelerator=npu"], "[auto, cpu, gpu, cuda, mps, tpu]"),
     (["trainer.matmul_precision=low"], "[highest, high, medium]"),
-    (["logger.kind=tensorboard"], "[wandb, csv, none]"),
+    (["logger.kind=mlflow"], "[wandb, csv, tensorboard, none]"),
     (["logger.mode=sometimes"], "[auto, online, offline, disabled]"),
     (["tokenizer.kind=sentencepiece"], "[bpe, unigram, wordpiece, byte, pretrained]"),
     (["schedule=wsd", "schedule.decay_shape=exponential"], "[linear, sqrt, cosine]"),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.model import ModelConfig, Transformer
+from llm.model.config import PositionConfig
 from llm.stages.distill import DistillModule, on_policy_step, prompts_of
 from llm.stages.objectives import (IGNORE_INDEX, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
                                    teacher_log_probs, total_variation)
@@ -342,3 +343,212 @@ def test_a_hugging_face_folder_teaches_and_a_differently_padded_vocabulary_is_re
     other = save_run(tmp_path / "runs" / "narrow", Transformer(narrow), narrow, tokenizer, "sft")
     with pytest.raises(ConfigError, match=r"posttrain.teacher=.*its logits have 259 entries .* the student's 320"):
         build_distill(parent, other, tmp_path / "b")
+
+
+# ---------------------------------------------------------------- on the pretraining corpus
+
+from llm.stages.distill import on_policy_count  # noqa: E402
+from llm.stages.pretrain import next_token_loss  # noqa: E402
+from llm.tracking.metrics import read_metrics  # noqa: E402
+
+# posttrain.corpus=true: a fresh nano student on 60 kB of the embedded corpus (byte tokens, the teacher's).
+CORPUS = ["posttrain=distill", "posttrain.corpus=true", "posttrain.lmbda=0", "model=nano", "data.corpus.max_bytes=60000",
+          "data.seq_len=32", "data.micro_batch_size=2", "data.val_batches=2", "optim.lr=1e-3", "schedule=constant",
+          "schedule.warmup=0", "budget.steps=4", "logger=none", "trainer.progress_bar=false"]
+# The same data as a pretraining run (posttrain=none) would read with the teacher's tokenizer.
+CORPUS_DATA = [o for o in CORPUS if o.startswith(("data.", "model=", "budget.", "logger=", "trainer."))]
+
+
+def build_stage_from(overrides: list[str], run_dir: Path) -> tuple:
+    """What llm.train.train does before fitting: (recipe, data, module)."""
+    recipe = recipe_for(compose_train(overrides, run_dir))
+    cfg = recipe.prepare(compose_train(overrides, run_dir), overrides)
+    validate(cfg, world_size=1)
+    settings = Settings.of(cfg)
+    data = recipe.data(cfg, settings, RunDir(run_dir))
+    return recipe, data, recipe.module(cfg, settings, plan(settings, data.tokenizer.vocab_size), data, RunDir(run_dir))
+
+
+def test_corpus_distillation_is_the_divergence_at_every_position_of_pretrainings_blocks(teacher, tmp_path,
+                                                                                        single_thread):
+    """One micro-batch: the batches are a pretraining run's (same tokens, same order, same validation
+    blocks); the loss is KL(teacher || student) at T = 2, averaged over all B x T positions, plus
+    nll_weight x the plain next-token loss, computed here by hand."""
+    recipe, data, module = build_stage_from([*CORPUS, f"posttrain.teacher={teacher}", "posttrain.divergence=forward_kl",
+                                             "posttrain.temperature=2.0", "posttrain.nll_weight=0.5"], tmp_path / "d")
+    _, pretraining, _ = build_stage_from([*CORPUS_DATA, "tokenizer=pretrained",
+                                          f"tokenizer.path={teacher / 'tokenizer.json'}"], tmp_path / "p")
+    assert type(recipe).__name__ == "Distill" and data.facts["teacher_checkpoint"].endswith("last.ckpt")
+    batches = [b for _, b in zip(range(3), data.datamodule.train_dataloader())]
+    same = [torch.equal(b, p) for b, p in zip(batches, pretraining.datamodule.train_dataloader())]
+    assert same == [True] * 3
+    assert all(torch.equal(b, p) for b, p in zip(data.datamodule.val_dataloader(), pretraining.datamodule.val_dataloader()))
+    assert {k: data.facts[k] for k in ("data_fingerprint", "train_tokens", "val_tokens")} == \
+        {k: pretraining.facts[k] for k in ("data_fingerprint", "train_tokens", "val_tokens")}
+
+    module.configure_model()
+    module.eval()
+    batch = batches[0]
+    assert batch.shape == (2, 33)  # micro_batch_size x (seq_len + 1)
+    loss, metrics = module.corpus_step(batch)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        student = module.model(inputs)
+        q = F.softmax(module.teacher(inputs) / 2.0, dim=-1)  # (2, 32, V)
+        log_p = F.log_softmax(student / 2.0, dim=-1)
+        kl = (q * (q.log() - log_p)).sum(-1)  # at each of the 64 positions
+        nll = F.cross_entropy(student.reshape(-1, student.shape[-1]), targets.reshape(-1))
+    assert kl.shape == (2, 32) and bool((kl > 0).all())
+    assert metrics["distill_loss"].item() == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert metrics["nll_loss"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(kl.mean().item() + 0.5 * nll.item(), rel=1e-5)
+
+
+def test_corpus_distillation_trains_only_the_student_and_val_loss_is_its_next_token_loss(teacher, tmp_path,
+                                                                                         single_thread):
+    """4 steps on the corpus: every student weight moves, the teacher stays its checkpoint; val/loss
+    is the student's plain next-token loss over the validation blocks (recomputed here), not the
+    divergence; nothing samples (no on-policy fraction)."""
+    recipe, data, module = build_stage_from([*CORPUS, f"posttrain.teacher={teacher}"], tmp_path)
+    module.configure_model()
+    before = snapshot(module.model)
+    fit(module, data.datamodule, tmp_path)
+    assert {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])} == set(before)
+    for name, weight in module.teacher.state_dict().items():
+        torch.testing.assert_close(weight, recipe.teacher.state[name], rtol=0, atol=0)
+    assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    names = set().union(*rows)
+    assert {"train/loss", "train/distill_loss", "train/nll_loss", "train/num_tokens", "val/loss", "val/nll_loss",
+            "val/distill_loss", "val/ppl", "val/mean_token_accuracy"} <= names, names
+    assert "train/on_policy_fraction" not in names and "completions/mean_length" not in names
+    assert [r["train/num_tokens"] for r in rows if "train/num_tokens" in r] == [64, 128, 192, 256]  # 2 x 32 a step
+    (val,) = [r for r in rows if "val/loss" in r]
+    module.eval()
+    with torch.no_grad():
+        by_hand = [next_token_loss(module.model(b[:, :-1]), b[:, 1:]).item() for b in data.datamodule.val_dataloader()]
+    assert len(by_hand) == 2
+    assert val["val/loss"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert val["val/nll_loss"] == pytest.approx(val["val/loss"], rel=1e-6)
+    assert val["val/ppl"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-4)
+    assert abs(val["val/distill_loss"] - val["val/loss"]) > 0.1  # the divergence is another number
+
+
+def wandb_ready_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a saved run whose run.json says how it logged (as llm-train writes it): W&B, with
+    its checkpoints as artifacts, so the lineage of a stage that reads it names its artifact."""
+    import shutil
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta["config"] = {"logger": {"kind": "wandb", "project": "llm", "log_checkpoints": True}}
+    (copy / "run.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_llm_train_distills_on_the_corpus_and_wandb_records_both_parents(parent, teacher, tmp_path, monkeypatch,
+                                                                         capsys, single_thread):
+    """`llm-train posttrain=distill posttrain.corpus=true` with init_from and logger=wandb offline:
+    job_type distill; the student's parent and the teacher in the W&B config (online: both input
+    artifacts); summary.json's val/loss is the next-token loss, val/ppl its exponential."""
+    from tests.test_wandb_conventions import OfflineRun, clean_env, offline_runs
+
+    for key, value in clean_env(tmp_path / "wandb").items():
+        monkeypatch.setenv(key, value)
+    student, master = wandb_ready_run(parent, tmp_path / "parents"), wandb_ready_run(teacher, tmp_path / "parents")
+    code, err = llm_cli_here(["init_from=" + str(student), f"posttrain.teacher={master}", *CORPUS[:3], *CORPUS[4:],
+                              "budget.steps=2", "trainer.val_every=2", "logger=wandb", "logger.mode=offline"],
+                             tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
+    assert summary["status"] == "completed" and summary["stage"] == "distill" and summary["steps_done"] == 2
+    assert summary["val/loss"] == pytest.approx(summary["val/nll_loss"]) and summary["val/loss"] != summary.get(
+        "last_metrics", {}).get("val/distill_loss")
+    assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]), rel=1e-4)
+    assert summary["teacher_checkpoint"] == str(master / "checkpoints" / "last.ckpt")
+    (run,) = [OfflineRun(d) for d in offline_runs(tmp_path / "runs")]
+    assert run.run.job_type == "distill"
+    config = run.config
+    assert config["parent"]["run_id"] == student.name and config["teacher"]["run_id"] == master.name
+    assert config["teacher"]["artifact"] == f"llm/model-{master.name}:step-0"
+    assert config["parent"]["checkpoint"].startswith(str(student)) and config["teacher"]["checkpoint"].startswith(str(master))
+
+
+def llm_cli_here(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
+    from tests.test_bad_inputs import llm_cli
+
+    return llm_cli("train", ["posttrain=distill", *args], tmp_path, monkeypatch, capsys)
+
+
+def test_the_distil_vs_scratch_presets_read_the_same_tokens_with_the_same_model(tmp_path):
+    """experiments/distill/scratch and student: the same model, data, budget, seed, optimizer and
+    tokenizer (the teacher's); they differ only in the stage."""
+    from omegaconf import OmegaConf
+
+    def resolved(arm: str) -> dict:
+        cfg = compose_train([f"experiment=distill/{arm}"], tmp_path)
+        return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}
+
+    scratch, student = resolved("scratch"), resolved("student")
+    for key in ("model", "data", "budget", "seed", "optim", "schedule", "trainer", "experiment_name"):
+        assert scratch[key] == student[key], key
+    teacher_dir = str(tmp_path / "runs" / "distill" / "teacher")
+    assert scratch["tokenizer"]["path"] == teacher_dir + "/tokenizer.json" and student["posttrain"]["teacher"] == teacher_dir
+    assert scratch["posttrain"]["_target_"].endswith("PretrainModule")
+    assert student["posttrain"]["corpus"] is True and student["posttrain"]["lmbda"] == 0
+    assert scratch["optim"]["lr"] == 3e-3  # pretraining's, not distill's TRL default (2e-5)
+
+
+def test_corpus_distillation_refuses_what_makes_no_sense(teacher, tmp_path, monkeypatch, capsys, single_thread):
+    """Exit 2 before any work: on-policy steps (the corpus has no prompts), posttrain.data keys it
+    would ignore, a teacher whose position table is shorter than the student's rows."""
+    base = [*CORPUS[:2], *CORPUS[3:], f"posttrain.teacher={teacher}"]
+    learned = ModelConfig(**{**TEACHER_SHAPE, "max_seq_len": 16}, vocab_size=320, position=PositionConfig(kind="learned"))
+    short = save_run(tmp_path / "short", Transformer(learned), learned, Tokenizer.load(teacher / "tokenizer.json"),
+                     "pretrain")
+    cases = [
+        (base, ["posttrain.lmbda=0.5 with posttrain.corpus=true", "allowed: posttrain.lmbda=0"]),
+        ([*base, "posttrain.lmbda=0", "posttrain.data.n_train=8", "posttrain.data.source=rows.jsonl"],
+         ["posttrain.data.source: set with posttrain.corpus=true", "posttrain.data.n_train"]),
+        ([*base[:-1], "posttrain.lmbda=0", f"posttrain.teacher={short}"],
+         ["data.seq_len=32: the teacher", "learned position table of 16 rows"]),
+    ]
+    for overrides, phrases in cases:
+        code, stderr = llm_cli_here(overrides[1:], tmp_path, monkeypatch, capsys)
+        assert code == 2, (overrides, stderr[-3000:])
+        assert "Traceback" not in stderr
+        for phrase in phrases:
+            assert phrase in stderr, (phrase, stderr[-3000:])
+    assert not list(tmp_path.glob("runs/*/checkpoints/*"))
+
+
+# ---------------------------------------------------------------- the on-policy fraction across a resume
+
+
+def test_the_on_policy_fraction_goes_on_after_a_resume(parent, teacher, tmp_path, monkeypatch, capsys, single_thread):
+    """lmbda 0.5, seed 0 draws steps (0, 1, 2) = on, off, off. One step, then resumed to 3: the fraction
+    logged at steps 2 and 3 is 1/2 and 1/3 (a counter restarted at the resume would say 0 and 0). A
+    checkpoint without the counts (an older run) derives them from the seeded draws."""
+    import shutil
+
+    assert [on_policy_step(0, s, 0.5) for s in range(3)] == [True, False, False]
+    assert on_policy_count(0, 3, 0.5) == 1 and on_policy_count(0, 3, 0.0) == 0 and on_policy_count(0, 3, 1.0) == 3
+    args = [f"init_from={parent}", f"posttrain.teacher={teacher}", *CLI_TINY, *DISTILL_ARGS, "posttrain.lmbda=0.5",
+            "posttrain.data.eval_prompts=0"]
+    code, err = llm_cli_here([*args, "budget.steps=1"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["llm"]["on_policy"] == {"steps": 1, "on_policy_steps": 1}
+    old = tmp_path / "runs" / "old"  # the same run as an older version saved it: no counts
+    shutil.copytree(run, old)
+    del saved["llm"]["on_policy"]
+    torch.save(saved, old / "checkpoints" / "last.ckpt")
+    for resumed in (run, old):
+        code, err = llm_cli_here([f"resume={resumed}", "budget.steps=3"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err[-3000:]
+        fractions = [(r["step"], r["train/on_policy_fraction"])
+                     for r in read_metrics(resumed / "metrics.jsonl") if "train/on_policy_fraction" in r]
+        assert fractions == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))], (resumed.name, fractions)

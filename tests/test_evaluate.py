@@ -1,4 +1,4 @@
-"""`llm-eval` and int8 quantization, on the tiny run trained once per session by the real `llm-train`
+"""`llm-eval` and its weight-only int8/int4 copies, on the tiny run trained once per session by the real `llm-train`
 (shared with test_generate_cli.py): the console script in a subprocess for the files it leaves,
 the same Hydra app composed in-process for the rest."""
 
@@ -9,14 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 from llm.config import ConfigError
 from llm.evaluate.evaluation import run_eval
 from llm.evaluate.generation import run_generate
-from llm.generate.quantize import model_bytes, quantize_int8
-from llm.model import ModelConfig, Transformer
 from llm.tracking.metrics import read_metrics
 from tests.conftest import compose_train, run_cli
 from tests.test_generate_cli import tiny_run
@@ -66,6 +62,12 @@ def test_cli_perplexity_equals_the_runs_val_loss_and_int8_changes_it_a_little(ru
     assert abs(int8["loss"] - fp32["loss"]) < 0.01 and int8["ppl"] != fp32["ppl"]
     assert report["int8_vs_fp32"]["ppl_change"] == pytest.approx(int8["ppl"] / fp32["ppl"] - 1)
     assert "int8 vs fp32: perplexity" in result.stdout and "int8 vs fp32: weights" in result.stdout
+    # Tokens/s side by side, measured alike (best of speed_repeats): numbers, not quality metrics.
+    for values in (fp32, int8):
+        assert values["decode_tokens_per_s"] > 0 and values["forward_tokens_per_s"] > 0
+    assert report["int8_vs_fp32"]["decode_speedup"] == pytest.approx(
+        int8["decode_tokens_per_s"] / fp32["decode_tokens_per_s"])
+    assert "decode tokens/s" in result.stdout and "int8 vs fp32: tokens/s" in result.stdout
     print(f"\nint8 vs fp32 on the tiny run: weights {fp32['model_bytes']:,.0f} -> {int8['model_bytes']:,.0f} bytes, "
           f"ppl {fp32['ppl']:.5f} -> {int8['ppl']:.5f} ({report['int8_vs_fp32']['ppl_change']:+.4%})")
     # Appended to the run's metrics.jsonl at the checkpoint's step, as the training metrics are.
@@ -73,7 +75,25 @@ def test_cli_perplexity_equals_the_runs_val_loss_and_int8_changes_it_a_little(ru
     assert len(records) == lines_before + 1
     assert records[-1]["step"] == 30 and records[-1]["eval/loss"] == fp32["loss"]
     assert records[-1]["eval/ppl"] == fp32["ppl"] and records[-1]["eval/int8/loss"] == int8["loss"]
-    assert "eval/bits_per_byte" in records[-1]
+    assert "eval/bits_per_byte" in records[-1] and not any("tokens_per_s" in key for key in records[-1])
+
+
+# The tolerance of a quantised copy's perplexity on the trained tiny run (nano, 30 steps, val loss
+# 5.17): measured +0.0001% for int8 and +0.03% for int4 (groups of 32); the bounds leave 10x room.
+PPL_TOLERANCE = {"int8": 1e-4, "int4": 3e-3}  # relative perplexity change, |ppl_q / ppl_fp32 - 1|
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantised_copy_keeps_the_trained_models_perplexity_within_tolerance(run, tmp_path, scheme):
+    report = evaluate(run, [f"max_batches={VAL_BATCHES}", f"quantize={scheme}", "speed_repeats=1",
+                            "speed_new_tokens=4"], tmp_path)
+    fp32, quant = report["results"]["fp32"], report["results"][scheme]
+    change = report[f"{scheme}_vs_fp32"]
+    print(f"\n{scheme} vs fp32 on the tiny run: weights {fp32['model_bytes']:,.0f} -> {quant['model_bytes']:,.0f} "
+          f"bytes, loss {fp32['loss']:.5f} -> {quant['loss']:.5f}, ppl {change['ppl_change']:+.4%}")
+    assert quant["ppl"] != fp32["ppl"] and abs(change["ppl_change"]) < PPL_TOLERANCE[scheme]
+    assert quant["model_bytes"] < (0.45 if scheme == "int8" else 0.4) * fp32["model_bytes"]
+    assert report["metrics"][f"eval/{scheme}/loss"] == quant["loss"]
 
 
 def test_whole_split_and_an_explicit_data_option(run, tmp_path):
@@ -110,7 +130,8 @@ def test_task_accuracy_is_one_on_the_models_own_answers_and_zero_on_corrupted_on
 
 
 @pytest.mark.parametrize("overrides, phrase", [
-    (["quantize=int4"], "quantize='int4': not allowed. Choose one of: none, int8"),
+    (["quantize=int2"], "quantize='int2': not allowed. Choose one of: none, int8, int4"),
+    (["speed_repeats=-1"], "speed_repeats=-1: must be in [0, 1000]"),
     (["logger=csv"], "logger='csv': not allowed. Choose one of: none, wandb"),
     (["perplexity=false"], "nothing to evaluate"),
     (["max_batches=0"], "max_batches=0: must be >= 1"),
@@ -133,37 +154,6 @@ def test_a_bare_checkpoint_file_needs_a_tokenizer_and_a_data_option(run, tmp_pat
                             "seq_len=64", "batch_size=8", f"max_batches={VAL_BATCHES}"], tmp_path, checkpoint=bare)
     summary = json.loads((run / "summary.json").read_text())
     assert report["results"]["fp32"]["loss"] == pytest.approx(summary["val/loss"], abs=1e-4)
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_quantize_int8_stays_close_to_float_and_shrinks_the_weights(tie):
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, d_model=128, n_heads=4, vocab_size=512, tie_embeddings=tie)
-    model = Transformer(cfg).eval()
-    tokens = torch.randint(0, 512, (4, 48))
-    with torch.no_grad():
-        reference = model(tokens)
-    before = model_bytes(model)
-    quantized = quantize_int8(model)
-    with torch.no_grad():
-        logits = quantized(tokens)
-    after = model_bytes(quantized)
-    # Measured on this random model: correlation 0.9993-0.9996, max |diff| 1-4% of max |logit|,
-    # KL 2-4e-5 nats/token. Random logits are nearly flat, so argmax agreement says little here.
-    correlation = torch.corrcoef(torch.stack([reference.flatten(), logits.flatten()]))[0, 1]
-    assert correlation > 0.998
-    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
-    p, q = reference.log_softmax(-1), logits.log_softmax(-1)
-    assert (p.exp() * (p - q)).sum(-1).mean() < 1e-3
-    assert not any(isinstance(m, nn.Linear) for m in quantized.blocks.modules())
-    assert any(hasattr(m, "_packed_params") for m in quantized.blocks.modules())
-    assert isinstance(quantized.lm_head, nn.Linear) == tie  # a tied head stays the float embedding
-    # Linear weights drop from 4 bytes to 1 (+ per-channel scales); embeddings and norms stay float.
-    linear = sum(p.numel() for name, p in Transformer(cfg).named_parameters() if "blocks" in name and p.dim() == 2)
-    if not tie:
-        linear += cfg.padded_vocab_size * cfg.d_model
-    assert before - after > 0.9 * 3 * linear
-    assert after < 0.45 * before
 
 
 def test_a_run_json_may_only_build_allowed_objects(run, tmp_path):

@@ -73,12 +73,12 @@ def test_single_prompt_greedy_prints_a_deterministic_completion(run, tmp_path):
 
 
 def test_bad_values_exit_2_naming_key_value_and_allowed(run, tmp_path):
-    result = run_cli([f"checkpoint={tmp_path / 'nowhere'}", "strategy=nucleus", "quantize=int4", "prompt=x",
+    result = run_cli([f"checkpoint={tmp_path / 'nowhere'}", "strategy=nucleus", "quantize=int2", "prompt=x",
                       f"prompts_file={tmp_path / 'p.jsonl'}", "top_p=1.5"], cwd=tmp_path, command="generate")
     assert result.returncode == 2, result.stderr[-3000:]
     err = result.stderr
     assert "strategy='nucleus': not allowed. Choose one of: greedy, sample, beam, speculative" in err
-    assert "quantize='int4': not allowed. Choose one of: none, int8" in err
+    assert "quantize='int2': not allowed. Choose one of: none, int8, int4" in err
     assert "give exactly one of them (both are set)" in err
     assert f"prompts_file='{tmp_path / 'p.jsonl'}': no such file" in err
     assert f"checkpoint='{tmp_path / 'nowhere'}': no such checkpoint file, run directory, or run id" in err
@@ -266,10 +266,12 @@ def test_beam_and_speculative_decoding(run, capsys):
     assert "speculative: acceptance rate 1.000" in stderr and sampled["n_tokens"] > 0  # draft = target: all accepted
 
 
-def test_int8_generation_reports_memory(run, capsys):
-    (record,), _, stderr = generate(run, ["prompt=def", "max_new_tokens=8", "quantize=int8"], capsys)
-    before, after = map(float, re.search(r"int8 weights: ([\d.]+) MiB -> ([\d.]+) MiB", stderr).groups())
-    assert after < 0.6 * before and record["n_tokens"] > 0
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantised_generation_reports_memory_and_speed(run, capsys, scheme):
+    (record,), _, stderr = generate(run, ["prompt=def", "max_new_tokens=8", f"quantize={scheme}"], capsys)
+    before, after = map(float, re.search(rf"{scheme} weights: ([\d.]+) MiB -> ([\d.]+) MiB", stderr).groups())
+    assert after < 0.45 * before and record["n_tokens"] > 0
+    assert re.search(r"generated \d+ tokens .* tokens/s", stderr)
 
 
 def test_help_shows_the_docstring_and_keys(tmp_path):

@@ -1,7 +1,7 @@
 r"""llm-eval: perplexity and task accuracy of a trained checkpoint.
 
   llm-eval checkpoint=runs/<run id>                          # perplexity on the run's own val split
-  llm-eval checkpoint=<run id> max_batches=8 quantize=int8   # also an int8 copy: both numbers, the change
+  llm-eval checkpoint=<run id> max_batches=8 quantize=int4   # also an int4 copy: size, perplexity, tokens/s
   llm-eval checkpoint=<run id> tasks_file=tasks.jsonl perplexity=false
   llm-eval checkpoint=<run id> data=text data.corpus.paths='/data/books/*.txt' seq_len=256
   llm-eval checkpoint=path/to/model.ckpt tokenizer.path=path/to/tokenizer.json data=stdlib logger=wandb
@@ -12,8 +12,8 @@ same blocks as training's validation; with the run's seq_len, micro batch size a
 max_batches=<its data.val_batches>, the loss is the run's final val/loss. Bits per byte use the
 split's tokens per UTF-8 byte. Tasks: a JSONL file with "prompt" and "answer" per line; greedy
 completion, exact match after stripping whitespace. Results: a table, <out_dir>/eval.json, and
-eval/* lines (eval/loss, eval/ppl, eval/bits_per_byte, eval/accuracy; eval/int8/* for the int8
-copy) appended to the run's metrics.jsonl at the checkpoint's step; logger=wandb adds a W&B run.
+eval/* lines (eval/loss, eval/ppl, eval/bits_per_byte, eval/accuracy; eval/int8/* or eval/int4/*
+for the quantised copy) appended to the run's metrics.jsonl at the checkpoint's step; logger=wandb adds a W&B run.
 Everything is checked before a model is loaded; a bad setting exits with code 2, naming the key.
 
   llm-eval harness checkpoint=<run id> builtin=[addition,copying]          # built-in tasks, no hub

@@ -5,7 +5,7 @@ r"""llm-generate: complete prompts with a trained checkpoint.
   llm-generate checkpoint=<run id> prompts_file=prompts.jsonl output_file=completions.jsonl batch_size=16
   llm-generate checkpoint=<run id> prompt='"class "' strategy=beam beam_width=4 stop='["\n\n"]'
   llm-generate checkpoint=<big run> draft_checkpoint=<small run> strategy=speculative prompt='"def "'
-  llm-generate checkpoint=path/to/model.ckpt tokenizer.path=path/to/tokenizer.json prompt=x quantize=int8
+  llm-generate checkpoint=path/to/model.ckpt tokenizer.path=path/to/tokenizer.json prompt=x quantize=int4
 
 `checkpoint` is a run directory, a run id under the runs directory, or a checkpoint file. With
 `prompt`, the completion is printed (streamed with stream=true); with `prompts_file` (JSONL, a

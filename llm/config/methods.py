@@ -49,6 +49,12 @@ class Divergence(Choice):  # distillation: what the student's distribution is pu
     tv = "tv"  # total variation
 
 
+class QATScheme(Choice):  # quantisation-aware training: the weight-only scheme of llm.generate.quantize
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
 class LossAggregation(Choice):  # GRPO: mean over all tokens, or per sequence then over sequences
     token = "token"
     sequence = "sequence"
@@ -98,12 +104,16 @@ class PretrainConfig:
 
 @dataclass
 class PostTrainConfig:
-    """What every post-training method has: its data and its (optional) LoRA adapters."""
+    """What every post-training method has: its data, its (optional) LoRA adapters and
+    quantisation-aware training."""
 
     _target_: str = ""
     _partial_: bool = True
     data: PostTrainDataSchema = field(default_factory=PostTrainDataSchema)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # int8 | int4: train through fake-quantised Linear layers (straight-through gradient), the scheme
+    # llm-eval/llm-generate quantize=... apply; the checkpoint stays a float model with the same keys
+    qat: QATScheme = QATScheme.none
 
 
 @dataclass
@@ -180,7 +190,8 @@ class GRPOConfig(OnPolicyConfig):
 @dataclass
 class DistillConfig(PostTrainConfig):
     """Distillation from a frozen teacher over SFT rows (TRL's GKDTrainer: on-policy fraction `lmbda`,
-    generalized JSD `beta`, one `temperature` for the loss and the sampling)."""
+    generalized JSD `beta`, one `temperature` for the loss and the sampling), or over the pretraining
+    corpus (`corpus`)."""
 
     _target_: str = "llm.stages.distill.DistillModule"
     teacher: Optional[str] = None  # <run directory | run id | checkpoint | HF folder> sharing the student's tokenizer
@@ -191,6 +202,9 @@ class DistillConfig(PostTrainConfig):
     max_new_tokens: int = at_least(1, 16, high=2**16)  # on-policy completions: at most this many tokens
     top_k: Optional[int] = at_least(1, None, high=2**24, null="for the teacher's full distribution")  # teacher's top-k, renormalised
     nll_weight: float = at_least(0, 0.0, high=COEF_MAX)  # adds nll_weight x the next-token loss on the rows' completions
+    # true: learn on the `data` group's corpus as pretraining reads it (packed blocks, every token;
+    # posttrain.data unused), with val/loss the student's next-token loss on pretraining's validation split
+    corpus: bool = False
 
 
 # posttrain option -> its config.

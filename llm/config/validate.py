@@ -633,6 +633,12 @@ def method_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
     if method.lora.enabled and tp > 1:
         problems.append(f"posttrain.lora.enabled=true with parallelism.tensor_parallel={tp}: LoRA adapters have no "
                         "tensor-parallel plan; allowed: LoRA with single, ddp, fsdp or hsdp (tensor_parallel=1)")
+    if method.qat != "none" and method.lora.enabled:
+        problems.append(f"posttrain.qat={method.qat} with posttrain.lora.enabled=true: the merged model is what gets "
+                        "quantised, but training would fake-quantise the frozen base alone; allowed: qat=none with LoRA")
+    if method.qat != "none" and tp > 1:
+        problems.append(f"posttrain.qat={method.qat} with parallelism.tensor_parallel={tp}: a tensor-parallel rank holds "
+                        "part of a weight row, not its whole quantisation groups; allowed: tensor_parallel=1")
     samples = isinstance(method, OnPolicyConfig) or (isinstance(method, DistillConfig) and method.lmbda > 0)
     if samples and tp > 1:
         what, fix = (f"posttrain={stage}", "") if isinstance(method, OnPolicyConfig) else \
@@ -677,6 +683,25 @@ def _distill_problems(method: Any) -> list[str]:
         problems.append(f"posttrain.top_k={method.top_k}: a top-k teacher gives the other tokens probability 0, where "
                         f"the reverse KL (posttrain.{what}) is infinite; allowed: null with it, or "
                         "divergence=forward_kl, tv, or jsd with beta < 1")
+    if method.corpus:
+        problems += _corpus_distill_problems(method)
+    return problems
+
+
+def _corpus_distill_problems(method: Any) -> list[str]:
+    """posttrain.corpus=true: the student reads the `data` group's corpus, not rows."""
+    from llm.config.methods import PostTrainDataSchema
+
+    problems = []
+    if method.lmbda > 0:
+        problems.append(f"posttrain.lmbda={method.lmbda} with posttrain.corpus=true: on-policy steps sample completions "
+                        "of the rows' prompts, and the corpus's blocks have none; allowed: posttrain.lmbda=0")
+    default = dataclasses.asdict(PostTrainDataSchema())
+    unused = [k for k, v in dataclasses.asdict(method.data).items() if v != default[k]]
+    if unused:
+        problems.append(f"posttrain.data.{unused[0]}: set with posttrain.corpus=true, which reads the data group's "
+                        f"corpus instead of posttrain.data (unused: {', '.join(f'posttrain.data.{k}' for k in unused)}); "
+                        "allowed: posttrain.data at its defaults, or posttrain.corpus=false to distil on those rows")
     return problems
 
 

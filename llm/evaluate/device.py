@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def resolve_device(device: str, quantize: str = "none") -> torch.device:
-    """`auto` is CUDA when present, else the CPU; int8 models always run on the CPU (its kernels)."""
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when present, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and quantize == "none" else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -1,6 +1,7 @@
 """The path `llm-eval` takes: check every setting -> load the checkpoint and its tokenizer ->
-perplexity on the held-out split and/or task accuracy, for the model and (quantize=int8) its
-int8 copy -> table, eval.json, the run's metrics.jsonl, W&B."""
+perplexity on the held-out split and/or task accuracy, for the model and (quantize=int8|int4) its
+weight-only quantised copy, side by side with weight bytes and tokens/s -> table, eval.json, the
+run's metrics.jsonl, W&B."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from llm.evaluate.report import append_metrics, flat_metrics, log_wandb, table, 
 from llm.evaluate.tasks import Task, read_tasks, task_accuracy
 from llm.interop.hf import check_hf_folder
 from llm.generate.decode import ABSOLUTE_POSITIONS
-from llm.generate.quantize import model_bytes, quantize_int8
+from llm.evaluate.speed import throughput
+from llm.generate.quantize import model_bytes, quantize
 from llm.tracking.samples import SampleLog
 from llm.run.layout import RunDir
 from llm.run.resume import read_run_file
@@ -169,11 +171,15 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
                 "split_tokens": heldout.n_tokens, "split_bytes": heldout.n_bytes,
                 "tokens_per_byte": heldout.tokens_per_byte}
     models = {"fp32": model}
-    if s.quantize == "int8":
-        models["int8"] = quantize_int8(copy.deepcopy(model).cpu())  # its kernels are CPU-only; fp32 stays put
+    if s.quantize != "none":  # a copy, on the same device: both are measured alike
+        models[s.quantize] = quantize(copy.deepcopy(model), s.quantize)
     samples: list[dict] = []  # the task completions of the fp32 model
     results = {name: measure(variant, tokenizer, plan, batches, heldout, samples if name == "fp32" else None)
                for name, variant in models.items()}
+    if s.speed_repeats:
+        for name, rates in throughput(models, batches[0] if batches else None, s.speed_new_tokens,
+                                      s.speed_repeats).items():
+            results[name].update(rates)
 
     step = ref.step
     report: dict[str, Any] = {
@@ -182,8 +188,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         "tasks": {"file": s.tasks_file, "count": len(plan.tasks)} if plan.tasks is not None else None,
         "results": results, "metrics": flat_metrics(results), "seconds": round(time.time() - started, 2),
     }
-    if "int8" in results:
-        report["int8_vs_fp32"] = _change(results["fp32"], results["int8"])
+    if s.quantize != "none":
+        report[f"{s.quantize}_vs_fp32"] = _change(results["fp32"], results[s.quantize])
     publish(report, plan, cfg.logger, samples)
     return report
 
@@ -197,13 +203,18 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
              if data else "tasks only")
     # The table is the command's output (stdout); what was written where are messages (logging).
     lines = [f"eval of {ref.path} (step {step}) on {where}", table(results)]
-    if "int8" in results:
-        change, fp32, int8 = report["int8_vs_fp32"], results["fp32"], results["int8"]
+    scheme = plan.settings.quantize
+    if scheme != "none":
+        change, fp32, quant = report[f"{scheme}_vs_fp32"], results["fp32"], results[scheme]
         if "ppl" in fp32:
-            lines.append(f"int8 vs fp32: perplexity {fp32['ppl']:.4f} -> {int8['ppl']:.4f} ({change['ppl_change']:+.4%}), "
-                         f"loss {change['loss_delta']:+.2e} nats/token")
-        lines.append(f"int8 vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> {int8['model_bytes'] / 2**20:.3f} MiB "
-                     f"({change['bytes_ratio']:.2f}x smaller)")
+            lines.append(f"{scheme} vs fp32: perplexity {fp32['ppl']:.4f} -> {quant['ppl']:.4f} "
+                         f"({change['ppl_change']:+.4%}), loss {change['loss_delta']:+.2e} nats/token")
+        lines.append(f"{scheme} vs fp32: weights {fp32['model_bytes'] / 2**20:.3f} MiB -> "
+                     f"{quant['model_bytes'] / 2**20:.3f} MiB ({change['bytes_ratio']:.2f}x smaller)")
+        if "decode_speedup" in change:
+            lines.append(f"{scheme} vs fp32: tokens/s x{change['decode_speedup']:.2f} decoding"
+                         + (f", x{change['forward_speedup']:.2f} forward" if "forward_speedup" in change else "")
+                         + f" (best of {plan.settings.speed_repeats}, {report['device']})")
     sys.stdout.write("\n".join(lines) + "\n")
     log.info(f"written: {write_eval_json(plan.out_dir, report)}")
     if plan.settings.log_metrics and ref.run_dir is not None and metrics:
@@ -220,12 +231,16 @@ def publish(report: dict[str, Any], plan: EvalPlan, logger: DictConfig, samples:
         log.info(f"samples: {len(samples)} task completions -> {sample_log.path}")
 
 
-def _change(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:
-    """How the int8 copy differs: loss and perplexity deltas, relative perplexity, weight memory."""
-    out = {"bytes_ratio": fp32["model_bytes"] / int8["model_bytes"]}
+def _change(fp32: dict[str, float], quant: dict[str, float]) -> dict[str, float]:
+    """How the quantised copy differs: loss and perplexity deltas, relative perplexity, weight
+    memory, speed-ups (its tokens/s over fp32's)."""
+    out = {"bytes_ratio": fp32["model_bytes"] / quant["model_bytes"]}
     if "loss" in fp32:
-        out.update(loss_delta=int8["loss"] - fp32["loss"], ppl_delta=int8["ppl"] - fp32["ppl"],
-                   ppl_change=int8["ppl"] / fp32["ppl"] - 1)
+        out.update(loss_delta=quant["loss"] - fp32["loss"], ppl_delta=quant["ppl"] - fp32["ppl"],
+                   ppl_change=quant["ppl"] / fp32["ppl"] - 1)
     if "accuracy" in fp32:
-        out["accuracy_delta"] = int8["accuracy"] - fp32["accuracy"]
+        out["accuracy_delta"] = quant["accuracy"] - fp32["accuracy"]
+    for kind in ("decode", "forward"):
+        if f"{kind}_tokens_per_s" in fp32:
+            out[f"{kind}_speedup"] = quant[f"{kind}_tokens_per_s"] / fp32[f"{kind}_tokens_per_s"]
     return out

@@ -1,5 +1,5 @@
 """The path `llm-generate` takes: check every setting -> load the checkpoint, its tokenizer (and a
-draft model) -> optionally quantize to int8 -> complete the prompts -> print or stream them, and
+draft model) -> optionally quantise the weights (int8, int4) -> complete the prompts -> print or stream them, and
 write them as JSONL.
 
 The completions go to stdout (one prompt: the text; a prompts file: JSON lines unless
@@ -53,7 +53,7 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     if problems:
         raise ConfigError(problems)
 
-    device = resolve_device(s.device, s.quantize)
+    device = resolve_device(s.device)
     tokenizer = load_tokenizer(tok_path)
     draft_tokenizer = RunDir(draft_ref.run_dir).tokenizer if draft_ref and draft_ref.run_dir else None
     if draft_tokenizer is not None and (draft_tokenizer.exists() or draft_tokenizer.is_symlink()):
@@ -104,9 +104,10 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     return completions
 
 
-def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quantize: str, key: str) -> nn.Module:
-    """The model of `ref` on `device`, checked against the tokenizer, quantized if asked."""
-    from llm.generate.quantize import model_bytes, quantize_int8
+def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, scheme: str, key: str) -> nn.Module:
+    """The model of `ref` on `device`, checked against the tokenizer, its weights quantised if asked
+    (scheme: none | int8 | int4)."""
+    from llm.generate.quantize import model_bytes, quantize
 
     model = load_network(ref, device, key, value_head=False)
     if model.cfg.padded_vocab_size < tokenizer.vocab_size:
@@ -115,9 +116,9 @@ def _load(ref: CheckpointRef, device: torch.device, tokenizer: Tokenizer, quanti
                            "trained with"])
     n_params = sum(p.numel() for p in model.parameters())
     line = f"{key}: {ref.path} (step {ref.step}, {n_params:,} parameters, {device})"
-    if quantize == "int8":
+    if scheme != "none":
         before = model_bytes(model)
-        quantize_int8(model)
-        line += f"; int8 weights: {before / 2**20:.2f} MiB -> {model_bytes(model) / 2**20:.2f} MiB"
+        quantize(model, scheme)
+        line += f"; {scheme} weights: {before / 2**20:.2f} MiB -> {model_bytes(model) / 2**20:.2f} MiB"
     log.info(line)
     return model

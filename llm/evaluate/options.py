@@ -24,7 +24,7 @@ from llm.model.config import MAX_SEQ_LEN
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STRATEGIES = ("greedy", "sample", "beam", "speculative")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")  # weight-only (llm.generate.quantize)
 STREAMING_STRATEGIES = ("greedy", "sample")  # the ones whose decoder hands out tokens one by one
 EVAL_LOGGERS = ("none", "wandb")  # eval.json and metrics.jsonl are always written
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -99,6 +99,8 @@ class EvalSettings:
     task_stop: list[str] = field(default_factory=lambda: ["\n"])  # as conf/eval.yaml
     add_bos: bool = False
     quantize: str = "none"
+    speed_repeats: int = at_least(0, 3, high=1000)  # tokens/s: best of this many timings per model; 0: not timed
+    speed_new_tokens: int = at_least(1, 32, high=MAX_SEQ_LEN)  # greedy tokens per decoding timing
     device: str = "auto"
     out_dir: Optional[str] = None
     log_metrics: bool = True
@@ -137,8 +139,9 @@ def _choice(problems: list[str], key: str, value: Any, allowed: tuple) -> None:
         problems.append(f"{key}={value!r}: not allowed. Choose one of: {', '.join(allowed)}")
 
 
-def check_device(problems: list[str], device: str, quantize: str) -> None:
-    """Devices this machine has; int8 models need the CPU (PyTorch's dynamic int8 kernels)."""
+def check_device(problems: list[str], device: str) -> None:
+    """Devices this machine has (weight-only quantised models run on any: their weights are
+    dequantised in the forward)."""
     try:
         parsed = None if device == "auto" else torch.device(device)
     except (RuntimeError, ValueError):
@@ -150,9 +153,6 @@ def check_device(problems: list[str], device: str, quantize: str) -> None:
         problems.append(f"device={device!r}: no CUDA device here; allowed: auto, cpu")
     elif parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         problems.append(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if quantize == "int8" and parsed.type != "cpu":
-        problems.append(f"device={device!r}: quantize=int8 runs on the CPU only (PyTorch's dynamic int8 kernels); "
-                        "allowed with int8: auto, cpu")
 
 
 def _check_stops(problems: list[str], key: str, stops: list[str]) -> None:
@@ -206,7 +206,7 @@ def check_generate(s: GenerateSettings) -> list[str]:
         problems.append(f"stream=true: strategy={s.strategy} does not emit tokens one at a time (beam search revises "
                         f"its hypotheses, speculative decoding emits accepted runs); allowed with {s.strategy}: false")
     _check_unread(problems, s)
-    check_device(problems, s.device, s.quantize)
+    check_device(problems, s.device)
     for note in _unused_notes(s):
         log.warning(note)
     return problems
@@ -271,5 +271,5 @@ def check_eval(s: EvalSettings, logger_kind: str) -> list[str]:
             if value != getattr(default, key):
                 problems.append(f"{key}={_shown(value)}: has no effect without tasks_file (it shapes the task "
                                 f"completions only); give tasks_file=<file.jsonl>, or drop {key}")
-    check_device(problems, s.device, s.quantize)
+    check_device(problems, s.device)
     return problems

@@ -14,11 +14,12 @@ from llm.files import write_json
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("loss", "ppl", "bits_per_byte", "accuracy")  # logged as eval/<key>; an int8 copy as eval/int8/<key>
+METRIC_KEYS = ("loss", "ppl", "bits_per_byte", "accuracy")  # logged as eval/<key>; a quantised copy as eval/int8/<key>, eval/int4/<key>
 
 
 def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{'fp32': {...}, 'int8': {...}} -> {'eval/loss': ..., 'eval/int8/loss': ...}."""
+    """{'fp32': {...}, 'int8': {...}} -> {'eval/loss': ..., 'eval/int8/loss': ...}. Tokens/s are not
+    among them: they measure the machine as much as the model (eval.json has them)."""
     out = {}
     for variant, values in results.items():
         prefix = "eval/" if variant == "fp32" else f"eval/{variant}/"
@@ -51,13 +52,16 @@ def _cell(values: dict[str, float], key: str) -> str:
         return f"{v:.3f} ({int(values['correct'])}/{int(values['count'])})"
     if key == "model_bytes":
         return f"{v / 2**20:.3f}"
+    if key.endswith("_per_s"):
+        return f"{v:,.0f}"
     return f"{v:,.1f}" if key == "ppl" else f"{v:.4f}"
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
     """One column per model variant, one row per measurement."""
     rows = [("loss (nats/token)", "loss"), ("perplexity", "ppl"), ("bits per byte", "bits_per_byte"),
-            ("task accuracy", "accuracy"), ("weights (MiB)", "model_bytes")]
+            ("task accuracy", "accuracy"), ("weights (MiB)", "model_bytes"),
+            ("decode tokens/s", "decode_tokens_per_s"), ("forward tokens/s", "forward_tokens_per_s")]
     rows = [(label, key) for label, key in rows if any(key in v for v in results.values())]
     width = max(18, *(len(_cell(v, "accuracy")) + 2 for v in results.values()))
     lines = [f"{'':20}" + "".join(f"{name:>{width}}" for name in results)]

@@ -77,6 +77,12 @@ class Recipe(ABC):
         """The checkpoint this stage starts from and its run directory (W&B lineage), if any."""
         return None
 
+    def inputs(self) -> dict[str, tuple[Path, Optional[Path]]]:
+        """Every checkpoint the stage reads (W&B input artifacts), by the config key W&B records it
+        under: `parent` (lineage()'s), and e.g. distillation's `teacher`."""
+        parent = self.lineage()
+        return {"parent": parent} if parent is not None else {}
+
     def finish(self, cfg: DictConfig, run_dir: RunDir, data: StageData, summary: dict[str, Any]) -> dict[str, Any]:
         """After a completed training (one process, rank zero): what to add to summary.json."""
         return {}

@@ -5,8 +5,13 @@ must read the student's tokens: the same tokenizer and vocabulary size, refused 
 otherwise. The student is `init_from` (as for every post-training stage) or, without it, a fresh
 model of the `model` group on the teacher's tokenizer.
 
+With `posttrain.corpus=true` the student learns on the `data` group's corpus exactly as a
+pretraining run reads it (the same token stream for the same data, seed and shape, tokenised with
+the teacher's tokenizer), so distilling and training from scratch compare at equal tokens.
+
     llm-train posttrain=distill init_from=runs/<student> posttrain.teacher=runs/<teacher>
     llm-train posttrain=distill posttrain.teacher=runs/<teacher> model=nano     # a fresh student
+    llm-train posttrain=distill posttrain.teacher=runs/<teacher> model=nano posttrain.corpus=true posttrain.lmbda=0
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm.checkpoint import Parent, load_parent
 from llm.config import ConfigError, method_config, typed
+from llm.config.validate import ABSOLUTE_POSITIONS
 from llm.model import ModelConfig
 from llm.data.chat import build_chat_template
 from llm.recipes.base import StageData
 from llm.recipes.posttrain import PostTrain, evaluate_answers
+from llm.recipes.pretrain import Pretrain
 from llm.run.layout import RunDir
 
 if TYPE_CHECKING:
@@ -74,9 +81,22 @@ class Distill(PostTrain):
         if teacher.model_config.padded_vocab_size != student_vocab:
             problems.append(f"{name}: its logits have {teacher.model_config.padded_vocab_size} entries (model.vocab_size "
                             f"padded to pad_vocab_to), the student's {student_vocab}; allowed: equal sizes")
+        position, longest = teacher.model_config.position.kind, teacher.model_config.max_seq_len
+        if position in ABSOLUTE_POSITIONS and cfg.data.seq_len > longest:
+            problems.append(f"data.seq_len={cfg.data.seq_len}: the teacher ({name}) has a {position} position table of "
+                            f"{longest} rows and reads every row of the student's; allowed: <= {longest}")
         if problems:
             raise ConfigError(problems)
         return cfg
+
+    def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
+        """Rows as SFT reads them, or with `corpus` the pretraining corpus's blocks (Pretrain's own
+        data: the same caches and order), tokenised with the student's tokenizer."""
+        if not self.method.corpus:
+            return super().data(cfg, settings, run_dir)
+        data = Pretrain(self.module_class).data(cfg, settings, run_dir)
+        data.facts.update(self.parent_facts())
+        return data
 
     def labels(self, choices: dict[str, str]) -> dict[str, str]:
         return super().labels(choices) if self.parent is not None else {**choices, "tokenizer": "pretrained"}
@@ -95,13 +115,12 @@ class Distill(PostTrain):
         module.teacher_source = self.teacher
         return module
 
-    def lineage(self) -> Optional[tuple[Path, Optional[Path]]]:
-        if self.parent is not None:
-            return super().lineage()
-        # A fresh student's one parent is its teacher, when that is a run (an HF folder has no run.json).
-        if self.teacher is None or self.teacher.ref.run_dir is None:
-            return None
-        return self.teacher.ref.path, self.teacher.ref.run_dir
+    def inputs(self) -> dict[str, tuple[Path, Optional[Path]]]:
+        """Both parents: the student's (init_from, if any) and the teacher."""
+        found = super().inputs()
+        if self.teacher is not None:
+            found["teacher"] = (self.teacher.ref.path, self.teacher.ref.run_dir)
+        return found
 
     def finish(self, cfg: DictConfig, run_dir: RunDir, data: StageData, summary: dict[str, Any]) -> dict[str, Any]:
         """As SFT's (held-out greedy answers before and after; a fresh student has no before),
@@ -134,6 +153,8 @@ class Distill(PostTrain):
 
 
     def done_line(self, summary: dict[str, Any]) -> str:
+        if self.method.corpus:  # val/loss is the student's next-token loss, as pretraining's
+            return f"val/loss {summary['val/loss']:.4f} (ppl {summary.get('val/ppl', math.nan):.1f})"
         line = f"val/loss {summary['val/loss']:.4f}"
         return line + (f" (student next-token loss {summary['val/nll_loss']:.4f}, ppl {summary['val/ppl']:.1f})"
                        if "val/nll_loss" in summary else "")

@@ -273,13 +273,12 @@ class Run:
             logger = wandb_logger(settings.logger, self.id, self.dir.path, stage, self.choices, config,
                                   Path(cfg.paths.runs_dir), plan.tokens_per_step, plan.size.flops_per_token,
                                   rank_zero=self.rank_zero)
-            parent = recipe.lineage()
-            if parent is not None and self.rank_zero:  # this stage's input is its parent's checkpoint
-                checkpoint, parent_run = parent
+            # This stage's inputs, its parents' checkpoints (init_from's; a distilled student's teacher too).
+            for key, (checkpoint, parent_run) in (recipe.inputs() if self.rank_zero else {}).items():
                 if parent_run is None:  # a Hugging Face folder, an import, a loose file: no run to link to
-                    log.info(f"lineage: {checkpoint} is not in a run directory; recorded as parent_checkpoint only")
+                    log.info(f"lineage: {checkpoint} is not in a run directory; recorded as {key}_checkpoint only")
                 else:
-                    use_parent_artifact(checkpoint, parent_run)
+                    use_parent_artifact(checkpoint, parent_run, key=key)
             loggers.append(logger)
         kinds = logger_kinds(settings.logger)
         loggers += [tensorboard_logger(self.dir.path)] if "tensorboard" in kinds else []

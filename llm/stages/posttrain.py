@@ -43,10 +43,11 @@ class PostTrainModule(PretrainModule):
     counts_tokens = False  # logs TRL's `num_tokens` (SFT): the batches carry an attention `mask`
 
     def __init__(self, *args: Any, data: Optional[dict] = None, lora: Optional[dict] = None,
-                 parent: Any = None, tokenizer: Any = None, **kwargs: Any):
+                 parent: Any = None, tokenizer: Any = None, qat: str = "none", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.data_config = dict(data or {})
         self.lora = LoRAConfig(**(lora or {}))
+        self.qat = str(qat)  # none | int8 | int4: fake-quantised Linear layers (llm.generate.quantize)
         self.parent = parent  # llm.checkpoint.Parent: weights and architecture to start from
         self.tokenizer = tokenizer
         self.reference: Optional[nn.Module] = None
@@ -75,6 +76,10 @@ class PostTrainModule(PretrainModule):
                                                self.lora.targets, train_modules=[*self.lora.train_modules, *(["head"] if self.value_head else [])])
         else:
             self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.qat != "none":  # after the reference copy: only the trained model sees quantised weights
+            from llm.generate.quantize import fake_quantize_linears
+
+            log.info(f"qat: {fake_quantize_linears(model, self.qat)} Linear layers train fake-quantised to {self.qat}")
         self.model = self.parallelism.parallelize(model, getattr(self, "device_mesh", None))
 
     def on_fit_start(self) -> None:

@@ -276,10 +276,11 @@ def parent_checkpoint(checkpoint: str | Path, parent_run_dir: Optional[str | Pat
 
 
 def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | Path] = None,
-                        run: Any = None) -> ParentCheckpoint:
+                        run: Any = None, key: str = "parent") -> ParentCheckpoint:
     """Record the parent checkpoint of this run (the active W&B run unless `run` is given): always
-    under `parent` in its config; online, also as an input artifact, so W&B's lineage graph links
-    the two runs. W&B can declare inputs only online; offline the config keeps the reference."""
+    under `key` in its config (`parent`; a distilled student's teacher: `teacher`); online, also as
+    an input artifact, so W&B's lineage graph links the two runs. W&B can declare inputs only
+    online; offline the config keeps the reference."""
     parent = parent_checkpoint(checkpoint, parent_run_dir)
     if run is None:
         import wandb
@@ -287,12 +288,12 @@ def use_parent_artifact(checkpoint: str | Path, parent_run_dir: Optional[str | P
         run = wandb.run
     if run is None:  # not logging to W&B
         return parent
-    run.config.update({"parent": parent.as_config()}, allow_val_change=True)
+    run.config.update({key: parent.as_config()}, allow_val_change=True)
     if not parent.logged:
-        log.warning(f"lineage: parent run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
+        log.warning(f"lineage: {key} run {parent.run_id} did not log its checkpoints (logger.log_checkpoints=false); "
                     "recorded in the config only")
     elif run.settings.mode == "offline":
-        log.info(f"lineage: parent artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
+        log.info(f"lineage: {key} artifact {parent.artifact} recorded in the config (W&B links inputs only online)")
     else:
         try:
             run.use_artifact(parent.artifact, type=ARTIFACT_TYPE)

@@ -246,8 +246,9 @@ h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 22px 0 8p
 .controls { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: center; position: sticky; top: 0;
             background: #fafafa; padding: 6px 0; z-index: 2; border-bottom: 1px solid #eee; }
 select, button { font: inherit; } input[type=range] { vertical-align: middle; width: 120px; }
-.panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 440px), 1fr)); gap: 12px; }
+.panels { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 440px), 1fr)); gap: 12px; }
 .panel { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; min-width: 0; position: relative; }
+#fit-panel .panel { max-width: 900px; }
 .panel h3 { font-size: 14px; margin: 0 0 4px; font-weight: 600; }
 .panel svg { display: block; width: 100%; cursor: crosshair; }
 svg text { font: 11px system-ui, sans-serif; fill: #444; }
@@ -279,9 +280,9 @@ td.text, th.text { text-align: left; }
   <span class="note">drag across a plot to zoom, double-click to reset</span>
 </div>
 <div class="legend" id="legend"></div>
-<div id="sections"></div>
 <h2 id="fit-heading" hidden>Scaling fit</h2>
 <div class="panels" id="fit-panel"></div>
+<div id="sections"></div>
 <h2>Runs</h2>
 <div class="scroll"><table id="runs-table"></table></div>
 <h2>Config diff of the ticked runs</h2>
@@ -358,7 +359,9 @@ function nearest(points, x) {  // the point of a curve (sorted by x) nearest to 
 // opts: logx, logy, zoom (the shared x range applies), smooth (curves are smoothed), legend (a legend below).
 function plot(parent, title, series, xName, opts) {
   opts = opts || {};
-  const panel = el("div", { class: "panel", "data-metric": title }, parent);
+  // A panel made beforehand (drawCurves lays out a section's panels first, so each is measured at its final width).
+  const panel = parent.classList.contains("panel") ? parent : el("div", { class: "panel" }, parent);
+  panel.setAttribute("data-metric", title);
   el("h3", { text: title }, panel);
   const W = Math.max(320, Math.round(panel.clientWidth - 16) || 560), H = 280, L = 62, R = 14, T = 10, B = 38;
   const svg = el("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}` }, panel, true);
@@ -419,7 +422,7 @@ function plot(parent, title, series, xName, opts) {
       band.setAttribute("visibility", "visible");
     }
     const rows = series.filter(s => s.points.length && !s.noHover).map(s => [s, nearest(s.points, x)])
-      .filter(([, q]) => Math.abs(sx(q[0]) - px) < 40).sort((a, b) => b[1][1] - a[1][1]).slice(0, 24);
+      .filter(([, q]) => Math.abs(sx(q[0]) - px) < Math.max(40, (W - L - R) / 8))  // not a curve that ended long before.sort((a, b) => b[1][1] - a[1][1]).slice(0, 24);
     tooltip.innerHTML = "";
     el("div", { text: `${xName} ${fmt(rows.length ? rows[0][1][0] : x)}`, style: "color:#666" }, tooltip);
     for (const [s, q] of rows) {
@@ -479,10 +482,11 @@ function drawCurves() {
   for (const section of DATA.sections) {
     el("h2", { class: "section", "data-family": section.family, text: section.title }, root);
     const box = boxes[section.family] = el("div", { class: "panels", "data-family": section.family }, root);
-    for (const p of section.panels) {
-      const panel = plot(box, p.title, runSeries(p.metric, p.stage), xName, opts);
-      if (p.stage) panel.setAttribute("data-stage", p.stage);
-    }
+    const slots = section.panels.map(p => el("div", { class: "panel", "data-metric": p.title }, box));
+    section.panels.forEach((p, i) => {
+      if (p.stage) slots[i].setAttribute("data-stage", p.stage);
+      plot(slots[i], p.title, runSeries(p.metric, p.stage), xName, opts);
+    });
   }
   if (Object.keys(DATA.expertLoads).length && !boxes.moe) {
     el("h2", { class: "section", "data-family": "moe", text: "Mixture of experts" }, root);
@@ -493,8 +497,9 @@ function drawCurves() {
 // Per MoE layer: every run's load of each expert (coloured by expert, one dash pattern per run),
 // and the balanced 1 / n_experts.
 function drawExpertLoads(box, xName, opts) {
-  const dashes = ["", "5,3", "1,3", "8,3,1,3"];
-  for (const [layer, names] of Object.entries(DATA.expertLoads)) {
+  const dashes = ["", "5,3", "1,3", "8,3,1,3"], layers = Object.entries(DATA.expertLoads);
+  const slots = layers.map(([layer]) => el("div", { class: "panel", "data-metric": `expert loads, layer ${layer}` }, box));
+  for (const [k, [layer, names]] of layers.entries()) {
     const series = [];
     DATA.runs.forEach((r, i) => names.forEach((m, j) => series.push({
       label: `expert ${j}`, color: PALETTE[j % PALETTE.length], run: r.name, width: 1.2,
@@ -504,7 +509,7 @@ function drawExpertLoads(box, xName, opts) {
     const xs = series.flatMap(s => s.points.map(p => p[0]));
     if (xs.length) series.push({ label: `balanced 1/${names.length}`, color: "#333", dash: "6,4", width: 1.2, noHover: true,
                                  points: [[Math.min(...xs), 1 / names.length], [Math.max(...xs), 1 / names.length]] });
-    plot(box, `expert loads, layer ${layer}`, series, xName, { ...opts, smooth: false });
+    plot(slots[k], `expert loads, layer ${layer}`, series, xName, { ...opts, smooth: false });
   }
 }
 // The scaling fit over the runs it was fitted to (and only those), with a legend.
