@@ -24,6 +24,8 @@ REQUIRED = {
     ("data", "text"): ["data.corpus.paths=/nonexistent/*.txt"],
     ("data", "hf"): ["data.corpus.name=some/dataset"],
     ("data", "synthetic"): ["tokenizer=byte"],
+    ("data", "tokens"): ["data.corpus.train=/nonexistent/train.bin", "data.corpus.val=/nonexistent/val.bin",
+                         "tokenizer=byte"],
     ("parallelism", "fsdp_tp"): ["trainer.devices=2"],  # tensor parallel over 2 ranks
     ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
     # Post-training starts from a trained model (validate reads no files: any path will do here).
@@ -64,6 +66,8 @@ def test_every_option_composes_validates_and_instantiates(group, option, tmp_pat
         if option == "text":
             with pytest.raises(Exception, match="no file matches the pattern '/nonexistent"):
                 instantiate(cfg.data.corpus)
+        elif option == "mixture":  # no data.corpus: each source's corpus
+            assert all(hasattr(instantiate(s.corpus), "documents") for s in cfg.data.sources.values())
         else:
             assert hasattr(instantiate(cfg.data.corpus), "documents")
     elif group in ("optim",):

@@ -346,6 +346,14 @@ class TaskCorpusSchema:
     samples_per_document: int = at_least(1, 64, high=2**20)
 
 
+@dataclass
+class TokenFilesSchema:
+    _target_: str = "llm.data.token_files.TokenFiles"
+    train: str = "???"  # a flat file of token ids: raw (nanoGPT, OLMo), llm.c .bin or .npy (required)
+    val: str = "???"
+    dtype: Optional[str] = None  # uint16 | uint32 for raw ids (null: from the file's header or <file>.json)
+
+
 # Plain (non-`_target_`) nodes and their schemas.
 SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -364,7 +372,8 @@ TARGET_GROUPS: dict[str, dict[str, type]] = {
     "schedule": {"constant": ConstantSchema, "cosine": CosineSchema, "wsd": WSDSchema},
     "parallelism": {"single": SingleSchema, "ddp": DDPSchema, "fsdp": FSDPSchema},
     "data.corpus": {"stdlib": StdlibCorpusSchema, "text": TextCorpusSchema, "hf": HFCorpusSchema,
-                    "synthetic": SyntheticCorpusSchema, "tasks": TaskCorpusSchema},
+                    "synthetic": SyntheticCorpusSchema, "tasks": TaskCorpusSchema,
+                    "tokens": TokenFilesSchema},
     "posttrain": METHODS,
 }
 TARGET_NODES = tuple(TARGET_GROUPS)

@@ -592,8 +592,24 @@ def _task_problems(tasks: Any, key: str) -> list[str]:
     return problems
 
 
+def token_file_problems(cfg: DictConfig, t: Typed) -> list[str]:
+    """Pre-tokenised sources (data=tokens, or one in a mixture) keep the ids of the tokenizer that
+    made them: a tokenizer trained here would give the same text other ids."""
+    sources = OmegaConf.select(cfg, "data.sources") or {}
+    nodes = [("data.corpus", OmegaConf.select(cfg, "data.corpus")),
+             *((f"data.sources.{n}.corpus", s.get("corpus")) for n, s in sources.items())]
+    tok = t.tokenizer
+    if tok is None or tok.kind not in ("bpe", "unigram", "wordpiece"):
+        return []
+    return [f"tokenizer.kind={tok.kind!r} with pre-tokenised {key} ({node.get('train')}): its ids come from the "
+            "tokenizer that wrote them, which a tokenizer trained here would not reproduce; allowed: "
+            "tokenizer=pretrained tokenizer.path=<that tokenizer.json>, or tokenizer=byte for byte ids"
+            for key, node in nodes
+            if isinstance(node, DictConfig) and str(node.get("_target_")) == "llm.data.token_files.TokenFiles"]
+
+
 def data_problems(cfg: DictConfig, t: Typed) -> list[str]:
-    problems = []
+    problems = token_file_problems(cfg, t)
     corpus = t.corpus
     if isinstance(corpus, SyntheticCorpusSchema) and corpus.branching > corpus.n_symbols:
         problems.append(f"data.corpus.branching={corpus.branching}: at most data.corpus.n_symbols="

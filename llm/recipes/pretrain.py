@@ -20,15 +20,16 @@ class Pretrain(Recipe):
     def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
         """Corpus, tokenizer (trained once per corpus and settings, cached; a resumed run's own) and
         token caches."""
-        from llm.data import LMDataModule, build_token_cache
+        from llm.data import LMDataModule
+        from llm.data.token_files import split_tokens
 
         cache = Path(cfg.paths.cache_dir)
         if cfg.data.get("sources"):
             return self.mixture_data(cfg, settings, run_dir)
         corpus = instantiate(cfg.data.corpus)
         tokenizer = self.tokenizer(cfg, corpus, run_dir)
-        train = build_token_cache(corpus, tokenizer, "train", cache)
-        val = build_token_cache(corpus, tokenizer, "val", cache)
+        train = split_tokens(corpus, tokenizer, "train", cache)
+        val = split_tokens(corpus, tokenizer, "val", cache)
         data = settings.data
         datamodule = LMDataModule(train.tokens, val.tokens, data.seq_len, data.micro_batch_size, seed=cfg.seed,
                                   val_batches=data.val_batches)
@@ -48,22 +49,24 @@ class Pretrain(Recipe):
 
     def mixture_data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
         """data=mixture: one tokenizer for all sources, a token cache per source and split."""
-        from llm.data import build_token_cache
         from llm.data.mixture import MixtureDataModule, mixture_of
+        from llm.data.token_files import split_tokens
 
         cache = Path(cfg.paths.cache_dir)
         mixture = mixture_of(cfg.data.sources, instantiate)
         tokenizer = self.tokenizer(cfg, mixture, run_dir)
-        train = [build_token_cache(s.corpus, tokenizer, "train", cache) for s in mixture.sources]
-        val = [build_token_cache(s.corpus, tokenizer, "val", cache) for s in mixture.sources]
+        train = [split_tokens(s.corpus, tokenizer, "train", cache, f"data.sources.{s.name}.corpus") for s in mixture.sources]
+        val = [split_tokens(s.corpus, tokenizer, "val", cache, f"data.sources.{s.name}.corpus") for s in mixture.sources]
         data = settings.data
         datamodule = MixtureDataModule(mixture.names, mixture.weights, [t.tokens for t in train],
                                        [v.tokens for v in val], data.seq_len, data.micro_batch_size, seed=cfg.seed,
                                        val_batches=data.val_batches)
         shares = datamodule.schedule.shares
+        text = all(v.n_bytes is not None for v in val)  # pre-tokenised sources have no bytes to count
         facts = {"data_fingerprint": mixture.fingerprint(), "train_tokens": sum(t.n_tokens for t in train),
                  "val_tokens": sum(v.n_tokens for v in val),
-                 "bytes_per_token": sum(v.n_bytes for v in val) / max(1, sum(v.n_tokens - v.n_documents for v in val)),
+                 "bytes_per_token": sum(v.n_bytes for v in val) / max(1, sum(v.n_tokens - v.n_documents for v in val))
+                 if text else None,
                  "entropy_floor": None,
                  "mixture": {name: {"weight": float(share), "train_tokens": t.n_tokens, "val_tokens": v.n_tokens,
                                     "bytes_per_token": v.bytes_per_token}
