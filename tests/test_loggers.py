@@ -13,7 +13,7 @@ import pytest
 from llm.config import typed
 from llm.config.schema import LoggerSchema
 from llm.tracking.loggers import logger_kinds, uses
-from tests.conftest import TINY_RUN, compose_train, run_cli
+from tests.conftest import TINY_RUN, compose_train, llm_cli, run_cli
 from tests.test_wandb_conventions import OfflineRun, clean_env, offline_runs
 
 
@@ -80,9 +80,14 @@ def assert_same_as_jsonl(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return expected
 
 
-def test_tensorboard_and_csv_at_once_log_what_metrics_jsonl_logs(tmp_path):
-    """`logger=tensorboard logger.also=[csv]`, one step: TensorBoard's scalars are metrics.jsonl's."""
-    assert_same_as_jsonl(logged_run(tmp_path, ["logger=tensorboard", "logger.also=[csv]"], steps=1))
+def test_tensorboard_and_csv_at_once_log_what_metrics_jsonl_logs(tmp_path, monkeypatch, capsys):
+    """`logger=tensorboard logger.also=[csv]`, one step (in this process: no interpreter start-up):
+    TensorBoard's scalars are metrics.jsonl's."""
+    code, err = llm_cli("train", [*TINY_RUN, "logger=tensorboard", "logger.also=[csv]", "budget.steps=1",
+                                  "trainer.val_every=1", "trainer.log_every=1"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    (summary,) = (tmp_path / "runs").rglob("summary.json")
+    assert_same_as_jsonl(summary.parent)
 
 
 @pytest.mark.slow
