@@ -157,32 +157,46 @@ def test_multiple_choice_scoring_follows_the_model_likelihoods(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("harness_tasks")
+def local_dir(tmp_path_factory) -> Path:
+    """A folder with one local task: its YAML and its JSONL data."""
+    folder = tmp_path_factory.mktemp("local_tasks")
     data = folder / "local_mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in LOCAL_ROWS))
     (folder / "local_mc.yaml").write_text(json.dumps({**LOCAL_TASK, "dataset_kwargs": {"data_files": {"test": str(data)}}}))
-    write_builtin_tasks(folder, ["addition"], {"addition": {"max_digits": 2}}, n=6, n_choices=3)
     return folder
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, local_dir) -> list[Path]:
+    builtin = tmp_path_factory.mktemp("builtin_tasks")
+    write_builtin_tasks(builtin, ["addition"], {"addition": {"max_digits": 2}}, n=6, n_choices=3)
+    return [local_dir, builtin]
 
 
 TASKS = ["local_mc", "llm_addition", "llm_addition_gen", "llm_addition_text"]
 
 
 @pytest.fixture(scope="module")
-def harness_scores(tmp_path_factory, model, tokenizer, task_dir) -> dict:
-    """One harness run of every task on our model and on its export through the harness's `hf` model."""
-    from lm_eval.models.huggingface import HFLM
-
+def exported(tmp_path_factory, model, tokenizer) -> tuple[Path, Path]:
+    """The model as a run directory and as its `llm-hf export` folder."""
     from llm.interop import export_checkpoint
 
     run = save_run(tmp_path_factory.mktemp("runs") / "tiny", model, model.cfg, tokenizer, "pretrain")
-    folder = export_checkpoint(run, tmp_path_factory.mktemp("hf") / "tiny")
+    return run, export_checkpoint(run, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def harness_scores(exported, model, tokenizer, task_dir) -> dict:
+    """One harness run of every task on our model and on its export through the harness's `hf` model."""
+    from lm_eval.models.huggingface import HFLM
+
     ours = scores(evaluate(HarnessLM(model, tokenizer, batch_size=4), TASKS, task_dir))
-    hf = scores(evaluate(HFLM(pretrained=str(folder), device="cpu", batch_size=4, dtype="float32"), TASKS, task_dir))
-    return {"llm": ours, "hf": hf, "run": run}
+    hf = scores(evaluate(HFLM(pretrained=str(exported[1]), device="cpu", batch_size=4, dtype="float32"), TASKS,
+                         task_dir))
+    return {"llm": ours, "hf": hf}
 
 
+@pytest.mark.slow  # about a minute on a loaded 2-core CPU; CI compares the two through llm-eval harness below
 def test_our_model_and_its_hf_export_score_the_same_through_the_harness(harness_scores):
     ours, hf = harness_scores["llm"], harness_scores["hf"]
     assert set(ours) == set(hf) == set(TASKS)
@@ -193,6 +207,7 @@ def test_our_model_and_its_hf_export_score_the_same_through_the_harness(harness_
             assert value == pytest.approx(hf[task][metric], rel=1e-5, abs=1e-6), (task, metric)
 
 
+@pytest.mark.slow
 def test_builtin_scoring_without_the_harness_gives_the_harness_scores(harness_scores, model, tokenizer):
     items = questions("addition", {"max_digits": 2}, n=6, n_choices=3)
     result = score_questions(model, tokenizer, items)
@@ -208,20 +223,33 @@ def test_builtin_scoring_without_the_harness_gives_the_harness_scores(harness_sc
 # ------------------------------------------------------------- llm-eval harness
 
 
-def test_llm_eval_harness_prints_the_table_and_writes_json_and_metrics(harness_scores, task_dir, tmp_path,
-                                                                      monkeypatch, capsys):
-    run = harness_scores["run"]
-    code, err = llm_cli("evaluate", ["harness", f"checkpoint={run}", "tasks=[local_mc]", f"include_path={task_dir}",
-                                 "builtin=[addition]", "builtin_questions=3", "limit=3", "batch_size=4",
-                                 f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, monkeypatch, capsys)
+def test_llm_eval_harness_scores_ours_and_the_hf_export_alike_and_writes_json_and_metrics(
+        exported, model, tokenizer, local_dir, tmp_path, monkeypatch, capsys):
+    run, folder = exported
+    code, err = llm_cli("evaluate", ["harness", f"checkpoint={run}", "tasks=[local_mc]", f"include_path={local_dir}",
+                                     "builtin=[addition]", "builtin_questions=3", "builtin_choices=3", "batch_size=4",
+                                     f"compare_hf={folder}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                        tmp_path, monkeypatch, capsys)
     assert code == 0, err
     report = json.loads((run / "harness.json").read_text())
-    table = report["results"]["llm"]
-    assert set(table) == {"local_mc", "llm_addition", "llm_addition_gen", "llm_addition_text"}
-    assert table["local_mc"]["acc"] == pytest.approx(harness_scores["llm"]["local_mc"]["acc"])
+    ours, hf = report["results"]["llm"], report["results"]["hf"]
+    assert set(ours) == set(hf) == {"local_mc", "llm_addition", "llm_addition_gen", "llm_addition_text"}
+    assert set(ours["llm_addition_text"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    for task in ours:  # multiple choice, generate-until and rolling log-likelihood: the same scores
+        assert ours[task].keys() == hf[task].keys()
+        for metric, value in ours[task].items():
+            assert value == pytest.approx(hf[task][metric], rel=1e-5, abs=1e-6), (task, metric)
+    assert report["max_abs_difference"] < 1e-5
+    # The harness's local_mc by hand: each row's choices after " " (its default target_delimiter).
+    local = [Question(f"Q: {r['q']}\nA:", tuple(r["choices"]), r["gold"]) for r in LOCAL_ROWS]
+    by_hand = score_questions(model, tokenizer, local, delimiter=" ")
+    assert (ours["local_mc"]["acc"], ours["local_mc"]["acc_norm"]) == pytest.approx((by_hand.acc, by_hand.acc_norm))
+    # The built-in questions are the run's held-out ones (default knobs: the run.json has no data=tasks).
+    by_hand = score_questions(model, tokenizer, questions("addition", None, n=3, n_choices=3))
+    assert ours["llm_addition"]["acc"] == pytest.approx(by_hand.acc)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["step"] == 0 and logged[-1]["eval/local_mc/acc"] == table["local_mc"]["acc"]
-    assert "eval/llm_addition/acc_norm" in logged[-1]
+    assert logged[-1]["step"] == 0 and logged[-1]["eval/local_mc/acc"] == ours["local_mc"]["acc"]
+    assert "eval/llm_addition_text/bits_per_byte" in logged[-1] and "eval/hf" not in str(logged[-1])
 
 
 def test_llm_eval_harness_refuses_bad_settings_before_loading_anything(tmp_path, monkeypatch, capsys):
