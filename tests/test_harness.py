@@ -281,3 +281,34 @@ def test_training_logs_downstream_scores_against_tokens_at_step_zero_and_every_n
     assert [r["trainer/tokens"] for r in evals] == [0, 2 * tokens_per_step, 4 * tokens_per_step]
     assert all(r["trainer/flops"] > 0 for r in evals[1:])
     assert all(0 <= r[f"eval/{t}/{m}"] <= 1 for r in evals for t in ("addition", "counting") for m in ("acc", "acc_norm"))
+
+
+@pytest.mark.slow  # the harness in the training loop: 11 s on 2 cores; CI covers its parts above
+def test_training_runs_harness_tasks_too(local_dir, tmp_path, monkeypatch, capsys):
+    args = ["model=nano", "data=tasks", "tokenizer=byte", "data.seq_len=32", "data.micro_batch_size=4",
+            "data.corpus.n_documents=4", "data.corpus.val_documents=2", "data.corpus.samples_per_document=8",
+            "data.val_batches=1", "budget=steps", "budget.steps=2", "logger=none", "trainer.progress_bar=false",
+            "trainer.downstream.every=2", "trainer.downstream.harness=[local_mc]",
+            f"trainer.downstream.harness_include={local_dir}", f"paths.runs_dir={tmp_path}/runs",
+            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
+    code, err = llm_cli("train", args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/local_mc/acc" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert all(r["eval/local_mc/acc"] in (0, 1 / 3, 2 / 3, 1) for r in evals)
+
+
+def test_wandb_plots_each_downstream_metric_against_tokens():
+    from llm.tracking.wandb import define_token_axis
+
+    class Run:  # records what W&B's run.define_metric is told
+        def __init__(self):
+            self.defined = []
+
+        def define_metric(self, name, step_metric=None):
+            self.defined.append((name, step_metric))
+
+    run = Run()
+    define_token_axis(run, ["eval/addition/acc", "eval/addition/acc_norm", "trainer/tokens", "trainer/flops"])
+    assert run.defined == [("eval/addition/acc", "trainer/tokens"), ("eval/addition/acc_norm", "trainer/tokens")]
