@@ -13,6 +13,7 @@ import difflib
 import importlib
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -383,7 +384,7 @@ def source_problems(cfg: DictConfig) -> list[str]:
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Check the whole composed config; raise ConfigError listing every problem."""
-    problems: list[str] = []
+    problems: list[str] = multi_select_problems()
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS and key != "hydra":
             problems.append(_unknown(str(key), str(key), list(TOP_LEVEL_KEYS)))
@@ -406,6 +407,34 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     problems += method_problems(cfg, t, world)
     if problems:
         raise ConfigError(problems)
+
+
+def multi_select_problems() -> list[str]:
+    """`group=[a,b]` on the command line is Hydra's multi-select: both option files merged into one
+    node, the last one's values winning, so `logger=[wandb,tensorboard]` would log to TensorBoard
+    only, silently. Every group of ours but `experiment` (presets may be stacked on purpose) is a
+    single choice: refuse the list and say what to do."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from llm.resources import CONF_DIR
+
+    if not HydraConfig.initialized():
+        return []
+    problems = []
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        group = override.key_or_group
+        if (isinstance(override.value(), list) and not override.is_sweep_override() and group != "experiment"
+                and (Path(CONF_DIR) / group).is_dir()):
+            text = override.input_line
+            if group == "logger":
+                first, *rest = override.value()
+                problems.append(f"{text}: one logger group option at a time (Hydra would merge them, the last winning); "
+                                f"for several loggers: logger={first} logger.also=[{','.join(map(str, rest))}]")
+            else:
+                problems.append(f"{text}: {group} takes one option (Hydra would merge the files, the last one's values "
+                                f"winning); choose one, or sweep them with -m {group}={','.join(map(str, override.value()))}")
+    return problems
 
 
 def model_problems(m: ModelConfig, seq_len: int) -> list[str]:
