@@ -396,14 +396,11 @@ def completed_run(result: Any, root: Path) -> tuple[Path, dict]:
     return run, summary
 
 
-# Each method on two processes once in CI, the layouts alternating; the other layout under -m slow
-# (the combination matrix, tests/test_matrix.py, covers every stage x layout there too).
-TWO_PROCESS_CI = {"sft": "ddp", "reward": "fsdp", "dpo": "ddp", "ppo": "fsdp", "grpo": "ddp"}
-
-
-@pytest.mark.parametrize("method,parallelism", [
-    pytest.param(m, p, marks=() if TWO_PROCESS_CI.get(m) == p else pytest.mark.slow)
-    for m in METHODS for p in ("ddp", "fsdp")])
+# Every method x layout under -m slow. In CI, tests/test_posttrain_parallel.py runs each method on
+# two processes (and checks its metrics against one process), and tests/test_matrix.py samples the
+# stage x layout combinations.
+@pytest.mark.slow
+@pytest.mark.parametrize("method,parallelism", [(m, p) for m in METHODS for p in ("ddp", "fsdp")])
 def test_each_method_runs_under_ddp_and_fsdp_on_two_processes(method, parallelism, parent, tmp_path):
     result = run_cli([f"posttrain={method}", f"init_from={parent}", f"parallelism={parallelism}", "trainer.devices=2",
                       *CLI_TINY, *CLI_METHOD_ARGS[method]], cwd=tmp_path)
