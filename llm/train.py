@@ -17,6 +17,7 @@ from llm.config.validate import check_input_files
 from llm.recipes import recipe_for
 from llm.run.plan import Settings, dry_run, plan
 from llm.run.run import Run, discard_unstarted
+from llm.tracking.loggers import uses
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -29,7 +30,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)  # again, now with what will really run
     check_input_files(cfg)  # and the files it names
     settings = Settings.of(cfg)
-    if settings.logger.kind == "wandb":
+    if uses(settings.logger, "wandb"):
         from llm.tracking.wandb import resolve_mode
 
         resolve_mode(settings.logger.mode)  # fails now, not after the data work, on missing credentials

@@ -102,3 +102,14 @@ def test_wandb_tensorboard_and_csv_at_once(tmp_path):
     assert {k for h in w.history for k in h} >= set(expected)
     metrics = {m.glob_name or m.name: m.step_metric for m in w.of("metric")}
     assert metrics["trainer/lr"] == metrics["guard/*"] == metrics["train/*"] == "trainer/tokens"
+
+
+@pytest.mark.parametrize("chosen", [["logger=wandb"], ["logger=tensorboard", "logger.also=[wandb]"]], ids=["kind", "also"])
+def test_online_wandb_without_credentials_exits_2_before_any_work(chosen, tmp_path, monkeypatch, capsys):
+    """W&B chosen as the logger or beside it, online, with no credentials (the autouse fixture
+    hides them): one line saying how to log in, before any data work, and no run left behind."""
+    args = [*(o for o in TINY_RUN if not o.startswith("logger=")), *chosen, "logger.mode=online"]
+    code, err = llm_cli("train", args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "logger.mode='online': no W&B credentials; run `wandb login`" in err, err
+    assert "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no tokenizer trained, no cache, no run
