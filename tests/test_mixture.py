@@ -206,6 +206,12 @@ def test_one_source_logs_val_loss_as_a_single_corpus_does(tmp_path, monkeypatch,
     mixture = [r for r in read_metrics(tmp_path / "mixture" / "metrics.jsonl") if "val/loss" in r][-1]
     assert mixture["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
     assert mixture["val/loss/markov"] == pytest.approx(single["val/loss"], rel=1e-5)
+    # llm-eval measures one corpus: a mixture run's is named with a data option, not guessed
+    code, err = llm_cli("evaluate", [f"checkpoint={tmp_path}/mixture"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "the run trained on a mixture (data.sources: markov)" in err and "data=stdlib" in err, err
+    code, err = llm_cli("evaluate", [f"checkpoint={tmp_path}/mixture", "data=synthetic",
+                                     *(f"data.corpus.{c}" for c in chain)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
 
 
 @pytest.mark.slow

@@ -59,6 +59,11 @@ def data_corpus(cfg: DictConfig, saved: Optional[DictConfig]) -> DictConfig:
         node = cfg.data.get("corpus")
     elif saved is not None and OmegaConf.select(saved, "data.corpus") is not None:
         node = saved.data.corpus
+    elif saved is not None and OmegaConf.select(saved, "data.sources"):
+        # A mixture's validation is per source (val/loss/<source> in the run's metrics); here, one corpus.
+        names = ", ".join(str(k) for k in saved.data.sources)
+        raise ConfigError([f"data: the run trained on a mixture (data.sources: {names}); llm-eval measures one corpus: "
+                           "choose it with a data option as llm-train takes it, e.g. data=stdlib, and its settings"])
     else:
         raise ConfigError(["data: the checkpoint has no run.json to take its data config from; choose one of "
                            "llm-train's data options: data=stdlib | data=text data.corpus.paths=... | data=hf ... | "
