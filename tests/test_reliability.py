@@ -91,6 +91,17 @@ def resume(run_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess
     return result
 
 
+@pytest.fixture(autouse=True, scope="module")
+def ctrl_c_not_ignored():
+    """Ctrl-C as a terminal delivers it, whatever pytest was started with: a job put in the
+    background by a shell without job control (`cmd &` in a script) starts with SIGINT ignored,
+    which llm-train rightly keeps (and passes to its ranks), so the Ctrl-C tests would see nothing.
+    The runs these tests start inherit the default disposition from here."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> Path:
     """Uninterrupted runs to compare with: one process (RUN) and two DDP ranks (PARALLEL)."""
