@@ -312,3 +312,15 @@ def test_wandb_plots_each_downstream_metric_against_tokens():
     run = Run()
     define_token_axis(run, ["eval/addition/acc", "eval/addition/acc_norm", "trainer/tokens", "trainer/flops"])
     assert run.defined == [("eval/addition/acc", "trainer/tokens"), ("eval/addition/acc_norm", "trainer/tokens")]
+
+
+def test_the_score_table_keeps_its_columns_apart_for_huge_perplexities():
+    """An untrained model's word perplexity reaches 1e11: the columns must not run together."""
+    from llm.evaluate.harness_run import table
+
+    text = table({"llm": {"t_text": {"word_perplexity": 282801528712.71, "bits_per_byte": 7.879}},
+                  "hf": {"t_text": {"word_perplexity": 282801579281.57, "bits_per_byte": 7.879}}})
+    header, huge, small = text.splitlines()
+    assert header.split() == ["task", "metric", "llm", "hf"]
+    assert huge.split() == ["t_text", "word_perplexity", "2.828015e+11", "2.828016e+11"]
+    assert small.split() == ["t_text", "bits_per_byte", "7.8790", "7.8790"]

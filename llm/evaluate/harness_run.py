@@ -172,8 +172,16 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [f"{'task':{width}}{'metric':18}" + "".join(f"{name:>14}" for name in results)]
     for task, metric in rows:
         cells = [results[name].get(task, {}).get(metric) for name in results]
-        lines.append(f"{task:{width}}{metric:18}" + "".join("-".rjust(14) if v is None else f"{v:14.4f}" for v in cells))
+        lines.append(f"{task:{width}}{metric:18}" + "".join(_cell(v) for v in cells))
     return "\n".join(lines)
+
+
+def _cell(value: Optional[float]) -> str:
+    """A 14-wide column: 4 decimals, or scientific where that would not fit (word perplexities of an
+    untrained model reach 1e12)."""
+    if value is None:
+        return "-".rjust(14)
+    return f"{value:14.4f}" if abs(value) < 1e8 else f"{value:14.6e}"
 
 
 def publish(report: dict[str, Any], plan: HarnessPlan, logger: DictConfig) -> None:
@@ -185,7 +193,8 @@ def publish(report: dict[str, Any], plan: HarnessPlan, logger: DictConfig) -> No
     ref, metrics, step = plan.checkpoint, report["metrics"], report["step"]
     lines = [f"lm-evaluation-harness on {ref.path} (step {step})", table(report["results"])]
     if "max_abs_difference" in report:
-        lines.append(f"llm vs hf ({plan.settings.compare_hf}): largest difference {report['max_abs_difference']:.2e}")
+        lines.append(f"llm vs hf ({plan.settings.compare_hf}): largest difference {report['max_abs_difference']:.2e} "
+                     "(relative for perplexities)")
     sys.stdout.write("\n".join(lines) + "\n")
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(plan.out_dir / "harness.json", report)
