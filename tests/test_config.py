@@ -188,6 +188,8 @@ BAD = [
     (["trainer.devices=2"], ["parallelism=single: runs one process", "ddp"]),
     (["parallelism=fsdp", "parallelism.param_dtype=bfloat16", "trainer.accelerator=cpu"],
      ["parallelism.param_dtype='bfloat16'", "needs CUDA"]),
+    (["trainer.downstream.tasks=[adition]"], ["trainer.downstream.tasks: unknown built-in task(s) ['adition']",
+                                               "addition"]),
     # Hydra's multi-select would merge both option files, the last one's values winning
     (["logger=[wandb,tensorboard]"], ["logger=[wandb,tensorboard]", "logger=wandb logger.also=[tensorboard]"]),
     (["attention=[mha,gqa]"], ["attention=[mha,gqa]: attention takes one option", "-m attention=mha,gqa"]),

@@ -398,6 +398,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     world = world_size or total_ranks(cfg)
     problems += model_problems(t.model, t.data.seq_len)
     problems += device_problems(t)
+    problems += downstream_problems(t)
     problems += tokenizer_problems(cfg, t)
     problems += layout_problems(cfg, t, world)
     problems += budget_problems(t.budget)
@@ -463,6 +464,15 @@ def model_problems(m: ModelConfig, seq_len: int) -> list[str]:
 
 def _on_cpu(trainer: TrainerSchema) -> bool:
     return trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _cuda_available())
+
+
+def downstream_problems(t: Typed) -> list[str]:
+    """In-training evaluation names built-in tasks (harness task names are the harness's to check)."""
+    from llm.data.tasks import TASKS
+
+    unknown = [task for task in t.trainer.downstream.tasks if task not in TASKS]
+    return [f"trainer.downstream.tasks: unknown built-in task(s) {unknown}; allowed: {list(TASKS)} "
+            "(harness tasks go in trainer.downstream.harness)"] if unknown else []
 
 
 def device_problems(t: Typed) -> list[str]:

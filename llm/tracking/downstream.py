@@ -114,15 +114,8 @@ class DownstreamEval(Callback):
 def downstream_callback(settings: Any, corpus: Optional[Mapping[str, Any]], tokenizer: Tokenizer,
                         token_count: TokenCount) -> Optional[DownstreamEval]:
     """The callback `trainer.downstream` asks for (None when `every` is 0 or it names no task);
-    unknown built-in task names are refused here, before the first step."""
-    from llm.config import ConfigError
-    from llm.data.tasks import TASKS
-
+    its task names were checked with the rest of the config (llm.config.validate)."""
     d = settings.trainer.downstream
-    unknown = [t for t in d.tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError([f"trainer.downstream.tasks: unknown built-in task(s) {unknown}; allowed: {list(TASKS)} "
-                           "(harness tasks go in trainer.downstream.harness)"])
     if not d.every or not (d.tasks or d.harness):
         if d.every:
             log.warning("trainer.downstream.every is set but no task is named (trainer.downstream.tasks or .harness)")

@@ -32,9 +32,8 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "model"
 # Metrics plotted against tokens seen; post-training and eval metrics against optimizer steps.
-TOKEN_AXIS_METRICS = ("train/*", "val/*", "perf/*", "data/epochs/*")
-# The learning rate and the loss guard's events against tokens too, so they line up with the loss.
-TRAINER_AXIS_METRICS = ("trainer/lr", "guard/*")
+# (the learning rate and the loss guard's events too, so they line up with the loss)
+TOKEN_AXIS_METRICS = ("train/*", "val/*", "perf/*", "data/epochs/*", "trainer/lr", "guard/*")
 STEP_AXIS_METRICS = ("rewards/*", "logps/*", "logits/*", "objective/*", "eval/*", "samples/*")
 NAME_GROUPS = ("model", "attention", "position", "posttrain")  # what the run name describes
 
@@ -112,7 +111,7 @@ def define_axes(run: Any) -> None:
     """Tokens and FLOPs as x-axes; the best validation loss as its summary."""
     for axis in ("trainer/global_step", "trainer/tokens", "trainer/flops"):
         run.define_metric(axis)
-    for pattern in (*TOKEN_AXIS_METRICS, *TRAINER_AXIS_METRICS):
+    for pattern in TOKEN_AXIS_METRICS:
         run.define_metric(pattern, step_metric="trainer/tokens")
     for pattern in STEP_AXIS_METRICS:
         run.define_metric(pattern, step_metric="trainer/global_step")
