@@ -15,7 +15,6 @@ Not a test: figures depend on the machine (and on whoever else is using it). Nee
 from __future__ import annotations
 
 import tempfile
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm.evaluate.speed import timed
 from llm.generate import generate
 from llm.interop.hf import export_hf
 from llm.model import ModelConfig, Transformer
@@ -47,15 +47,6 @@ def _dtype_kwarg() -> str:
 
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    """Seconds `fn` took, and its result; on CUDA, until the device has finished too."""
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
 
 
 def decode_vs_transformers(
@@ -108,7 +99,7 @@ def decode_vs_transformers(
             fn(8)
         for r in range(repeats):
             for name in list(runs)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
-                seconds, outputs[name] = _timed(runs[name], device)
+                seconds, outputs[name] = timed(runs[name], device)
                 times[name].append(seconds)
         used_threads = torch.get_num_threads()
     ours_tokens, hf_tokens = outputs["ours"], outputs["hf"]
@@ -212,7 +203,7 @@ def train_step_vs_transformers(
         best = {name: float("inf") for name in runners}
         for r in range(repeats):
             for name in list(runners)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
-                seconds, _ = _timed(lambda step=runners[name]: [step(b) for b in batches], device)
+                seconds, _ = timed(lambda step=runners[name]: [step(b) for b in batches], device)
                 best[name] = min(best[name], seconds)
         used_threads = torch.get_num_threads()
     tokens = steps * batch * seq_len

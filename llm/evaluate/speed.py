@@ -20,14 +20,15 @@ from llm.generate.decode import generate
 PROMPT_TOKENS = 16
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds `fn` took, and its result; on CUDA, from an idle device until it has finished too."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 @torch.no_grad()
@@ -62,6 +63,6 @@ def throughput(models: dict[str, nn.Module], batch: Optional[Tensor], new_tokens
     for _ in range(repeats):
         for name, model in models.items():
             for key, (fn, tokens) in jobs(model).items():
-                rate = tokens / max(_timed(fn, device), 1e-9)
+                rate = tokens / max(timed(fn, device)[0], 1e-9)
                 best[name][key] = max(best[name].get(key, 0.0), rate)
     return best
