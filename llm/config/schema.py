@@ -102,6 +102,15 @@ class SourceSchema:
 
 
 @dataclass
+class TokenizeSchema:
+    """`data.tokenize`: how text becomes the token cache (llm.data.token_shards). Neither key changes
+    the tokens, so neither is part of the cache key: a cache built one way is reused by the other."""
+
+    workers: int = at_least(1, 1, high=256)  # processes encoding shards at once (1: this process)
+    shard_mb: float = positive(16.0, high=4096)  # MiB of text per shard file: one worker's unit of work
+
+
+@dataclass
 class DataSchema:
     corpus: Any = None  # a `_target_` node, typed by its option's corpus schema (below)
     # data=mixture: named sources trained on by weight, each validated on its own (val/loss/<name>);
@@ -111,6 +120,7 @@ class DataSchema:
     micro_batch_size: int = at_least(1, 16, high=MAX_BATCH)
     global_batch_size: Optional[int] = at_least(1, None, high=2**30, null="for micro_batch_size x data-parallel ranks")
     val_batches: Optional[int] = at_least(0, 8, null="for the whole val split")  # 0: no validation
+    tokenize: TokenizeSchema = field(default_factory=TokenizeSchema)
 
 
 @dataclass

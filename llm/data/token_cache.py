@@ -1,4 +1,9 @@
-"""Token cache: a split tokenised once into a flat on-disk array, reused while its inputs match."""
+"""Token cache: a split tokenised once into shard files on disk, reused while its inputs match.
+
+The files and how they are written and checked are llm.data.token_shards'; this module names a
+cache (its key: the corpus's and the tokenizer's fingerprints and the split, not how it was built)
+and decides between reusing and building it.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +12,77 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from llm.files import atomic_write
 from llm.data.corpus import Corpus, check_split
+from llm.data.token_shards import (FORMAT, OFFSET, VERSION, CacheInvalid, ShardedTokens, _Tokenizer, fingerprint,
+                                   read_index, token_dtype, verify_shards, write_shards)
+from llm.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-CHUNK_DOCUMENTS = 256  # documents per encode_batch call: parallel in Rust, bounded memory here
-
-
-class _Tokenizer(Protocol):  # the slice of llm.tokenizer.Tokenizer used here
-    vocab_size: int
-    eos_id: int
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-
-    def content_hash(self) -> str: ...
+SHARD_MB = 16.0  # MiB of text per shard (data.tokenize.shard_mb): the unit of work of one worker
 
 
 class TokenCache:
-    """A built cache: `tokens` is a read-only memmap of every document followed by EOS.
+    """A built cache: `tokens` is every document followed by EOS, read-only and memory-mapped (a
+    np.memmap for one shard, a `ShardedTokens` over several), never read whole.
 
-    `doc_offsets[i]` is where document i starts in `tokens`.
+    `doc_offsets[i]` is where document i starts in `tokens` (read from the shards on first use).
     """
 
     def __init__(self, path: Path, index: dict[str, Any]):
-        self.path = path
+        self.path = path  # the index
+        self.directory = path.parent
         self.dtype = np.dtype(index["dtype"])
         self.n_tokens: int = index["n_tokens"]
         self.n_documents: int = index["n_documents"]
-        self.doc_offsets: list[int] = index["doc_offsets"]
         self.n_bytes: int = index["n_bytes"]
+        self.fingerprint: str = index["fingerprint"]
         self.index = index
-        self._tokens: np.memmap | None = None
+        self.shards = [self.directory / s["file"] for s in index["shards"]]
+        self._tokens: Optional[Union[np.memmap, ShardedTokens]] = None
+        self._doc_offsets: Optional[np.ndarray] = None
 
     @property
-    def tokens(self) -> np.memmap:
+    def tokens(self) -> Union[np.memmap, ShardedTokens]:
         if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+            lengths = [s["n_tokens"] for s in self.index["shards"]]
+            if len(self.shards) == 1:
+                self._tokens = np.memmap(self.shards[0], dtype=self.dtype, mode="r", shape=(lengths[0],))
+            else:
+                self._tokens = ShardedTokens(self.shards, lengths, self.dtype)
         return self._tokens
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """int64 start of each document in `tokens`; ValueError if a shard's offsets are not in order."""
+        if self._doc_offsets is None:
+            parts, start = [], 0
+            for path, shard in zip(self.shards, self.index["shards"]):
+                n, d = shard["n_tokens"], shard["n_documents"]
+                own = np.fromfile(path, dtype=OFFSET, count=d, offset=n * self.dtype.itemsize)
+                if len(own) != d or own[0] != 0 or np.any(np.diff(own) <= 0) or own[-1] >= n:
+                    raise ValueError(f"token cache {path}: its document offsets are not in order; delete it to rebuild")
+                parts.append(own + start)
+                start += n
+            self._doc_offsets = np.concatenate(parts)
+        return self._doc_offsets
 
     @property
     def bytes_per_token(self) -> float:
         """UTF-8 bytes of the split per token (document-separating EOS tokens not counted)."""
         return self.n_bytes / max(1, self.n_tokens - self.n_documents)
 
+    def verify(self) -> None:
+        """Hash the shards against the index (reads the whole cache); CacheInvalid on a difference."""
+        verify_shards(self.directory, self.index)
+
     def __repr__(self) -> str:
-        return f"TokenCache({self.path.name}, {self.n_documents} documents, {self.n_tokens} tokens)"
+        return (f"TokenCache({self.path.name}, {len(self.shards)} shards, {self.n_documents} documents, "
+                f"{self.n_tokens} tokens)")
 
 
 def cache_key(corpus: Corpus, tokenizer: _Tokenizer, split: str) -> str:
@@ -64,72 +90,66 @@ def cache_key(corpus: Corpus, tokenizer: _Tokenizer, split: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
 
-def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str,
-                      cache_dir: str | os.PathLike) -> TokenCache:
-    """Tokenise `split` of `corpus` into cache_dir/tokens/<key>.bin (+ <key>.json), or reuse it.
+def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str, cache_dir: str | os.PathLike,
+                      workers: int = 1, shard_mb: float = SHARD_MB) -> TokenCache:
+    """Tokenise `split` of `corpus` into cache_dir/tokens/<key>.<n>.bin shards and the <key>.json
+    index, or reuse them.
 
-    The .bin is written first and the .json index last, each atomically: a cache counts only
-    when its index exists and the .bin holds exactly n_tokens items, so an interrupted build
-    is rebuilt rather than trusted.
+    `workers` > 1 encodes shards in that many processes; `shard_mb` is the text per shard. Neither
+    is part of the key: the tokens are the same whatever they are, and a complete cache is reused
+    as it is. The shards are written first and the index last, each atomically: a cache counts
+    only when its index exists and checks out against the shards on disk, so an interrupted or
+    damaged build is rebuilt (saying why) rather than trusted.
     """
     check_split(split)
+    if type(workers) is not int or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if not shard_mb > 0:
+        raise ValueError(f"shard_mb must be > 0, got {shard_mb!r}")
     key = cache_key(corpus, tokenizer, split)
     directory = Path(cache_dir) / "tokens"
     directory.mkdir(parents=True, exist_ok=True)
-    bin_path, index_path = directory / f"{key}.bin", directory / f"{key}.json"
+    index_path = directory / f"{key}.json"
 
-    index = _valid_index(bin_path, index_path, key)
-    if index is not None:
-        return TokenCache(bin_path, index)
+    try:
+        index = read_index(index_path, key)
+        if index is not None:
+            return TokenCache(index_path, index)
+    except CacheInvalid as e:
+        log.warning(f"token cache {index_path}: {e}; rebuilding it")
 
-    index_path.unlink(missing_ok=True)  # a stale index must not vouch for the new .bin midway
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
-    doc_offsets: list[int] = []
-    n_tokens = n_bytes = 0
-    with atomic_write(bin_path) as f:
-        for chunk in _chunks(corpus.documents(split), CHUNK_DOCUMENTS):
-            n_bytes += sum(len(text.encode("utf-8")) for text in chunk)
-            for ids in tokenizer.encode_batch(chunk):
-                doc_offsets.append(n_tokens)
-                ids.append(tokenizer.eos_id)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                n_tokens += len(ids)
-        if n_tokens == 0:  # raising here also discards the temp file
-            from llm.config import ConfigError  # an input problem: exit code 2, no traceback
+    index_path.unlink(missing_ok=True)  # a stale index must not vouch for the new shards midway
+    dtype = token_dtype(tokenizer.vocab_size)
+    shards = write_shards(corpus.documents(split), tokenizer, directory, key, dtype,
+                          max(1, round(shard_mb * 2**20)), workers)
+    if not shards:
+        from llm.config import ConfigError  # an input problem: exit code 2, no traceback
 
-            raise ConfigError([f"data.corpus: corpus {corpus.name!r} has no documents in split {split!r} (its files "
-                               "are empty, unreadable, or not UTF-8 text); point data.corpus at text files"])
+        raise ConfigError([f"data.corpus: corpus {corpus.name!r} has no documents in split {split!r} (its files "
+                           "are empty, unreadable, or not UTF-8 text); point data.corpus at text files"])
 
-    index = {"key": key, "dtype": dtype.name, "n_tokens": n_tokens, "n_bytes": n_bytes,
-             "n_documents": len(doc_offsets), "doc_offsets": doc_offsets,
-             "corpus": corpus.name, "split": split, "corpus_fingerprint": corpus.fingerprint(),
+    index = {"format": FORMAT, "version": VERSION, "key": key, "dtype": dtype.name,
+             "n_tokens": sum(s["n_tokens"] for s in shards), "n_documents": sum(s["n_documents"] for s in shards),
+             "n_bytes": sum(s["n_bytes"] for s in shards), "fingerprint": fingerprint(dtype.name, shards),
+             "shards": shards, "corpus": corpus.name, "split": split, "corpus_fingerprint": corpus.fingerprint(),
              "tokenizer_hash": tokenizer.content_hash()}
     with atomic_write(index_path) as f:
-        f.write(json.dumps(index).encode("utf-8"))
-    log.info(f"token cache: {corpus.name}/{split}: {len(doc_offsets):,} documents -> "
-             f"{n_tokens:,} tokens ({bin_path})")
-    return TokenCache(bin_path, index)
+        f.write(json.dumps(index, indent=0).encode("utf-8"))
+    _remove_stale(directory, key, len(shards))
+    log.info(f"token cache: {corpus.name}/{split}: {index['n_documents']:,} documents -> {index['n_tokens']:,} "
+             f"tokens in {len(shards)} shard{'s' * (len(shards) > 1)}"
+             f"{f' by {workers} workers' if workers > 1 else ''} ({index_path})")
+    return TokenCache(index_path, index)
 
 
-def _valid_index(bin_path: Path, index_path: Path, key: str) -> dict[str, Any] | None:
-    """The index if the cache is complete and consistent, else None."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        itemsize = np.dtype(index["dtype"]).itemsize
-        complete = (index["key"] == key and index["n_tokens"] > 0 and "n_bytes" in index
-                    and bin_path.stat().st_size == index["n_tokens"] * itemsize)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return index if complete else None
-
-
-def _chunks(documents: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for document in documents:
-        if document:  # an empty document would be a lone EOS
-            chunk.append(document)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
+def _remove_stale(directory: Path, key: str, n_shards: int) -> None:
+    """Shards of an earlier build of this key beyond the new count (another shard size), and the
+    single .bin of the format before shards. Another process building the same key at once writes
+    the same shards, so nothing it needs is removed."""
+    stale = [directory / f"{key}.bin"]
+    for path in directory.glob(f"{key}.*.bin"):
+        number = path.name[len(key) + 1:-len(".bin")]
+        if number.isdigit() and int(number) >= n_shards:
+            stale.append(path)
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -133,13 +133,14 @@ class PreTokenised:
         self.bytes_per_token: Optional[float] = None
 
 
-def split_tokens(corpus, tokenizer, split: str, cache_dir, key: str = "data.corpus"):
+def split_tokens(corpus, tokenizer, split: str, cache_dir, key: str = "data.corpus", **tokenize):
     """The token array of `split`: a TokenFiles source's own ids (checked against the tokenizer's
-    vocabulary), any other corpus tokenised into the token cache."""
+    vocabulary), any other corpus tokenised into the token cache (`tokenize`: data.tokenize's
+    workers and shard_mb)."""
     if not isinstance(corpus, TokenFiles):
         from llm.data.token_cache import build_token_cache
 
-        return build_token_cache(corpus, tokenizer, split, cache_dir)
+        return build_token_cache(corpus, tokenizer, split, cache_dir, **tokenize)
     try:
         tokens = corpus.tokens(split)
         if len(tokens) == 0:

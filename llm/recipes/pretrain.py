@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from llm.run.plan import Settings
 
 
+def tokenize_settings(cfg: DictConfig) -> dict[str, Any]:
+    """data.tokenize as build_token_cache's arguments (workers, shard_mb); its defaults where unset."""
+    tokenize = cfg.data.get("tokenize") or {}
+    return {name: tokenize[name] for name in ("workers", "shard_mb") if tokenize.get(name) is not None}
+
+
 class Pretrain(Recipe):
     def data(self, cfg: DictConfig, settings: Settings, run_dir: RunDir) -> StageData:
         """Corpus, tokenizer (trained once per corpus and settings, cached; a resumed run's own) and
@@ -28,8 +34,8 @@ class Pretrain(Recipe):
             return self.mixture_data(cfg, settings, run_dir)
         corpus = instantiate(cfg.data.corpus)
         tokenizer = self.tokenizer(cfg, corpus, run_dir)
-        train = split_tokens(corpus, tokenizer, "train", cache)
-        val = split_tokens(corpus, tokenizer, "val", cache)
+        train = split_tokens(corpus, tokenizer, "train", cache, **tokenize_settings(cfg))
+        val = split_tokens(corpus, tokenizer, "val", cache, **tokenize_settings(cfg))
         data = settings.data
         datamodule = LMDataModule(train.tokens, val.tokens, data.seq_len, data.micro_batch_size, seed=cfg.seed,
                                   val_batches=data.val_batches)
@@ -55,8 +61,11 @@ class Pretrain(Recipe):
         cache = Path(cfg.paths.cache_dir)
         mixture = mixture_of(cfg.data.sources, instantiate)
         tokenizer = self.tokenizer(cfg, mixture, run_dir)
-        train = [split_tokens(s.corpus, tokenizer, "train", cache, f"data.sources.{s.name}.corpus") for s in mixture.sources]
-        val = [split_tokens(s.corpus, tokenizer, "val", cache, f"data.sources.{s.name}.corpus") for s in mixture.sources]
+        tokenize = tokenize_settings(cfg)
+        train = [split_tokens(s.corpus, tokenizer, "train", cache, f"data.sources.{s.name}.corpus", **tokenize)
+                 for s in mixture.sources]
+        val = [split_tokens(s.corpus, tokenizer, "val", cache, f"data.sources.{s.name}.corpus", **tokenize)
+               for s in mixture.sources]
         data = settings.data
         datamodule = MixtureDataModule(mixture.names, mixture.weights, [t.tokens for t in train],
                                        [v.tokens for v in val], data.seq_len, data.micro_batch_size, seed=cfg.seed,
