@@ -14,6 +14,7 @@ Not a test: figures depend on the machine (and on whoever else is using it). Nee
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from llm.evaluate.speed import timed
 from llm.generate import generate
+from llm.generate.decode import left_pad
 from llm.interop.hf import export_hf
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import Tokenizer
@@ -57,43 +59,49 @@ def decode_vs_transformers(
     threads: Optional[int] = None,
     repeats: int = 3,
     seed: int = 0,
+    batch: int = 1,
 ) -> dict:
-    """Greedy decoding of one random prompt (ids below the tokenizer's vocab, or the int given;
+    """Greedy decoding of random prompts (ids below the tokenizer's vocab, or the int given;
     default: model.cfg.vocab_size), prefill included, with our KV-cache `generate` and with
-    transformers' `generate` on the exported model. Both produce exactly `new_tokens` tokens:
-    the export carries no EOS id, and padded vocab ids are barred on both sides.
+    transformers' `generate` on the exported model. Both produce exactly `new_tokens` tokens per
+    row: the export carries no EOS id, and padded vocab ids are barred on both sides.
 
-    Returns best-of-`repeats` tokens/s for each, the ratio ours / HF, and whether the token ids
-    are identical (with the first differing position, if any).
+    `batch` > 1: rows of different lengths (`prompt_len` down to `prompt_len - batch + 1`, at
+    least 1), left-padded, with the attention mask on both sides (transformers derives the
+    positions from it, as `generate` does).
+
+    Returns best-of-`repeats` tokens/s for each (all rows' new tokens), the ratio ours / HF,
+    their best seconds, and whether the token ids are identical (with the first differing
+    (row, position), if any).
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     model.eval()
     cfg = model.cfg
     vocab = tokenizer_or_vocab.vocab_size if isinstance(tokenizer_or_vocab, Tokenizer) else tokenizer_or_vocab
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab or cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    with tempfile.TemporaryDirectory() as folder:
-        export_hf(model, folder)  # no tokenizer: no EOS id, so transformers never stops early
-        hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", **{_dtype_kwarg(): torch.float32})
+    lengths = [max(1, prompt_len - row) for row in range(batch)]
+    prompts = [torch.randint(0, vocab or cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    hf = _hf_twin(model)  # exported without a tokenizer: no EOS id, so transformers never stops early
     device = model.embed.weight.device
     hf.to(device).eval()
     barred = list(range(cfg.vocab_size, cfg.padded_vocab_size)) or None  # ours masks these ids too
-    ids = torch.tensor([prompt], device=device)
+    ids, mask = left_pad(prompts, 0, device)
+    longest = ids.shape[1]
 
-    def ours(n: int = new_tokens) -> list[int]:
-        return generate(model, [prompt], n, use_cache=True)[0]
+    def ours(n: int = new_tokens) -> list[list[int]]:
+        return generate(model, prompts, n, use_cache=True)
 
     @torch.no_grad()
-    def theirs(n: int = new_tokens) -> list[int]:
+    def theirs(n: int = new_tokens) -> list[list[int]]:
         config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True,
                                   eos_token_id=None, pad_token_id=0, suppress_tokens=barred)
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        return out[0, prompt_len:].tolist()
+        out = hf.generate(ids, attention_mask=mask.long(), generation_config=config)
+        return out[:, longest:].tolist()
 
     runs = {"ours": ours, "hf": theirs}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    outputs: dict[str, object] = {}
+    outputs: dict[str, list[list[int]]] = {}
     with _threads(threads):
         for fn in runs.values():  # warm-up: one-off allocations and lazy initialisation are not timed
             fn(8)
@@ -102,19 +110,40 @@ def decode_vs_transformers(
                 seconds, outputs[name] = timed(runs[name], device)
                 times[name].append(seconds)
         used_threads = torch.get_num_threads()
-    ours_tokens, hf_tokens = outputs["ours"], outputs["hf"]
-    mismatch = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), None)
-    ours_rate, hf_rate = new_tokens / min(times["ours"]), new_tokens / min(times["hf"])
+    mismatch = first_mismatch(outputs["ours"], outputs["hf"])
+    tokens = batch * new_tokens
+    best = {name: min(seconds) for name, seconds in times.items()}
     return {
-        "ours_tokens_per_s": ours_rate,
-        "hf_tokens_per_s": hf_rate,
-        "ratio": ours_rate / hf_rate,
-        "identical": ours_tokens == hf_tokens,
+        **rates(tokens, best["ours"], best["hf"]),
+        "ours_seconds": times["ours"],
+        "hf_seconds": times["hf"],
+        "identical": mismatch is None,
         "first_mismatch": mismatch,
+        "batch": batch,
         "new_tokens": new_tokens,
+        "prompt_lens": lengths,
         "prompt_len": prompt_len,
         "threads": used_threads,
     }
+
+
+def first_mismatch(ours: list[list[int]], theirs: list[list[int]]) -> Optional[tuple[int, int]]:
+    """(row, position) of the first token where the two outputs differ (a missing or extra row
+    or token counts), or None when they are identical."""
+    for row in range(max(len(ours), len(theirs))):
+        a = ours[row] if row < len(ours) else []
+        b = theirs[row] if row < len(theirs) else []
+        for position in range(max(len(a), len(b))):
+            if position >= len(a) or position >= len(b) or a[position] != b[position]:
+                return row, position
+    return None
+
+
+def rates(tokens: int, ours_seconds: float, hf_seconds: float) -> dict[str, float]:
+    """Tokens/s of each side for `tokens` processed in the given seconds, and the ratio
+    ours / transformers (above 1: ours is faster)."""
+    ours_rate, hf_rate = tokens / ours_seconds, tokens / hf_seconds
+    return {"ours_tokens_per_s": ours_rate, "hf_tokens_per_s": hf_rate, "ratio": ours_rate / hf_rate}
 
 
 def _hf_twin(model: Transformer, experts_implementation: Optional[str] = None) -> nn.Module:
@@ -151,6 +180,7 @@ def train_step_vs_transformers(
     seed: int = 0,
     device: str | torch.device = "cpu",
     experts_implementation: Optional[str] = None,
+    compile: bool = False,
 ) -> dict:
     """Tokens/s of a plain training loop (forward, cross-entropy, backward, AdamW step) over our
     Transformer and over its transformers twin built from the same weights (`_hf_twin`: Llama
@@ -160,6 +190,9 @@ def train_step_vs_transformers(
     ours `model.router_loss()` (aux and z-loss), transformers' `output_router_logits=True` and
     `router_aux_loss_coef` times its aux loss. The first language-model losses of the two are
     returned too: equal (to float noise) when the twin really computes the same function.
+
+    `compile`: both models through `torch.compile` (the whole model, as a user of either library
+    would; the warm-up steps pay for the compilation, so `warmup` must be at least 1).
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -172,11 +205,14 @@ def train_step_vs_transformers(
     batches = [torch.randint(0, model_cfg.vocab_size, (batch, seq_len + 1), generator=g).to(device)
                for _ in range(steps)]
 
+    ours_call: Callable[..., Tensor] = torch.compile(ours) if compile else ours
+    hf_call: Callable[..., object] = torch.compile(hf) if compile else hf
+
     def ours_forward(x: Tensor) -> tuple[Tensor, Tensor | float]:
-        return ours(x), ours.router_loss()
+        return ours_call(x), ours.router_loss()
 
     def hf_forward(x: Tensor) -> tuple[Tensor, Tensor | float]:
-        out = hf(input_ids=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
+        out = hf_call(input_ids=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
         return out.logits, hf.config.router_aux_loss_coef * out.aux_loss if moe else 0.0
 
     def make_step(model: nn.Module, forward: Callable[[Tensor], tuple[Tensor, Tensor | float]]
@@ -200,20 +236,21 @@ def train_step_vs_transformers(
         for i in range(1, warmup):
             for step in runners.values():
                 step(batches[i % steps])
-        best = {name: float("inf") for name in runners}
+        times: dict[str, list[float]] = {name: [] for name in runners}
         for r in range(repeats):
             for name in list(runners)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
                 seconds, _ = timed(lambda step=runners[name]: [step(b) for b in batches], device)
-                best[name] = min(best[name], seconds)
+                times[name].append(seconds)
         used_threads = torch.get_num_threads()
     tokens = steps * batch * seq_len
-    ours_rate, hf_rate = tokens / best["ours"], tokens / best["hf"]
     return {
         "hf_model": type(hf).__name__,
         "hf_experts_implementation": getattr(hf.config, "_experts_implementation", None) if moe else None,
-        "ours_tokens_per_s": ours_rate,
-        "hf_tokens_per_s": hf_rate,
-        "ratio": ours_rate / hf_rate,
+        **rates(tokens, min(times["ours"]), min(times["hf"])),
+        "median_ratio": statistics.median(times["hf"]) / statistics.median(times["ours"]),
+        "ours_seconds": times["ours"],
+        "hf_seconds": times["hf"],
+        "compiled": compile,
         "first_loss_ours": first["ours"],
         "first_loss_hf": first["hf"],
         "batch": batch,
@@ -222,3 +259,78 @@ def train_step_vs_transformers(
         "repeats": repeats,
         "threads": used_threads,
     }
+
+
+# Issue 21's goals: ours / transformers at least this, per case kind.
+GOALS = {"train_eager": 1.2, "train_compiled": 1.0, "decode": 1.5}
+
+
+def arch_label(cfg: ModelConfig) -> str:
+    """`4L d256 8/2h ff688 V8192`: layers, width, query/KV heads, MLP hidden size, vocabulary."""
+    return f"{cfg.n_layers}L d{cfg.d_model} {cfg.n_heads}/{cfg.kv_heads}h ff{cfg.hidden_size} V{cfg.vocab_size}"
+
+
+def peer_vs_transformers(
+    shapes: dict[str, tuple[ModelConfig, int, int]],
+    compile_shape: Optional[str],
+    decode_shape: str,
+    steps: int = 10,
+    warmup: int = 3,
+    repeats: int = 3,
+    decode_tokens: int = 128,
+    decode_batches: tuple[int, ...] = (1, 8),
+    prompt_len: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """Every comparison of issue 21 in one run, each an interleaved side-by-side with the same
+    weights and inputs: the eager training step at each of `shapes` ({name: (model config, batch,
+    seq_len)}), the compiled one at `shapes[compile_shape]` (None: skipped), and greedy decoding
+    of the `decode_shape` model at each of `decode_batches` (batch > 1 left-padded).
+
+    One row per case: {case, shape, goal, ratio, met, ours/hf tokens/s and seconds, check, ok}:
+    `check` says how the two sides were shown to compute the same thing (first losses within
+    1e-3, or identical token ids) and `ok` whether it held."""
+    rows = []
+
+    def train_row(kind: str, name: str, compiled: bool) -> dict:
+        cfg, batch, seq_len = shapes[name]
+        result = train_step_vs_transformers(cfg, batch, seq_len, steps=steps, warmup=max(warmup, 2 if compiled else 1),
+                                            repeats=repeats, seed=seed, device=device, compile=compiled)
+        same = abs(result["first_loss_ours"] - result["first_loss_hf"]) <= 1e-3
+        return {**result, "case": f"train {'compiled' if compiled else 'eager'}, {name}", "shape_name": name,
+                "shape": f"{arch_label(cfg)}, {batch}x{seq_len}", "goal": GOALS[kind],
+                "check": f"first loss {result['first_loss_ours']:.4f} vs {result['first_loss_hf']:.4f}", "ok": same}
+
+    for name in shapes:
+        rows.append(train_row("train_eager", name, compiled=False))
+    if compile_shape is not None:
+        rows.append(train_row("train_compiled", compile_shape, compiled=True))
+    cfg, _, _ = shapes[decode_shape]
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(device)
+    for batch in decode_batches:
+        result = decode_vs_transformers(model, None, prompt_len=prompt_len, new_tokens=decode_tokens,
+                                        repeats=repeats, seed=seed, batch=batch)
+        mismatch = result["first_mismatch"]
+        rows.append({**result, "case": f"decode b{batch}" + (" left-padded" if batch > 1 else "") + f", {decode_shape}",
+                     "shape_name": decode_shape,
+                     "shape": f"{arch_label(cfg)}, {batch}x{prompt_len}+{decode_tokens}",
+                     "goal": GOALS["decode"],
+                     "check": "tokens equal" if mismatch is None else f"tokens differ at row {mismatch[0]}, "
+                                                                      f"position {mismatch[1]}",
+                     "ok": mismatch is None})
+    for row in rows:
+        row["met"] = row["ratio"] >= row["goal"]
+    return rows
+
+
+def peer_table(rows: list[dict]) -> list[str]:
+    """The rows as a Markdown table (what the README's performance table is)."""
+    lines = ["| case | shape | ours tokens/s | transformers tokens/s | ours / transformers | goal | same result |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['case']} | {row['shape']} | {row['ours_tokens_per_s']:,.0f} | "
+                     f"{row['hf_tokens_per_s']:,.0f} | **{row['ratio']:.2f}x** | {'>=' if row['met'] else 'below'} "
+                     f"{row['goal']:.1f}x | {row['check']}{'' if row['ok'] else ' (NOT the same)'} |")
+    return lines

@@ -25,7 +25,7 @@ from llm.scaling.flops import model_size
 from llm.stages.optim import build_optimizer
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.metrics import JsonlLogger
-from llm.tracking.throughput import peak_flops, peak_memory_mib
+from llm.tracking.throughput import compute_dtype, device_peak, peak_memory_mib
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
         for loop in order:
             gc.collect()
             loop()
-    peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu")
+    peak = device_peak(device, compute_dtype(trainer_cfg.precision))
     # Best-of-rounds is the headline (the least disturbed round of each, on a shared machine);
     # medians are reported beside it.
     tps = {name: tokens_per_step * steps / min(times) for name, times in (("bare", bare), ("framework", framework))}
@@ -131,7 +132,8 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
         "tokens_per_step": tokens_per_step, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
         "bare_tokens_per_s": tps["bare"], "framework_tokens_per_s": tps["framework"],
         "ratio": tps["framework"] / tps["bare"], "median_ratio": median["framework"] / median["bare"],
-        "bare_mfu": tps["bare"] * size.flops_per_token / peak, "framework_mfu": tps["framework"] * size.flops_per_token / peak,
-        "peak_flops": peak, "peak_rss_mib": peak_memory_mib(torch.device("cpu")),
+        "bare_mfu": tps["bare"] * size.flops_per_token / peak.flops,
+        "framework_mfu": tps["framework"] * size.flops_per_token / peak.flops,
+        "peak_flops": peak.flops, "peak_source": peak.source, "peak_rss_mib": peak_memory_mib(torch.device("cpu")),
         "bare_seconds": bare, "framework_seconds": framework,
     }

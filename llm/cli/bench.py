@@ -5,6 +5,8 @@ PyTorch loop over the same model and batches in the same process.
   llm-bench model=small bench.steps=10
   llm-bench bench.parallel=[ddp,fsdp]   # 2-process DDP and FSDP runs against single
   llm-bench bench.against=transformers  # the bare loop against transformers' twin (Llama; Mixtral for MoE)
+  llm-bench bench.peer=transformers     # every ratio of issue 21 against transformers, as a Markdown table
+  llm-bench bench=gpu                   # on a GPU machine: the 1B FSDP run's tokens/s and MFU, as Markdown
 """
 
 from __future__ import annotations
@@ -35,6 +37,25 @@ class Against(Choice):
     transformers = "transformers"  # a bare loop over our model against one over its transformers twin
 
 
+class Peer(Choice):
+    none = "none"
+    transformers = "transformers"  # train eager at two shapes, train compiled, decode b1 and b8: ours / transformers
+
+
+@dataclass
+class PeerShape:
+    """bench.peer's second training shape (issue 21's), over the composed model's other settings."""
+
+    n_layers: int = at_least(1, 4, high=1024)
+    d_model: int = at_least(1, 256, high=2**16)
+    n_heads: int = at_least(1, 8, high=1024)
+    n_kv_heads: int = at_least(1, 2, high=1024)
+    mlp_hidden: int = at_least(1, 688, high=2**20)
+    vocab_size: int = at_least(1, 8192, high=2**24)
+    batch: int = at_least(1, 8, high=2**16)
+    seq_len: int = at_least(1, 256, high=2**20)
+
+
 @dataclass
 class BenchSettings:
     """The `bench` keys of conf/bench.yaml, typed and ranged like every other group."""
@@ -45,6 +66,14 @@ class BenchSettings:
     parallel: list[str] = field(default_factory=list)
     against: Against = Against.framework
     hf_experts: Optional[str] = None  # transformers' experts_implementation (eager, grouped_mm, ...); null: its default
+    peer: Peer = Peer.none
+    peer_shape: PeerShape = field(default_factory=PeerShape)
+    peer_compile: bool = True  # bench.peer: also the compiled training step, at peer_shape
+    decode_tokens: int = at_least(1, 128, high=10**6)
+    decode_batches: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = at_least(1, 16, high=10**6)
+    mfu: bool = False  # a real llm-train run and a Markdown block of its tokens/s and MFU
+    train: list[str] = field(default_factory=list)  # bench.mfu: llm-train overrides (before the command line's)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
@@ -84,6 +113,12 @@ def _bench(cfg: DictConfig) -> None:
         _output(lines)
         log.info(f"written: {out_dir / 'bench_parallel.json'}")
         return
+    if bench.peer == Peer.transformers:
+        _peer(run_cfg, bench, out_dir)
+        return
+    if bench.mfu:
+        _mfu(bench, out_dir)
+        return
     if bench.against == Against.transformers:
         _against_transformers(run_cfg, bench, out_dir)
         return
@@ -95,7 +130,7 @@ def _bench(cfg: DictConfig) -> None:
     lines += [f"{name:12}{result[f'{name}_tokens_per_s']:>12,.0f}{result[f'{name}_mfu']:>8.1%}" for name in ("bare", "framework")]
     lines.append(f"ratio framework / bare: {result['ratio']:.3f} best of {result['repeats']} rounds, "
                  f"{result['median_ratio']:.3f} of medians   (peak RSS {result['peak_rss_mib']:,.0f} MiB, "
-                 f"CPU/GPU peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s)")
+                 f"peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s, {result['peak_source']})")
     _output(lines)
     log.info(f"written: {out_dir / 'bench.json'}")
 
@@ -153,10 +188,105 @@ def _against_transformers(cfg: DictConfig, bench: BenchSettings, out_dir: Path) 
     log.info(f"written: {out_dir / 'bench_transformers.json'}")
 
 
+def _needs_transformers(key: str) -> None:
+    from llm.config import ConfigError
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError([f"{key}: the transformers package is not installed; pip install 'llm[hf]'"]) from None
+
+
+def _peer(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
+    """Issue 21's side-by-side against transformers: training step eager at bench.peer_shape and
+    at this config's shape, compiled at bench.peer_shape, greedy decoding at each batch of
+    bench.decode_batches; a Markdown table of ours / transformers for each, with its goal."""
+    import dataclasses
+
+    import torch
+
+    from llm.bench.hf import peer_table, peer_vs_transformers
+    from llm.tracking.throughput import cpu_name
+    from llm.config import ConfigError, typed
+    from llm.config.schema import DataSchema, TrainerSchema
+    from llm.config.validate import tokenizer_vocab_size
+    from llm.interop.hf import choose_family
+    from llm.model import ModelConfig
+
+    _needs_transformers("bench.peer=transformers")
+    import transformers
+
+    data: DataSchema = typed(cfg.data, DataSchema, drop=("corpus",))
+    trainer: TrainerSchema = typed(cfg.trainer, TrainerSchema)
+    model_cfg: ModelConfig = typed(cfg.model, ModelConfig)
+    if model_cfg.vocab_size is None:  # random token batches: no tokenizer file is read or trained
+        model_cfg.vocab_size = tokenizer_vocab_size(cfg.tokenizer, load=True)
+    p = bench.peer_shape
+    problems = []
+    if p.n_heads % p.n_kv_heads:
+        problems.append(f"bench.peer_shape.n_kv_heads={p.n_kv_heads}: must divide bench.peer_shape.n_heads={p.n_heads}")
+    if p.d_model % p.n_heads and model_cfg.head_dim is None:
+        problems.append(f"bench.peer_shape.d_model={p.d_model}: must be a multiple of bench.peer_shape.n_heads={p.n_heads}")
+    if any(b < 1 for b in bench.decode_batches) or not bench.decode_batches:
+        problems.append(f"bench.decode_batches={bench.decode_batches}: one or more batch sizes >= 1, e.g. [1,8]")
+    if problems:
+        raise ConfigError(problems)
+    peer_cfg = dataclasses.replace(
+        model_cfg, n_layers=p.n_layers, d_model=p.d_model, n_heads=p.n_heads, mlp_hidden=p.mlp_hidden,
+        vocab_size=p.vocab_size, attention=dataclasses.replace(model_cfg.attention, n_kv_heads=p.n_kv_heads),
+        max_seq_len=max(model_cfg.max_seq_len, p.seq_len, bench.prompt_len + bench.decode_tokens))
+    model_cfg.max_seq_len = max(model_cfg.max_seq_len, bench.prompt_len + bench.decode_tokens)
+    for name, c in (("bench.peer_shape", peer_cfg), ("model", model_cfg)):
+        try:
+            choose_family(c)
+        except ValueError as e:
+            raise ConfigError([f"bench.peer=transformers with {name}: {e}"]) from None
+    if model_cfg.moe.enabled:
+        raise ConfigError(["bench.peer=transformers: a dense model (model.moe.n_experts=0); for an MoE model use "
+                           "bench.against=transformers"])
+    device = "cuda" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "cpu"
+    peer_name, config_name = "bench.peer_shape", f"model={_choice('model') or 'model'}"
+    shapes = {peer_name: (peer_cfg, p.batch, p.seq_len), config_name: (model_cfg, data.micro_batch_size, data.seq_len)}
+    rows = peer_vs_transformers(shapes, peer_name if bench.peer_compile else None, peer_name,
+                                steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats,
+                                decode_tokens=bench.decode_tokens, decode_batches=tuple(bench.decode_batches),
+                                prompt_len=bench.prompt_len, seed=cfg.seed, device=device)
+    machine = (torch.cuda.get_device_name() if device == "cuda" else
+               f"{cpu_name()}, {torch.get_num_threads()} threads")
+    header = (f"ours vs transformers {transformers.__version__} (LlamaForCausalLM, SDPA) on {machine}, torch "
+              f"{torch.__version__}, fp32, AdamW, eager unless compiled; best of {bench.repeats} interleaved "
+              f"rounds ({bench.steps} training steps, {bench.decode_tokens} new tokens per row)")
+    (out_dir / "bench_peer.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    _output([header, "", *peer_table(rows)])
+    log.info(f"written: {out_dir / 'bench_peer.json'}")
+
+
+def _mfu(bench: BenchSettings, out_dir: Path) -> None:
+    """bench.mfu: one real llm-train run (bench.train, then this command line's other overrides)
+    and the Markdown block of its tokens/s and MFU (see `llm.bench.mfu`)."""
+    from llm.bench.mfu import markdown, mfu_run
+
+    overrides = [*bench.train, *(o for o in _task_overrides() if not o.startswith(("bench", "hydra.")))]
+    row = mfu_run(overrides, bench.steps, bench.warmup, out_dir)
+    (out_dir / "bench_mfu.json").write_text(json.dumps(row, indent=2) + "\n")
+    command = " ".join(["llm-bench", *_task_overrides()])
+    _output(markdown(row, command))
+    log.info(f"written: {out_dir / 'bench_mfu.json'}")
+
+
 def _output(lines: list[str]) -> None:
     """The benchmark's table: the command's output, on stdout after a blank line (not a log message)."""
     sys.stdout.write("\n" + "\n".join(lines) + "\n")
     sys.stdout.flush()
+
+
+def _choice(group: str) -> Optional[str]:
+    """The option chosen for a config group (model=tiny: "tiny"), or None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
 
 
 def _task_overrides() -> list[str]:

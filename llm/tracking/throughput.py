@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import lru_cache
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment; most specific first.
-GPU_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 125e12),
-    ("A10", 125e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-)
+# The compute dtype of each Lightning precision: the peak MFU is measured against.
+PRECISION_DTYPES = {
+    "32-true": torch.float32, "32": torch.float32, "64-true": torch.float64,
+    "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+    "16-mixed": torch.float16, "16-true": torch.float16,
+}
+
+
+def compute_dtype(precision: str | int | None) -> torch.dtype:
+    """The dtype the matmuls run in under a Lightning precision ("bf16-mixed": bfloat16); fp32 if unknown."""
+    return PRECISION_DTYPES.get(str(precision), torch.float32)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Peak FLOP/s of one device for a dtype, and where the figure comes from (printed beside MFU)."""
+
+    flops: float
+    source: str
 
 
 @lru_cache(maxsize=None)
-def measured_cpu_peak(size: int = 2048, repeats: int = 6) -> float:
-    """The best of repeated fp32 matmuls on this CPU with the current thread count (a single
+def measured_cpu_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32) -> float:
+    """The best of repeated matmuls on this CPU with the current thread count (a single
     timing can read far lower on a shared machine, so take the best)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -40,15 +45,43 @@ def measured_cpu_peak(size: int = 2048, repeats: int = 6) -> float:
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one device: the table for GPUs, a measured matmul peak for CPUs."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peak in GPU_PEAK_FLOPS:
-            if fragment in name:
-                return peak
-        return float("nan")
-    return measured_cpu_peak()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's machine type."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
+    """Peak FLOP/s of one device in `dtype`: Lightning's table of dense peaks (`get_available_flops`:
+    CUDA GPUs and TPUs; TF32 for fp32 on Ampere or later unless matmul precision is "highest"), else,
+    on a CPU, a measured matmul peak in that dtype. NaN (MFU unknown) for a GPU Lightning does not list."""
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    device = torch.device(device)
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cpu":
+        # fp32 at 2048 (a few seconds in all); 16-bit CPU matmuls can be 10x slower, so smaller
+        size = 2048 if dtype == torch.float32 else 1024
+        return Peak(measured_cpu_peak(size, dtype=dtype), f"measured: best {name} {size}x{size} matmul on this "
+                                                          f"CPU, {torch.get_num_threads()} threads")
+    flops = get_available_flops(device, dtype)
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    if flops is None:
+        return Peak(float("nan"), f"unknown: Lightning has no {name} peak for {label}")
+    return Peak(float(flops), f"Lightning get_available_flops: {label}, {name}")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """`device_peak(device, dtype).flops`."""
+    return device_peak(device, dtype).flops
 
 
 class ThroughputMonitor(Callback):
@@ -65,7 +98,7 @@ class ThroughputMonitor(Callback):
         self.peak = float("nan")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.peak = peak_flops(pl_module.device) * trainer.world_size
+        self.peak = peak_flops(pl_module.device, compute_dtype(trainer.precision)) * trainer.world_size
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         if trainer.global_step == self.last_step:  # a micro-batch inside gradient accumulation
