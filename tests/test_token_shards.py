@@ -356,3 +356,18 @@ def test_llm_train_exits_2_naming_the_key(tmp_path, monkeypatch, capsys):
 
 def test_token_cache_is_exported():
     assert TokenCache.__module__ == "llm.data.token_cache"
+
+
+def test_the_benchmark_runs_and_counts_the_same_tokens(tmp_path, capsys):
+    from llm.data import tokenize_bench
+
+    out = tmp_path / "bench.json"
+    assert tokenize_bench.main(["--mb", "0.05", "--workers", "1", "--repeat", "1", "--vocab-size", "300",
+                                "--shard-mb", "0.01", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["tokenizers encode_batch, one call",
+                                           "tokenizers encode_batch, 256 documents a call", "token cache, 1 worker"]
+    assert rows[0]["tokens"] == rows[2]["tokens"] > 1000 and rows[2]["shards"] > 2
+    assert "| token cache, 1 worker |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tokenize_bench.main(["--workers", "0"])
