@@ -60,6 +60,11 @@ def mfu_run(overrides: list[str], steps: int, warmup: int, out_dir: Path) -> dic
     command = train_command(overrides, steps, warmup, devices, run_dir)
     log.info(f"running: llm-train {' '.join(command[3:-1])}")
     result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == 2:  # llm-train refused the config: its reasons, as bench's own (exit 2)
+        from llm.config import ConfigError
+
+        problems = [line.strip()[2:] for line in result.stderr.splitlines() if line.strip().startswith("- ")]
+        raise ConfigError([f"llm-train {' '.join(overrides)}: {p}" for p in problems] or [result.stderr.strip()[-2000:]])
     if result.returncode:
         raise RuntimeError(f"llm-train failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -256,9 +256,13 @@ def _peer(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
     header = (f"ours vs transformers {transformers.__version__} (LlamaForCausalLM, SDPA) on {machine}, torch "
               f"{torch.__version__}, fp32, AdamW, eager unless compiled; best of {bench.repeats} interleaved "
               f"rounds ({bench.steps} training steps, {bench.decode_tokens} new tokens per row)")
-    (out_dir / "bench_peer.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
-    _output([header, "", *peer_table(rows)])
-    log.info(f"written: {out_dir / 'bench_peer.json'}")
+    command = " ".join(["llm-bench", *_task_overrides()])
+    lines = [header, "", *peer_table(rows), "", f"`{command}`"]
+    (out_dir / "bench_peer.json").write_text(json.dumps({"header": header, "command": command, "rows": rows},
+                                                        indent=2) + "\n")
+    (out_dir / "bench_peer.md").write_text("\n".join(lines) + "\n")
+    _output(lines)
+    log.info(f"written: {out_dir / 'bench_peer.json'}, {out_dir / 'bench_peer.md'} (the table to paste)")
 
 
 def _mfu(bench: BenchSettings, out_dir: Path) -> None:
@@ -268,10 +272,12 @@ def _mfu(bench: BenchSettings, out_dir: Path) -> None:
 
     overrides = [*bench.train, *(o for o in _task_overrides() if not o.startswith(("bench", "hydra.")))]
     row = mfu_run(overrides, bench.steps, bench.warmup, out_dir)
-    (out_dir / "bench_mfu.json").write_text(json.dumps(row, indent=2) + "\n")
     command = " ".join(["llm-bench", *_task_overrides()])
-    _output(markdown(row, command))
-    log.info(f"written: {out_dir / 'bench_mfu.json'}")
+    lines = markdown(row, command)
+    (out_dir / "bench_mfu.json").write_text(json.dumps(row, indent=2) + "\n")
+    (out_dir / "bench_mfu.md").write_text("\n".join(lines) + "\n")
+    _output(lines)
+    log.info(f"written: {out_dir / 'bench_mfu.json'}, {out_dir / 'bench_mfu.md'} (the block to paste)")
 
 
 def _output(lines: list[str]) -> None:

@@ -478,6 +478,10 @@ def downstream_problems(t: Typed) -> list[str]:
 def device_problems(t: Typed) -> list[str]:
     """What needs CUDA: 16-bit FSDP collectives, the flash and flex attention kernels."""
     problems = []
+    if t.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
+        return [f"trainer.accelerator={t.trainer.accelerator!r}: no CUDA GPU on this machine (trainer=gpu sets it); "
+                "allowed here: cpu or auto, e.g. drop trainer=gpu, or trainer.accelerator=cpu "
+                "model.attention.kernel=sdpa parallelism.compile=false to try its other settings on a CPU"]
     if not _on_cpu(t.trainer):
         return problems
     for key in ("param_dtype", "reduce_dtype"):

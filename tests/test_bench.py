@@ -1,0 +1,232 @@
+"""llm-bench against transformers (bench.peer=transformers: every ratio of issue 21 in one run),
+MFU against Lightning's device peaks, the trainer=gpu preset and the bench=gpu MFU run.
+
+Cheap: tiny shapes and one training step, on the CPU. The GPU-only checks are marked and skip
+here with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import compose_train, llm_cli
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+# A one-layer model for bench.peer_shape, and nano at 2 x 16 for the config's shape.
+PEER_TINY = ["model=nano", "data.seq_len=16", "data.micro_batch_size=2", "bench.peer=transformers", "bench.steps=1",
+             "bench.warmup=1", "bench.repeats=2", "bench.peer_shape.n_layers=1", "bench.peer_shape.d_model=32",
+             "bench.peer_shape.n_heads=4", "bench.peer_shape.n_kv_heads=2", "bench.peer_shape.mlp_hidden=64",
+             "bench.peer_shape.vocab_size=128", "bench.peer_shape.batch=2", "bench.peer_shape.seq_len=16",
+             "bench.decode_tokens=4", "bench.decode_batches=[1,3]", "bench.prompt_len=5"]
+
+
+# -- the ratio's arithmetic -------------------------------------------------------------------
+
+def test_rates_put_ours_over_transformers():
+    from llm.bench.hf import rates
+
+    # ours took 1 s and transformers 2 s for the same 100 tokens: ours is twice as fast
+    assert rates(100, 1.0, 2.0) == {"ours_tokens_per_s": 100.0, "hf_tokens_per_s": 50.0, "ratio": 2.0}
+    assert rates(100, 4.0, 1.0)["ratio"] == 0.25
+
+
+def test_first_mismatch_names_row_and_position():
+    from llm.bench.hf import first_mismatch
+
+    assert first_mismatch([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
+    assert first_mismatch([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == (1, 1)
+    assert first_mismatch([[1, 2]], [[1, 2, 7]]) == (0, 2)  # a missing token counts
+    assert first_mismatch([[1]], [[1], [2]]) == (1, 0)  # so does a missing row
+
+
+def test_peer_table_marks_goals_and_differences():
+    from llm.bench.hf import peer_table
+
+    row = {"case": "decode b1", "shape": "s", "ours_tokens_per_s": 300.0, "hf_tokens_per_s": 100.0, "ratio": 3.0,
+           "goal": 1.5, "met": True, "check": "tokens equal", "ok": True}
+    slow = {**row, "ratio": 0.5, "met": False, "ok": False, "check": "tokens differ at row 0, position 3"}
+    lines = peer_table([row, slow])
+    assert lines[2] == "| decode b1 | s | 300 | 100 | **3.00x** | >= 1.5x | tokens equal |"
+    assert "| **0.50x** | below 1.5x | tokens differ at row 0, position 3 (NOT the same) |" in lines[3]
+
+
+# -- bench.peer=transformers end to end ---------------------------------------------------------
+
+def test_peer_mode_prints_every_ratio_with_the_same_results(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", [*PEER_TINY, "bench.peer_compile=false", f"paths.runs_dir={tmp_path}/runs"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    (out,) = (tmp_path / "runs" / "bench").glob("*/bench_peer.json")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["train eager, bench.peer_shape", "train eager, model=nano",
+                                         "decode b1, bench.peer_shape", "decode b3 left-padded, bench.peer_shape"]
+    assert [r["shape"] for r in rows] == ["1L d32 4/2h ff64 V128, 2x16", "2L d64 4/4h ff192 V2048, 2x16",
+                                          "1L d32 4/2h ff64 V128, 1x5+4", "1L d32 4/2h ff64 V128, 3x5+4"]
+    assert [r["goal"] for r in rows] == [1.2, 1.2, 1.5, 1.5]
+    # the same weights compute the same function: equal first losses, identical greedy tokens
+    # (batch 3: prompts of 5, 4 and 3 tokens, left-padded on both sides)
+    assert all(r["ok"] for r in rows), [r["check"] for r in rows]
+    assert rows[3]["prompt_lens"] == [5, 4, 3]
+    for r in rows:  # tokens/s from the best (shortest) round of each, and ours / theirs
+        tokens = (r["steps"] * r["batch"] * r["seq_len"]) if "steps" in r else r["batch"] * r["new_tokens"]
+        assert r["ours_tokens_per_s"] == pytest.approx(tokens / min(r["ours_seconds"]))
+        assert r["hf_tokens_per_s"] == pytest.approx(tokens / min(r["hf_seconds"]))
+        assert r["ratio"] == pytest.approx(min(r["hf_seconds"]) / min(r["ours_seconds"]))
+        assert r["met"] == (r["ratio"] >= r["goal"])
+        assert len(r["ours_seconds"]) == len(r["hf_seconds"]) == 2
+    table = out.with_name("bench_peer.md").read_text()  # what stdout showed, to paste
+    assert "| case | shape | ours tokens/s | transformers tokens/s | ours / transformers | goal | same result |" in table
+    assert f"**{rows[2]['ratio']:.2f}x**" in table and "tokens equal" in table
+    assert table.rstrip().endswith("`llm-bench " + " ".join([*PEER_TINY, "bench.peer_compile=false",
+                                                             f"paths.runs_dir={tmp_path}/runs"]) + "`")
+
+
+def test_peer_mode_refuses_a_peer_shape_that_cannot_be_built(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", [*PEER_TINY, "bench.peer_shape.n_kv_heads=3", "bench.decode_batches=[]",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "bench.peer_shape.n_kv_heads=3: must divide bench.peer_shape.n_heads=4" in stderr
+    assert "bench.decode_batches=[]" in stderr
+
+
+@pytest.mark.slow  # torch.compile of both models on a CPU: minutes on 2 cores
+def test_peer_mode_compiled_step_matches_transformers(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", [*PEER_TINY, "bench.decode_batches=[1]", f"paths.runs_dir={tmp_path}/runs"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    (out,) = (tmp_path / "runs" / "bench").glob("*/bench_peer.json")
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    compiled = rows["train compiled, bench.peer_shape"]
+    assert compiled["compiled"] and compiled["goal"] == 1.0 and compiled["ok"]
+
+
+@CUDA
+@pytest.mark.gpu
+def test_peer_mode_on_a_gpu(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", [*PEER_TINY, "trainer.accelerator=gpu", f"paths.runs_dir={tmp_path}/runs"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert "NVIDIA" in json.loads(next((tmp_path / "runs" / "bench").glob("*/bench_peer.json")).read_text())["header"]
+
+
+# -- MFU: peaks from Lightning for the dtype in use, measured on a CPU ---------------------------
+
+def test_compute_dtype_of_each_precision():
+    from llm.tracking.throughput import compute_dtype
+
+    assert compute_dtype("bf16-mixed") == compute_dtype("bf16-true") == torch.bfloat16
+    assert compute_dtype("16-mixed") == torch.float16
+    assert compute_dtype("32-true") == torch.float32
+
+
+def test_cpu_peak_is_measured_and_says_so():
+    from llm.tracking.throughput import device_peak
+
+    peak = device_peak(torch.device("cpu"))
+    assert 1e8 < peak.flops < 1e14
+    assert peak.source.startswith("measured: best float32 2048x2048 matmul on this CPU")
+
+
+def test_gpu_peak_is_lightnings_for_the_dtype(monkeypatch):
+    # No GPU here: only the device name is stood in; the peak is Lightning's own table.
+    from lightning_fabric.utilities.throughput import _CUDA_FLOPS
+
+    from llm.tracking.throughput import device_peak
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    bf16 = device_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert bf16.flops == _CUDA_FLOPS["h100 sxm"][torch.bfloat16] > 5e14
+    assert bf16.source == "Lightning get_available_flops: NVIDIA H100 80GB HBM3, bfloat16"
+    assert device_peak(torch.device("cuda", 0), torch.float16).flops == _CUDA_FLOPS["h100 sxm"][torch.float16]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    unknown = device_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert unknown.flops != unknown.flops and unknown.source.startswith("unknown: Lightning has no bfloat16 peak")
+
+
+def test_mfu_measure_times_after_warmup_and_divides_by_every_rank():
+    from llm.bench.mfu import measure
+    from llm.tracking.throughput import Peak
+
+    metrics = [{"step": 1, "perf/tokens_per_s": 10.0}, {"step": 2, "perf/tokens_per_s": 20.0},  # warm-up
+               {"step": 3, "perf/tokens_per_s": 1000.0}, {"step": 4, "train/loss": 3.0},
+               {"step": 4, "perf/tokens_per_s": 1200.0}, {"step": 5, "perf/tokens_per_s": 1100.0}]
+    summary = {"world_size": 2, "flops_per_token": 6e9, "N": 10**9, "tokens_per_step": 8192, "peak_memory_mib": 1.0}
+    row = measure(metrics, summary, warmup=2, peak=Peak(1e15, "test"))
+    assert row["tokens_per_s"] == 1100.0 and row["tokens_per_s_per_device"] == 550.0 and row["steps_timed"] == 3
+    assert row["mfu"] == pytest.approx(1100.0 * 6e9 / (2 * 1e15))
+
+
+@pytest.mark.slow  # a real llm-train run in a subprocess (~35 s on 2 loaded cores)
+def test_mfu_mode_runs_llm_train_and_prints_a_markdown_block(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", ["bench.mfu=true", "bench.train=['model=nano','data=synthetic','tokenizer=byte']",
+                                     "data.seq_len=32", "data.micro_batch_size=2", "bench.steps=3", "bench.warmup=2",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    row = json.loads(next((tmp_path / "runs" / "bench").glob("*/bench_mfu.json")).read_text())
+    assert row["ranks"] == 1 and row["steps_timed"] == 3 and row["tokens_per_step"] == 64
+    assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / row["peak_flops_per_device"])
+    assert row["peak_source"].startswith("measured:")
+    out = next((tmp_path / "runs" / "bench").glob("*/bench_mfu.md")).read_text()  # what stdout showed
+    assert "#### Training MFU on 1x" in out and f"**{row['mfu']:.1%}**" in out
+
+
+def test_bench_gpu_on_a_cpu_machine_exits_2_saying_why(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: bench=gpu would run")
+    code, stderr = llm_cli("bench", ["bench=gpu", f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "trainer.accelerator='gpu': no CUDA GPU on this machine" in stderr
+
+
+@CUDA
+@pytest.mark.gpu
+def test_bench_gpu_reports_mfu_against_the_bf16_peak(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", ["bench=gpu", "model=small", "bench.steps=5", "bench.warmup=5",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    row = json.loads(next((tmp_path / "runs" / "bench").glob("*/bench_mfu.json")).read_text())
+    assert row["precision"] == "bf16-mixed" and row["peak_source"].endswith("bfloat16") and 0 < row["mfu"] < 1
+
+
+# -- trainer=gpu -------------------------------------------------------------------------------
+
+def test_trainer_gpu_selects_bf16_fused_adamw_flash_and_compile(tmp_path):
+    cfg = compose_train(["trainer=gpu", "parallelism=fsdp", "attention=gqa"], tmp_path)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
+    assert cfg.optim.fused is True and cfg.model.attention.kernel == "flash" and cfg.parallelism.compile is True
+    assert cfg.trainer.guard.enabled  # the rest of trainer/default is kept
+    # the command line still wins over the preset
+    cfg = compose_train(["trainer=gpu", "model.attention.kernel=flex", "parallelism.compile=false"], tmp_path)
+    assert cfg.model.attention.kernel == "flex" and cfg.parallelism.compile is False
+    assert compose_train([], tmp_path).model.attention.kernel == "sdpa"  # the default trainer changes nothing
+
+
+def test_trainer_gpu_on_a_cpu_machine_is_refused_before_any_work(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    from llm.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu': no CUDA GPU on this machine"):
+        validate(compose_train(["trainer=gpu"], tmp_path))
+
+
+def test_fused_adamw_of_the_gpu_preset_also_steps_on_a_cpu():
+    # optim.fused=true is CUDA's fast path, and PyTorch >= 2.4 has a fused CPU kernel too: the
+    # preset's optimizer is usable with trainer.accelerator=cpu, and gives AdamW's update.
+    from functools import partial
+
+    from llm.stages.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(8, 4)
+    for model, fused in zip(models, (True, False)):
+        opt = build_optimizer(partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1, fused=fused), model)
+        assert opt.defaults["fused"] is fused
+        model(x).square().mean().backward()
+        opt.step()
+    assert torch.allclose(models[0].weight, models[1].weight, atol=1e-6)
