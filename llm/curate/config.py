@@ -47,7 +47,7 @@ class DecontSettings:
     """N-gram decontamination against the evaluation sets the project ships."""
 
     enabled: bool = True
-    n_grams: int = at_least(2, 8, high=64)
+    n_grams: int = at_least(2, 13, high=64)
     # Also an item's prompt alone (a question leaked without its answer).
     prompts_alone: bool = True
     # The held-out prompts of these built-in tasks (llm.data.tasks): what llm-eval harness

@@ -32,7 +32,7 @@ from llm.curate.words import RegexWordTokenizer
 # Lowercase, whitespace and diacritics normalised; punctuation and digits kept (see above).
 NORM = TextNormConfig(lowercase=True, norm_whitespace=True, remove_punctuation=False,
                       norm_unicode_diacritics=True, norm_numbers=False)
-MIN_ITEM_WORDS = 3  # shorter items ("1+2" alone) would match ordinary text by chance
+MIN_ITEM_WORDS = 4  # shorter items ("copy t=" alone) match ordinary code by chance
 INDEX_SUFFIX = ".grams.jsonl"
 
 
@@ -113,7 +113,7 @@ class EvalIndexer(PipelineStep):
     type = "🦠 - DECONT"
     name = "📇 Evaluation n-grams index"
 
-    def __init__(self, output_folder: DataFolderLike, items: Sequence[EvalItem], n_grams: int = 8,
+    def __init__(self, output_folder: DataFolderLike, items: Sequence[EvalItem], n_grams: int = 13,
                  prompts_alone: bool = True):
         super().__init__()
         self.output_folder = get_datafolder(output_folder)
