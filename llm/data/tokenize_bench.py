@@ -9,7 +9,8 @@ and none includes reading them from disk. A cache build is timed whole: shard fi
 written, worker processes started and stopped. The encode_batch call is timed alone: its ids stay
 in Python objects and nothing is written. Each figure is the best of --repeat runs (the machine may
 be busy); tokens are counted without the EOS tokens a cache adds between documents, so every row
-counts the same tokens. A second encode_batch row calls it on a few hundred documents at a time,
+counts the same tokens. CPU seconds (this process's threads and the workers) say what a row costs
+whatever else the machine runs. A second encode_batch row calls it on a few hundred documents at a time,
 as a cache build does.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import shutil
 import sys
 import tempfile
@@ -61,6 +63,12 @@ def load_documents(mb: float, text: Optional[list[str]]) -> tuple[list[str], str
     return [d for d in corpus.documents("train") if d], corpus.name
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its finished children (the workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(documents: list[str], tokenizer: Any, workers: list[int], shard_mb: float, repeat: int,
             work_dir: Path) -> list[dict[str, Any]]:
     """One row per method: seconds (the best of `repeat` rounds, each round running every method
@@ -93,12 +101,14 @@ def measure(documents: list[str], tokenizer: Any, workers: list[int], shard_mb: 
     methods = [("tokenizers encode_batch, one call", None, encode(len(documents))),
                (f"tokenizers encode_batch, {ENCODE_DOCUMENTS} documents a call", None, encode(ENCODE_DOCUMENTS))]
     methods += [(f"token cache, {n} worker{'s' * (n > 1)}", n, build(n)) for n in workers]
-    rows = [{"method": name, "workers": n, "seconds": float("inf")} for name, n, _ in methods]
+    rows = [{"method": name, "workers": n, "seconds": float("inf"), "cpu_seconds": float("inf")}
+            for name, n, _ in methods]
     for _ in range(repeat):
         for row, (_, _, run) in zip(rows, methods):
-            start = time.perf_counter()
+            cpu, start = cpu_seconds(), time.perf_counter()
             row.update(run())
             row["seconds"] = min(row["seconds"], time.perf_counter() - start)
+            row["cpu_seconds"] = min(row["cpu_seconds"], cpu_seconds() - cpu)
     for row in rows:
         if row["tokens"] != rows[0]["tokens"]:
             raise RuntimeError(f"{row['method']}: {row['tokens']} tokens, encode_batch gave {rows[0]['tokens']}")
@@ -108,10 +118,10 @@ def measure(documents: list[str], tokenizer: Any, workers: list[int], shard_mb: 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | seconds | tokens/s | vs encode_batch |", "|---|---|---|---|"]
+    lines = ["| method | seconds | tokens/s | vs encode_batch | CPU seconds |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['seconds']:.2f} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['vs_encode_batch']:.2f} |")
+                     f"{row['vs_encode_batch']:.2f} | {row['cpu_seconds']:.2f} |")
     return "\n".join(lines)
 
 
