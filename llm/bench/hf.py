@@ -14,6 +14,7 @@ Not a test: figures depend on the machine (and on whoever else is using it). Nee
 
 from __future__ import annotations
 
+import logging
 import statistics
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from llm.generate.decode import left_pad
 from llm.interop.hf import export_hf
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -295,6 +298,7 @@ def peer_vs_transformers(
 
     def train_row(kind: str, name: str, compiled: bool) -> dict:
         cfg, batch, seq_len = shapes[name]
+        log.info(f"training step {'compiled' if compiled else 'eager'}, {name}: {arch_label(cfg)}, {batch}x{seq_len} ...")
         result = train_step_vs_transformers(cfg, batch, seq_len, steps=steps, warmup=max(warmup, 2 if compiled else 1),
                                             repeats=repeats, seed=seed, device=device, compile=compiled)
         same = abs(result["first_loss_ours"] - result["first_loss_hf"]) <= 1e-3
@@ -310,6 +314,7 @@ def peer_vs_transformers(
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
     for batch in decode_batches:
+        log.info(f"greedy decoding, batch {batch}, {decode_shape} ...")
         result = decode_vs_transformers(model, None, prompt_len=prompt_len, new_tokens=decode_tokens,
                                         repeats=repeats, seed=seed, batch=batch)
         mismatch = result["first_mismatch"]
