@@ -304,6 +304,31 @@ class FSDPSchema(SingleSchema):
     expert_parallel: int = at_least(1, 1, high=MAX_RANKS)  # ranks the MoE experts are split over (1: off)
 
 
+# torch.distributed.pipelining's schedules, by the names `parallelism.pipeline.schedule` takes
+PipelineScheduleName = choices("PipelineScheduleName", ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
+                                                        "interleaved_zb", "zbv"), __name__)
+
+
+@dataclass
+class PipelineStagesSchema:
+    """`parallelism.pipeline`: stages (pipeline ranks), micro-batches per batch, the schedule,
+    virtual stages per rank (interleaved schedules) and an optional uneven split of the layers."""
+
+    stages: int = at_least(1, 2, high=MAX_RANKS)
+    microbatches: int = at_least(1, 4, high=MAX_BATCH)
+    schedule: PipelineScheduleName = PipelineScheduleName("1f1b")
+    stages_per_rank: int = at_least(1, 1, high=MAX_LAYERS)  # interleaved_1f1b, looped_bfs, interleaved_zb: >= 2
+    layers_per_stage: Optional[list[int]] = None  # blocks of each stage (pp x stages_per_rank counts); null: even
+
+
+@dataclass
+class PipelineSchema(FSDPSchema):
+    """pp, pp_fsdp, pp_fsdp_tp: pipeline stages x FSDP2 x tensor parallelism (llm.parallel.pipeline)."""
+
+    _target_: str = "llm.parallel.pipeline.Pipeline"
+    pipeline: PipelineStagesSchema = field(default_factory=PipelineStagesSchema)
+
+
 # `data.corpus` options.
 @dataclass
 class StdlibCorpusSchema:
@@ -380,7 +405,7 @@ TARGET_GROUPS: dict[str, dict[str, type]] = {
     "tokenizer": {"tokenizer": TokenizerSchema},
     "optim": {"adamw": AdamWSchema},
     "schedule": {"constant": ConstantSchema, "cosine": CosineSchema, "wsd": WSDSchema},
-    "parallelism": {"single": SingleSchema, "ddp": DDPSchema, "fsdp": FSDPSchema},
+    "parallelism": {"single": SingleSchema, "ddp": DDPSchema, "fsdp": FSDPSchema, "pp": PipelineSchema},
     "data.corpus": {"stdlib": StdlibCorpusSchema, "text": TextCorpusSchema, "hf": HFCorpusSchema,
                     "synthetic": SyntheticCorpusSchema, "tasks": TaskCorpusSchema,
                     "tokens": TokenFilesSchema},

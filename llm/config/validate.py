@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm import fields
+from llm.config.pipeline import pipeline_degree, pipeline_problems
 from llm.config.methods import METHODS, DistillConfig, OnPolicyConfig, PostTrainConfig, PretrainConfig, SFTConfig
 from llm.config.schema import (
     SCHEMAS,
@@ -401,6 +402,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     problems += downstream_problems(t)
     problems += tokenizer_problems(cfg, t)
     problems += layout_problems(cfg, t, world)
+    problems += pipeline_problems(t, world)
     problems += budget_problems(t.budget)
     problems += schedule_problems(t.schedule, t.budget)
     problems += optim_problems(t.optim)
@@ -570,7 +572,7 @@ def layout_problems(cfg: DictConfig, t: Typed, world: int) -> list[str]:
             if heads % tp:
                 problems.append(f"parallelism.tensor_parallel={tp}: must divide {key}={heads} (each rank takes whole "
                                 f"heads); allowed: {_allowed([d for d in _divisors(heads) if world % d == 0])}")
-    ranks = world // tp
+    ranks = world // tp // (pipeline_degree(p) if world % (tp * pipeline_degree(p)) == 0 else 1)  # data parallel
     problems += expert_parallel_problems(p, model, ranks, tp, inherited=bool(t.run.init_from))
     if replicate is not None and ranks % replicate:
         problems.append(f"parallelism.replicate={replicate}: must divide the {ranks} data-parallel ranks; "

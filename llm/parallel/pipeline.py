@@ -284,28 +284,29 @@ class Pipeline(FSDP):
                                         tensor_parallel_size=self.tensor_parallel, save_distributed_checkpoint=True)
 
     def parallelize(self, model: nn.Module, device_mesh: Optional[Any] = None) -> nn.Module:
-        from llm.parallel.fsdp import _policies
         from llm.parallel.tensor_parallel import apply_tensor_parallel
 
         if self.tensor_parallel > 1:
             apply_tensor_parallel(model, device_mesh["tensor_parallel"])
         self.wrap(model)
         dp_mesh = device_mesh["data_parallel"] if device_mesh is not None else None
-        shard = None
-        if dp_mesh is not None and dp_mesh.size() > 1:
-            from torch.distributed.fsdp import fully_shard
-
-            kwargs = {"mesh": self.shard_mesh(device_mesh), **_policies(self.param_dtype, self.reduce_dtype,
-                                                                        self.cpu_offload)}
-
-            def shard(chunk: StageChunk) -> None:
-                for block in chunk.blocks.values():
-                    fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kwargs)
-                fully_shard(chunk, reshard_after_forward=self.reshard_after_forward, **kwargs)
-
+        shard = self.shard_stage if dp_mesh is not None and dp_mesh.size() > 1 else None
+        self._dp_mesh = dp_mesh
         pp_mesh = device_mesh["pipeline"] if device_mesh is not None else None
         return build_pipeline(model, pp_mesh, self.schedule, self.microbatches, self.virtual_stages,
                               self.layers_per_stage, shard)
+
+
+    def shard_stage(self, chunk: StageChunk) -> None:
+        """FSDP2 over the data-parallel ranks: each block, then the stage (its embedding or head)."""
+        from torch.distributed.fsdp import fully_shard
+
+        from llm.parallel.fsdp import _policies
+
+        kwargs = {"mesh": self._dp_mesh, **_policies(self.param_dtype, self.reduce_dtype, self.cpu_offload)}
+        for block in chunk.blocks.values():
+            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        fully_shard(chunk, reshard_after_forward=self.reshard_after_forward, **kwargs)
 
 
 def plan_lines(cfg: Any, pp: int, schedule: str, microbatches: int, per_rank: int,

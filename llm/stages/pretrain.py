@@ -84,8 +84,18 @@ class PretrainModule(pl.LightningModule):
             return float(count.tokens(steps)), float(count.flops(steps))
         return float(steps * self.tokens_per_step), float(steps * self.tokens_per_step * self.flops_per_token)
 
+    @property
+    def pipelined(self) -> bool:
+        """Pipeline parallelism: the model is this rank's stages, run by a schedule (llm.parallel.pipeline)."""
+        return getattr(self.parallelism, "pipelined", False)
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        if self.pipelined:  # forward and backward through the stages; the loss from the last one, on every rank
+            if batch_idx % self.trainer.accumulate_grad_batches == 0:
+                self.trained_module().zero_grad(set_to_none=True)
+            loss = self.model.step(batch[:, :-1], batch[:, 1:], next_token_loss, self.trainer.accumulate_grad_batches)
+        else:
+            loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
         if self.logging_step():
             steps_done = self.global_step + 1
             self.log("train/loss", loss, prog_bar=True)
@@ -129,8 +139,19 @@ class PretrainModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         update_router_biases(self.trained_module())  # auxiliary-loss-free balancing, if on
 
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.pipelined:  # a pipeline's schedule ran the backward in training_step
+            super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pipelined:  # Lightning zeroes between training_step and backward: a pipeline zeroes itself
+            super().optimizer_zero_grad(*args, **kwargs)
+
     def validation_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
+        if self.pipelined:
+            loss = self.model.evaluate(batch[:, :-1], batch[:, 1:], next_token_loss)
+        else:
+            loss = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
         if not self.val_sources:
             self.log("val/loss", loss, prog_bar=True, sync_dist=True)
             return loss
@@ -161,7 +182,10 @@ class PretrainModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Clipped here rather than by the Trainer, which refuses fused optimizers under mixed precision.
         if self.gradient_clip:
-            norm = clip_grad_norm_(list(self.trained_module().parameters()), self.gradient_clip)
+            if self.pipelined:  # the norm over every stage's gradients
+                norm = self.model.clip_grad_norm_(self.gradient_clip)
+            else:
+                norm = clip_grad_norm_(list(self.trained_module().parameters()), self.gradient_clip)
             if self.logging_step():
                 self.log("train/grad_norm", norm)
 
