@@ -5,11 +5,13 @@ each naming the key, its value and the fix (the CLI exits with code 2)."""
 from __future__ import annotations
 
 import inspect
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from llm import fields
 from llm.config import ConfigError
@@ -83,7 +85,7 @@ class SlurmSettings:
     mem_per_cpu_gb: float = at_least(0.1, 2.0, high=4096)
     qos: Optional[str] = None
     job_name: str = "llm-data"
-    # e.g. {account: myproj}: passed to sbatch as --account=myproj
+    # more sbatch options: +executor.slurm.sbatch_args.account=myproj is sbatch's --account=myproj
     sbatch_args: dict[str, Any] = field(default_factory=dict)
     venv_path: Optional[str] = None  # a virtualenv activated in the job (default: none)
 
@@ -120,8 +122,12 @@ def typed(cfg: DictConfig) -> CurateSettings:
     """The schema's keys of `cfg` as a CurateSettings; ConfigError on unknown keys or wrong types."""
     names = [f for f in CurateSettings.__dataclass_fields__]
     try:  # resolved first: the values may interpolate keys outside these (${paths.root_dir})
-        node = OmegaConf.create({n: OmegaConf.to_container(cfg, resolve=True)[n] for n in names if n in cfg})
+        node = OmegaConf.create({n: OmegaConf.to_container(cfg[n], resolve=True, throw_on_missing=True)
+                                 if OmegaConf.is_config(cfg[n]) else cfg[n] for n in names if n in cfg})
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CurateSettings), node))
+    except MissingMandatoryValue as e:
+        key = e.full_key or "config"
+        raise ConfigError([f"{key}: required but not set (`???`); give it: {key}=..."]) from None
     except Exception as e:  # OmegaConf's errors: the key, and what went wrong
         key = getattr(e, "full_key", None) or "config"
         value = OmegaConf.select(cfg, key, default=None) if key != "config" else None
@@ -164,6 +170,9 @@ def check(s: CurateSettings) -> list[str]:
     problems: list[str] = []
     _choice(problems, "format", s.format, FORMATS)
     _choice(problems, "executor.kind", s.executor.kind, EXECUTORS)
+    if s.executor.kind == "slurm" and shutil.which("sbatch") is None:
+        problems.append("executor.kind='slurm': no `sbatch` on this machine; run llm-data where jobs are submitted "
+                        "(a login node), or curate/executor=local")
     if not s.splits:
         problems.append("splits=[]: nothing to read; give splits=[train,val] or one of them")
     for split in s.splits:

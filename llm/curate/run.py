@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -72,10 +72,22 @@ def evaluation_items(s: CurateSettings) -> list:
     return builtin_items(d.builtin, d.builtin_knobs, d.questions, d.seed, d.val_fraction) + file_items(d.files)
 
 
+def collect(problems: list[str], fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args); None with its problems added when it raises ConfigError or InputError (all reported at once)."""
+    from llm.files import InputError
+
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        problems += e.problems
+    except InputError as e:
+        problems.append(str(e))
+    return None
+
+
 def run_curate(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """Curate data.corpus as the settings say; returns curation.json's content (None when the
     stages were submitted to SLURM, whose last job writes it)."""
-    from llm.evaluate.options import collect
     from llm.fields import plain_choices
 
     problems: list[str] = []
