@@ -27,6 +27,8 @@ REQUIRED = {
     ("data", "tokens"): ["data.corpus.train=/nonexistent/train.bin", "data.corpus.val=/nonexistent/val.bin",
                          "tokenizer=byte"],
     ("parallelism", "fsdp_tp"): ["trainer.devices=2"],  # tensor parallel over 2 ranks
+    # trainer=gpu without a GPU is refused (test_bench); its other keys validate on the CPU
+    ("trainer", "gpu"): [] if torch.cuda.is_available() else ["trainer.accelerator=cpu", "model.attention.kernel=sdpa"],
     ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
     # Post-training starts from a trained model (validate reads no files: any path will do here).
     **{("posttrain", m): ["init_from=runs/base"] for m in ("sft", "reward", "dpo", "ppo", "grpo")},

@@ -7,7 +7,8 @@ speed and training-step speed, interleaved in one process so machine noise hits 
     train_step_vs_transformers(ModelConfig(vocab_size=8192, moe=MoEConfig(n_experts=8)), 8, 256)  # vs Mixtral
 
 `llm-bench bench.against=transformers <overrides>` runs the training-step comparison on a
-composed config.
+composed config; `llm-bench bench.peer=transformers` runs `peer_vs_transformers`: every case of
+issue 21 (training eager at two shapes and compiled, decoding at batch 1 and 8) as one table.
 
 Not a test: figures depend on the machine (and on whoever else is using it). Needs transformers.
 """
