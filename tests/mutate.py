@@ -66,6 +66,7 @@ TESTS: list[tuple[str, list[str]]] = [
     ("llm/stages/*", ["tests/test_direction.py", "tests/test_objectives.py", "tests/test_posttrain.py"]),
     ("llm/generate/*", ["tests/test_generate.py"]),
     ("llm/scaling/*", ["tests/test_scaling_options.py", "tests/test_scaling_fit.py"]),
+    ("llm/data/token_*.py", ["tests/test_token_shards.py", "tests/test_data.py", "tests/test_token_files.py"]),
     ("llm/data/*", ["tests/test_data.py"]),
     ("llm/tracking/guard.py", ["tests/test_direction.py",
                                "tests/test_reliability.py::test_guard_rolls_back_and_skips_nan_and_spike_batches",

@@ -136,9 +136,10 @@ def build_token_cache(corpus: Corpus, tokenizer: _Tokenizer, split: str, cache_d
     with atomic_write(index_path) as f:
         f.write(json.dumps(index, indent=0).encode("utf-8"))
     _remove_stale(directory, key, len(shards))
+    used = min(workers, len(shards)) if getattr(tokenizer, "backend", None) is not None else 1  # started lazily
     log.info(f"token cache: {corpus.name}/{split}: {index['n_documents']:,} documents -> {index['n_tokens']:,} "
              f"tokens in {len(shards)} shard{'s' * (len(shards) > 1)}"
-             f"{f' by {workers} workers' if workers > 1 else ''} ({index_path})")
+             f"{f' by {used} workers' if used > 1 else ''} ({index_path})")
     return TokenCache(index_path, index)
 
 

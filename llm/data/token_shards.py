@@ -182,37 +182,40 @@ def serve() -> None:
 
 
 class _Workers:
-    """`n` worker processes; shard i goes to worker i % n, so each answers its shards in order."""
+    """Up to `n` worker processes, each started with the first shard it gets (a split of one shard
+    starts one); shard i goes to worker i % n, so each answers its shards in order."""
 
     def __init__(self, n: int, tokenizer: Any):
         import llm
 
-        env = dict(os.environ)
+        self.n = n
+        self.env = dict(os.environ)
         threads = max(1, available_cores() // n)  # the Rust thread pool of each: its share of the cores
-        env.update(RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true" if threads > 1 else "false")
+        self.env.update(RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true" if threads > 1 else "false")
         root = str(Path(llm.__file__).resolve().parents[1])  # where llm is, installed or not
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (root, self.env.get("PYTHONPATH")) if p)
+        self.setup = {"tokenizer": tokenizer.backend.to_str(), "hash": tokenizer.content_hash()}
         self.procs: list[subprocess.Popen] = []
+
+    def _start(self) -> None:
+        proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=self.env)
+        self.procs.append(proc)
         try:
-            for _ in range(n):
-                self.procs.append(subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                                   stdout=subprocess.PIPE, env=env))
-            setup = {"tokenizer": tokenizer.backend.to_str(), "hash": tokenizer.content_hash()}
-            for proc in self.procs:
-                _send(proc.stdin, setup)
-        except BaseException:
-            self.close()
-            raise
+            _send(proc.stdin, self.setup)
+        except OSError:
+            raise self._died(len(self.procs) - 1) from None
 
     def submit(self, i: int, documents: list[str], path: Path, dtype: np.dtype) -> None:
-        proc = self.procs[i % len(self.procs)]
-        try:  # blocks while that worker is busy (its pipe is full): the others keep working meanwhile
-            _send(proc.stdin, {"path": str(path), "dtype": dtype.name, "documents": documents})
-        except (BrokenPipeError, OSError):
+        if len(self.procs) <= i % self.n:
+            self._start()
+        try:  # blocks while that worker is busy (its pipe full): the others keep working meanwhile
+            _send(self.procs[i % self.n].stdin, {"path": str(path), "dtype": dtype.name, "documents": documents})
+        except OSError:  # BrokenPipeError: it died
             raise self._died(i) from None
 
     def result(self, i: int) -> dict[str, Any]:
-        answer = _receive(self.procs[i % len(self.procs)].stdout)
+        answer = _receive(self.procs[i % self.n].stdout)
         if answer is None:
             raise self._died(i)
         if "error" in answer:
@@ -220,7 +223,7 @@ class _Workers:
         return answer["shard"]
 
     def _died(self, i: int) -> RuntimeError:
-        proc = self.procs[i % len(self.procs)]
+        proc = self.procs[i % self.n]
         return RuntimeError(f"token cache: the worker process encoding shard {i} died (exit code {proc.wait()}); "
                             "out of memory? try fewer data.tokenize.workers or a smaller data.tokenize.shard_mb")
 

@@ -144,7 +144,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.mb <= 0 or args.shard_mb <= 0 or args.repeat < 1 or min(args.workers) < 1 or args.vocab_size < 259:
         parser().error("--mb and --shard-mb must be > 0, --repeat and --workers >= 1, --vocab-size >= 259")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("llm.data.token_cache").setLevel(logging.WARNING)  # a line per build would drown the table
+    quiet = logging.getLogger("llm.data.token_cache")  # a line per build would drown the table
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return run(args)
+    finally:
+        quiet.setLevel(level)
+
+
+def run(args: argparse.Namespace) -> int:
     from llm.data.token_shards import available_cores
     from llm.files import InputError
     from llm.tokenizer import build_tokenizer
@@ -152,9 +161,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as work:
         try:
             documents, name = load_documents(args.mb, args.text)
+            if not documents:
+                raise InputError(f"no text to tokenise in {name}")
             corpus = MemoryCorpus(documents, name)
             if args.tokenizer:
-                tokenizer = build_tokenizer(kind="pretrained", path=args.tokenizer)
+                tokenizer = build_tokenizer(None, work, kind="pretrained", path=args.tokenizer)
             else:
                 tokenizer = build_tokenizer(corpus, work, kind="bpe", vocab_size=args.vocab_size)
         except (InputError, ValueError) as e:
