@@ -213,6 +213,7 @@ BROKEN = [
     ("symlink", "not a regular file"),
     (b"\xff\xfe{\"format\": 1}", "not UTF-8"),
     (b"{\"format\": ", "not JSON"),
+    (b"[" * 100_000, "RecursionError"),
     (b"[1, 2, 3]", "not a JSON object"),
     (_top("format", "pickle"), "not a llm-token-shards index"),
     (_top("version", 99), "not a llm-token-shards index"),

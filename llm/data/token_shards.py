@@ -305,8 +305,8 @@ def read_index(index_path: Path, key: str) -> Optional[dict[str, Any]]:
         index = json.loads(index_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise CacheInvalid("the index is not UTF-8 text") from None
-    except (OSError, ValueError) as e:
-        raise CacheInvalid(f"the index is not JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than any index
+        raise CacheInvalid(f"the index is not JSON ({type(e).__name__}: {e})") from None
     if not isinstance(index, dict):
         raise CacheInvalid(f"the index holds {type(index).__name__}, not a JSON object")
     if index.get("format") != FORMAT or index.get("version") != VERSION:
