@@ -70,7 +70,9 @@ def test_counts_written_next_to_the_output(curated):
     assert counts["filters"]["length"]["reasons"] == {"too_short": per_kind}
     assert counts["filters"]["gopher_repetition"]["reasons"] == {"dup_line_frac": per_kind}
     assert counts["filters"]["c4"]["reasons"] == {"lorem_ipsum": per_kind}
-    assert counts["filters"]["decontamination"]["reasons"]["contaminated"] == SMALL["contaminated"]
+    assert counts["filters"]["decontamination"]["reasons"] == {  # the tasks in turn, one each
+        "contaminated": 4, "contaminated_addition": 1, "contaminated_sorting": 1, "contaminated_copying": 1,
+        "contaminated_counting": 1}
     seen = [f["seen"] for f in counts["filters"].values()]  # each filter sees what the one before kept
     removed = [f["removed"] for f in counts["filters"].values()]
     assert seen == [len(files) - sum(removed[:i]) for i in range(len(seen))]
@@ -179,6 +181,31 @@ def test_item_grams():
     grams = item_grams(long, 4, False, tok)
     assert all(len(g) == 4 for g in grams) and grams[0] == ("the", "country", "?", "it")  # each reaches the answer
     assert grams[-1] == ("it", "is", "paris", ".")
+
+
+def test_web_preset_keeps_prose_and_refuses_code(tmp_path):
+    """curate/quality=web: Gopher's and C4's published thresholds, offline (no NLTK or spaCy data)."""
+    from datatrove.data import Document
+
+    from llm.curate.config import typed
+    from llm.curate.pipeline import _filter_stage
+
+    cfg = compose_train(["curate/quality=web", f"output_dir={tmp_path}"], root=tmp_path, config_name="curate")
+    s = typed(cfg)
+    assert s.quality.name == "web" and not s.quality.c4_keep_text
+    stage = _filter_stage(s, {"_target_": "llm.data.StdlibCorpus"}, tmp_path, [])
+    filters = [stage.pipeline[i] for name, i in stage.counted.items() if name != "decontamination"]
+    prose = Document(text=(
+        "The committee met on Monday to review the proposal for the new library.\n"
+        "Members agreed that the plan was sound and that the budget should be approved.\n"
+        "Several residents asked whether the building would have a reading room for children.\n"
+        "The architect explained that the second floor was designed with that purpose in mind.\n"
+        "A vote was held at the end of the meeting, and the motion passed with a large majority.\n"
+        "Construction is expected to begin in the spring and to finish before the end of next year.\n"
+        "The town will publish the full minutes of the meeting on its website within a week."), id="prose")
+    code = Document(text="def f(x):\n    return {k: v for k, v in x.items()}\n" * 20, id="code")
+    assert all(f.filter(prose) is True for f in filters)
+    assert any(f.filter(code) is not True for f in filters)
 
 
 def test_file_items(tmp_path):

@@ -50,9 +50,9 @@ def _jsonl_writer(folder: Path) -> PipelineStep:
 
 
 def _jsonl_reader(folder: Path) -> PipelineStep:
-    from datatrove.pipeline.readers import JsonlReader
+    from llm.curate.readers import ShardReader
 
-    return JsonlReader(str(folder), compression=None, glob_pattern="*.jsonl")
+    return ShardReader(str(folder), compression=None, glob_pattern="*.jsonl")
 
 
 def _filter_stage(s: CurateSettings, corpus: dict[str, Any], out: Path, items: list) -> Stage:

@@ -98,10 +98,18 @@ def low_quality(kind: str, number: int, base: str, rng: np.random.Generator) -> 
 
 
 def contaminate(text: str, items: Sequence[EvalItem], number: int) -> tuple[str, str]:
-    """The text with an evaluation item in a comment half-way (the prompt and answer, or every
-    other time the prompt alone), and what was planted."""
-    item = items[number % len(items)]
-    leaked = item.prompt + item.answer if number % 2 == 0 else item.prompt
+    """The text with an evaluation item in a comment half-way, and what was planted: the tasks in
+    turn, each item with its answer, or every other round its prompt alone (unless the prompt is
+    too short to be matched alone: llm.curate.decont.MIN_ITEM_WORDS)."""
+    from llm.curate.decont import MIN_ITEM_WORDS, words
+    from llm.curate.words import RegexWordTokenizer
+
+    tasks = list(dict.fromkeys(item.task for item in items))
+    task_items = [item for item in items if item.task == tasks[number % len(tasks)]]
+    rounds = number // len(tasks)
+    item = task_items[rounds % len(task_items)]
+    alone = rounds % 2 == 1 and len(words(item.prompt, RegexWordTokenizer())) >= MIN_ITEM_WORDS
+    leaked = item.prompt if alone else item.prompt + item.answer
     lines = text.splitlines(keepends=True)
     middle = len(lines) // 2
     return "".join(lines[:middle]) + f"# example: {leaked}\n" + "".join(lines[middle:]), f"{item.task}: {leaked}"

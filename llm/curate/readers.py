@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseReader
 
 
@@ -44,3 +45,13 @@ class CorpusReader(BaseReader):
                     self.update_doc_stats(document)
                     yield document
                 index += 1
+
+
+class ShardReader(JsonlReader):
+    """The JSONL shards one stage hands the next. No shard at all is no document (every document
+    removed before), where datatrove's reader stops the pipeline with an error."""
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if not self.data_folder.isdir("") or not self.data_folder.list_files(glob_pattern=self.glob_pattern):
+            return
+        yield from super().run(data, rank, world_size)

@@ -108,7 +108,11 @@ def run_curate(cfg: DictConfig) -> Optional[dict[str, Any]]:
     s.output_dir = str(Path(s.output_dir).expanduser().resolve())
     from hydra.utils import instantiate
 
-    instantiate(corpus)  # a source that cannot be read (no matching file, ...) fails here, before any stage
+    source = instantiate(corpus)  # a source that cannot be read (no matching file, ...) fails here, before any stage
+    if not callable(getattr(source, "documents", None)):
+        raise ConfigError([f"data.corpus._target_={corpus['_target_']!r}: not a corpus of text documents (token ids "
+                           "are curated before tokenisation); choose data=stdlib | text | hf | synthetic | tasks"])
+    next(iter(source.documents(s.splits[0])), None)  # and its first document reads (text, not token ids, ...)
     items = evaluation_items(s)
     prepare_output(s, _settings_text(s, corpus))
     stages = build_stages(s, corpus, items)
@@ -124,7 +128,11 @@ def run_curate(cfg: DictConfig) -> Optional[dict[str, Any]]:
 
         logger.disable("datatrove")  # its INFO lines for every task and stage; ours say what runs
     run_stages(made, lambda number: log.info(f"stage {number + 1}/{len(stages)}: {stages[number].name}"))
-    result = json.loads((Path(s.output_dir) / COUNTS_FILE).read_text())
+    counts_file = Path(s.output_dir) / COUNTS_FILE
+    if not counts_file.is_file():  # every stage marked done by an earlier run, its counts deleted since
+        raise ConfigError([f"output_dir={s.output_dir!r}: its stages are done but {COUNTS_FILE} is gone; "
+                           "overwrite=true to curate again"])
+    result = json.loads(counts_file.read_text())
     log.info("\n" + table(result))
     if wandb_mode is not None and wandb_mode != "disabled":
         log_wandb(cfg.logger, wandb_mode, Path(s.output_dir), result, _settings_text(s, corpus))
