@@ -148,6 +148,19 @@ def test_gpu_peak_is_lightnings_for_the_dtype(monkeypatch):
     assert unknown.flops != unknown.flops and unknown.source.startswith("unknown: Lightning has no bfloat16 peak")
 
 
+@pytest.mark.slow  # two training loops with Lightning set-up: ~30 s on 2 loaded cores
+def test_llm_bench_mfu_is_against_the_peak_of_the_precision_in_use(tmp_path, monkeypatch, capsys):
+    # bf16-mixed on a CPU: both loops autocast, and MFU is against a measured bf16 matmul peak
+    code, stderr = llm_cli("bench", ["model=nano", "data.seq_len=16", "data.micro_batch_size=2", "bench.steps=1",
+                                     "bench.warmup=1", "bench.repeats=1", "trainer.precision=bf16-mixed", "logger=none",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    result = json.loads(next((tmp_path / "runs" / "bench").glob("*/bench.json")).read_text())
+    assert result["peak_source"].startswith("measured: best bfloat16 1024x1024 matmul on this CPU")
+    assert result["framework_mfu"] == pytest.approx(result["framework_tokens_per_s"] * result["flops_per_token"]
+                                                    / result["peak_flops"])
+
+
 def test_mfu_measure_times_after_warmup_and_divides_by_every_rank():
     from llm.bench.mfu import measure
     from llm.tracking.throughput import Peak

@@ -1,9 +1,11 @@
 """Training-step benchmark: the framework (Lightning module + Trainer, as `llm-train` runs it)
 against a bare PyTorch loop over the same model, optimizer, schedule and batches, interleaved
-in one process so machine noise hits both. Figures are tokens/s, MFU and peak memory."""
+in one process so machine noise hits both. Figures are tokens/s, MFU and peak memory. The bare loop
+runs on the framework's device, in its precision and with its per-block compile (trainer=gpu)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import statistics
@@ -36,32 +38,55 @@ def random_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int) -> l
 
 
 def bare_loop(model_cfg: ModelConfig, optim: Callable, schedule: Callable, batches: list, warmup: int,
-              clip: float | None, seed: int) -> float:
-    """Seconds for the timed steps of a plain PyTorch training loop."""
+              clip: float | None, seed: int, device: torch.device = torch.device("cpu"), precision: str = "32-true",
+              compile: bool = False) -> float:
+    """Seconds for the timed steps of a plain PyTorch training loop, on the framework's device, in
+    its precision (autocast for "-mixed", the weights cast for "-true") and with its per-block compile."""
     torch.manual_seed(seed)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg).to(device)
+    dtype = compute_dtype(precision)
+    if precision.endswith("-true") and dtype != torch.float32:
+        model.to(dtype)
+    if compile:
+        from llm.parallel.apply import apply_compile
+
+        apply_compile(model)
+    autocast = (torch.autocast(device.type, dtype=dtype) if precision.endswith("-mixed")
+                else contextlib.nullcontext())
     optimizer = build_optimizer(optim, model)
     total = len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, total))
     model.train()
     for i, batch in enumerate(batches):
         if i == warmup:
+            _synchronize(device)
             start = time.perf_counter()
-        loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:])
+        batch = batch.to(device)
+        with autocast:
+            loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:])
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    _synchronize(device)
     return time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for a CUDA device's queued work, so a clock read means the steps are done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _StepClock(Callback):
     def __init__(self, warmup: int):
         self.warmup, self.start, self.end = warmup, 0.0, 0.0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step in (self.warmup, trainer.max_steps):  # the clock's reads: after queued GPU work
+            _synchronize(pl_module.device)
         if trainer.global_step == self.warmup:
             self.start = time.perf_counter()
         self.end = time.perf_counter()
@@ -106,8 +131,11 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
     optim, schedule = instantiate(cfg.optim, _convert_="all"), instantiate(cfg.schedule)
     bare, framework = [], []
 
+    device = torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu")
+
     def run_bare() -> None:
-        bare.append(bare_loop(model_cfg, optim, schedule, batches, warmup, trainer_cfg.gradient_clip_val, cfg.seed))
+        bare.append(bare_loop(model_cfg, optim, schedule, batches, warmup, trainer_cfg.gradient_clip_val, cfg.seed,
+                              device, str(trainer_cfg.precision), bool(cfg.parallelism.get("compile", False))))
 
     def run_framework() -> None:
         framework.append(framework_loop(cfg, model_cfg, batches, warmup, trainer_cfg, tokens_per_step,
@@ -120,7 +148,6 @@ def benchmark(cfg: DictConfig, steps: int = 20, warmup: int = 3, repeats: int = 
         for loop in order:
             gc.collect()
             loop()
-    device = torch.device("cuda" if torch.cuda.is_available() and trainer_cfg.accelerator != "cpu" else "cpu")
     peak = device_peak(device, compute_dtype(trainer_cfg.precision))
     # Best-of-rounds is the headline (the least disturbed round of each, on a shared machine);
     # medians are reported beside it.
