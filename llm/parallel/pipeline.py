@@ -218,6 +218,16 @@ class PipelinedModel(nn.Module):
         return total
 
 
+def rank_chunks(model: nn.Module, pp_rank: int, pp: int, schedule: str, per_rank: int = 1,
+                layers_per_stage: Optional[Sequence[int]] = None) -> tuple[list[int], list[StageChunk]]:
+    """The stage indices pipeline rank `pp_rank` runs, and their modules (sharing `model`'s)."""
+    per_rank = 2 if SCHEDULES[schedule][1] == "v" else (1 if SCHEDULES[schedule][1] == "one" else per_rank)
+    n_stages = pp * per_rank
+    ranges = split_layers(model.cfg.n_layers, n_stages, layers_per_stage)
+    indices = stage_indices(pp_rank, pp, per_rank, schedule)
+    return indices, [StageChunk(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in indices]
+
+
 def build_pipeline(model: nn.Module, pp_mesh: Any, schedule: str, microbatches: int, stages_per_rank: int = 1,
                    layers_per_stage: Optional[Sequence[int]] = None,
                    shard: Optional[Callable[[StageChunk], None]] = None) -> PipelinedModel:
@@ -230,9 +240,7 @@ def build_pipeline(model: nn.Module, pp_mesh: Any, schedule: str, microbatches: 
     group = pp_mesh.get_group() if pp_mesh is not None else None
     per_rank = 2 if SCHEDULES[schedule][1] == "v" else stages_per_rank
     n_stages = pp * per_rank
-    ranges = split_layers(model.cfg.n_layers, n_stages, layers_per_stage)
-    indices = stage_indices(pp_rank, pp, per_rank, schedule)
-    chunks = [StageChunk(model, ranges[i], first=i == 0, last=i == n_stages - 1) for i in indices]
+    indices, chunks = rank_chunks(model, pp_rank, pp, schedule, per_rank, layers_per_stage)
     for chunk in chunks:
         if shard is not None:
             shard(chunk)
@@ -309,41 +317,5 @@ class Pipeline(FSDP):
         fully_shard(chunk, reshard_after_forward=self.reshard_after_forward, **kwargs)
 
 
-def plan_lines(cfg: Any, pp: int, schedule: str, microbatches: int, per_rank: int,
-               layers_per_stage: Optional[Sequence[int]] = None) -> list[str]:
-    """The dry run's pipeline lines: layers per stage and rank, and the schedule's bubble."""
-    v = 2 if SCHEDULES[schedule][1] == "v" else (1 if SCHEDULES[schedule][1] == "one" else per_rank)
-    ranges = split_layers(cfg.n_layers, pp * v, layers_per_stage)
-    per = []
-    for r in range(pp):
-        parts = []
-        for i in stage_indices(r, pp, v, schedule):
-            held = [f"blocks {ranges[i].start}-{ranges[i].stop - 1}" if len(ranges[i]) else "no blocks"]
-            if i == 0:
-                held.insert(0, "embedding")
-            if i == pp * v - 1:
-                held.append("norm + head")
-            parts.append(f"stage {i}: {' + '.join(held)}")
-        per.append(f"  pipeline rank {r}: " + "; ".join(parts))
-    bubble = bubble_fraction(schedule, pp, microbatches, v)
-    return [f"pipeline: {pp} ranks x {v} stage(s) each, schedule {schedule}, {microbatches} micro-batches, "
-            f"bubble {bubble:.1%} (theoretical)", *per]
-
-
-def in_flight(schedule: str, pp: int, microbatches: int, per_rank: int, pp_rank: int = 0) -> float:
-    """Micro-batches whose activations a rank's stage (the first: the busiest) keeps for backward at
-    the peak, in units of one micro-batch of one stage's layers: GPipe all m; 1F1B min(m, p - r);
-    interleaved and zero-bubble about p - r + (v - 1) p over the rank's v chunks (torchtitan's
-    counts), in micro-batch x (layers of one virtual stage) units divided back to the rank's layers."""
-    p, m, v = pp, microbatches, per_rank
-    if schedule == "gpipe" or schedule == "looped_bfs":
-        return float(m)
-    if schedule == "1f1b":
-        return float(min(m, p - pp_rank))
-    # interleaved: warm-up of (p - r - 1) * 2 + (v - 1) * p chunk-forwards, each a 1/v of the rank's layers
-    warmup = min(v * m, (p - pp_rank - 1) * 2 + (v - 1) * p + 1)
-    return warmup / v
-
-
 __all__ = ["Pipeline", "PipelinedModel", "StageChunk", "SCHEDULES", "build_pipeline", "split_layers",
-           "stage_indices", "bubble_fraction", "plan_lines", "in_flight"]
+           "stage_indices", "bubble_fraction", "rank_chunks"]

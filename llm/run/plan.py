@@ -125,6 +125,15 @@ def dry_run(cfg: DictConfig, settings: Settings) -> dict[str, Any]:
     size = model_size(model, settings.data.seq_len)
     parallelism = settings.parallelism
     half = "bf16" in settings.trainer.precision or getattr(parallelism, "param_dtype", "float32") != "float32"
+    if getattr(parallelism, "pipelined", False):  # per pipeline rank, with its schedule's micro-batches in flight
+        from llm.parallel.pipeline_plan import plan_lines
+
+        lines, facts = plan_lines(parallelism, model, settings.world, settings.data.micro_batch_size,
+                                  settings.data.seq_len, 2 if half else 4)
+        logging.getLogger(__name__).info(f"dry run: pipeline on {settings.world} rank(s); model {size.describe()}")
+        for line in lines:
+            logging.getLogger(__name__).info(line)
+        return {"dry_run": True, **facts}
     layout = memory_plan(model, settings.world, parallelism.tensor_parallel, getattr(parallelism, "replicate", None),
                          parallelism.sharded_checkpoints, settings.data.micro_batch_size, settings.data.seq_len,
                          2 if half else 4, parallelism.activation_checkpointing,
