@@ -288,3 +288,16 @@ def test_dry_run_prints_the_mesh_stages_memory_and_bubble(tmp_path):
     assert "pipeline rank 0 (stage 0: embedding + blocks 0-4; stage 2: blocks 10-14)" in out
     assert "stage 3: blocks 15-19 + norm + head" in out and "2.5 micro-batches in flight" in out
     assert not (tmp_path / ".cache").exists()
+
+
+def test_slurm_preset_composes_a_two_node_pipeline_x_fsdp_job(tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["experiment=pp_fsdp_slurm", "hydra.launcher.partition=gpu"], tmp_path)
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.nodes == 2
+    assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
+    option = instantiate(cfg.parallelism)
+    assert isinstance(option, Pipeline) and option.stages == 2 and option.data_parallel_size(16) == 8
+    assert option.schedule == "interleaved_1f1b" and option.virtual_stages == 2
