@@ -37,7 +37,9 @@ def corpus_node(cfg: DictConfig) -> dict[str, Any]:
 
 def _settings_text(s: CurateSettings, corpus: dict[str, Any]) -> str:
     settings = OmegaConf.to_container(OmegaConf.structured(s), resolve=True)
-    settings["executor"].pop("workers", None)  # how fast, not what: a resume may change it
+    settings["executor"].pop("workers", None)  # how fast or how shown, not what: a resume may change them
+    for key in ("overwrite", "datatrove_logs"):
+        settings.pop(key, None)
     return OmegaConf.to_yaml({"data": {"corpus": corpus}, **settings})
 
 
