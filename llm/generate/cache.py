@@ -53,6 +53,7 @@ class KVCache:
         ]
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = False  # whether a mask ever came with tokens (then some slots may be invalid)
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int) -> KVCache:
@@ -84,6 +85,7 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} tokens do not fit in its {self.max_len} slots")
         self.positions[:, start:end] = positions
         self.valid[:, start:end] = True if mask is None else mask
+        self.padded = self.padded or mask is not None
         return self.positions[:, :end], self.valid[:, :end]
 
     def truncate(self, length: int) -> None:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.model.config import ModelConfig
-from llm.model.position import apply_rotary
+from llm.model.layers import fusable, fused_linear
+from llm.model.position import rotate_heads
 
 if TYPE_CHECKING:  # only a type: the model does not depend on the generation package
     from llm.generate.cache import LayerCache
@@ -84,11 +85,21 @@ class Attention(nn.Module):
         cache: Optional[LayerCache] = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        hd = self.head_dim
+        if fusable(x, self.q, self.k, self.v):  # one matmul; RoPE on queries and keys at once
+            n_q, n_kv = self.q.weight.shape[0], self.k.weight.shape[0]
+            qk, v = fused_linear(x, self.q, self.k, self.v).split((n_q + n_kv, n_kv), dim=-1)
+            qk = qk.view(B, T, -1, hd)
+            if rotary is not None:
+                qk = rotate_heads(qk, *rotary)
+            q, k = qk.split((n_q // hd, n_kv // hd), dim=2)
+        else:  # adapted (LoRA), quantized or sharded (tensor-parallel) projections: one by one
+            q, k = self.q(x).view(B, T, -1, hd), self.k(x).view(B, T, -1, hd)
+            if rotary is not None:
+                q, k = rotate_heads(q, *rotary), rotate_heads(k, *rotary)
+            v = self.v(x)
+        # (B, heads, T, D) views of the (B, T, heads, D) projections: SDPA takes the strides as they are
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, -1, hd).transpose(1, 2)
         if cache is None:
             y = self.attend(q, k, v, bias)
         else:  # decoding: attend to every cached key; the explicit mask (never is_causal) says which

@@ -68,7 +68,7 @@ class Experts(nn.Module):
         gate_b, up_b, down_b = per_expert(self.gate_bias), per_expert(self.up_bias), per_expert(self.down_bias)
         outputs = []
         for e, rows in enumerate(x.split(counts)):  # a loop over experts, not over tokens
-            if self.gated:  # the same ops in the same order as llm.model.layers.MLP
+            if self.gated:  # the same ops in the same order as llm.model.layers.MLP (unfused)
                 h = self.activation(F.linear(rows, gate[e], gate_b[e])) * F.linear(rows, up[e], up_b[e])
             else:
                 h = self.activation(F.linear(rows, up[e], up_b[e]))

@@ -110,6 +110,46 @@ class AlibiPosition(Position):
         return self.head_slopes
 
 
+def _rotate_into(out: Tensor, x: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """out += rotate_half(x) * sin, rotate_half(x) = (-x2, x1), without building rotate_half(x):
+    two in-place multiply-adds on the halves (sign=-1: the transposed rotation, for gradients)."""
+    half = x.shape[-1] // 2
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE as one autograd node: the rotation is linear in x, so its backward is the transposed
+    rotation of the gradient and nothing but cos/sin is saved. Eager autograd over
+    `x * cos + cat(-x2, x1) * sin` runs neg, cat, two slice backwards (zero-filled copies) and
+    adds; this runs one multiply and two multiply-adds each way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return _rotate_into(x * cos, x, sin, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate_into(grad * cos, grad, sin, -1.0).to(ctx.dtype), None, None
+
+
+def rotate_heads(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys laid out (B, T, heads, D), as the projections produce them (no
+    transposed copy first); cos/sin are (T, D) or (B, T, D) as `RotaryPosition.rotary` returns.
+    The same numbers as `apply_rotary` on the (B, heads, T, D) view."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if cos.requires_grad or sin.requires_grad:  # (learned angles: no scheme here has them) plain autograd
+        half = x.shape[-1] // 2
+        return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Rotary.apply(x, cos, sin)
+    return _rotate_into(x * cos, x, sin, 1.0).to(x.dtype)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate (B, H, T, D) queries or keys; cos/sin are (T, D) or (B, T, D)."""
     if cos.dim() == 3:  # per-row positions (left-padded batches)

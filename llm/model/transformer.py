@@ -122,9 +122,11 @@ class Transformer(nn.Module):
         x = self.drop(self.position.embed(self.embed(tokens), positions))
         rotary = self.position.rotary(positions)
         k_pos, k_valid = (positions, mask) if cache is None else cache.append(positions, mask)
-        bias = attention_bias(
-            positions, k_pos, self.cfg.attention.window, self.position.slopes(), x.dtype, mask, k_valid, documents
-        )
+        window, slopes = self.cfg.attention.window, self.position.slopes()
+        if cache is not None and tokens.shape[1] == 1 and not cache.padded and window is None and slopes is None:
+            bias = None  # one token after an unpadded prefix sees every cached key: no mask to build
+        else:
+            bias = attention_bias(positions, k_pos, window, slopes, x.dtype, mask, k_valid, documents)
         if cache is None:
             for block in self.blocks:
                 x = block(x, rotary, bias)
