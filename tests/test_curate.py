@@ -163,9 +163,11 @@ def test_slurm_executor_composed_not_run(tmp_path):
     ("curate/executor=slurm", "executor.slurm.partition"),
     ("data=text", "data.corpus.paths"),
     ("minhash.bands=3", "minhash.bands"),
+    ("curate/quality=prose", "curate/quality"),
+    ("data=tokens data.corpus.train=a.bin data.corpus.val=b.bin", "data.corpus"),
 ])
 def test_bad_settings_exit_2(override, key, tmp_path, monkeypatch, capsys):
-    code, err = llm_cli("data", [override, "output_dir=out"], tmp_path, monkeypatch, capsys)
+    code, err = llm_cli("data", [*override.split(), "output_dir=out"], tmp_path, monkeypatch, capsys)
     assert code == 2, err
     assert key in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
