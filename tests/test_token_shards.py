@@ -355,6 +355,24 @@ def test_llm_train_exits_2_naming_the_key(tmp_path, monkeypatch, capsys):
     assert code == 2 and "data.tokenize.workers" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow  # two short runs; the cache itself is covered above, this is the path through llm-train
+def test_a_run_trains_on_a_cache_two_workers_built_and_the_next_reuses_it(tmp_path, monkeypatch, capsys,
+                                                                          single_thread):
+    args = ["model=nano", "data.corpus.max_bytes=300000", "tokenizer.vocab_size=512", "data.seq_len=32",
+            "data.micro_batch_size=4", "data.val_batches=2", "logger=none", "trainer.progress_bar=false",
+            "budget.steps=2", "trainer.val_every=2", f"paths.root_dir={tmp_path}", "data.tokenize.shard_mb=0.05"]
+    code, err = llm_cli("train", [*args, "data.tokenize.workers=2", f"hydra.run.dir={tmp_path}/a"], tmp_path,
+                        monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "shards by 2 workers" in log, log
+    code, err = llm_cli("train", [*args, f"hydra.run.dir={tmp_path}/b"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert "token cache:" not in (tmp_path / "b" / "train.log").read_text()  # reused, not rebuilt
+    a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in "ab")
+    assert a["train_tokens"] == b["train_tokens"] and a["val/loss"] == b["val/loss"]
+
+
 def test_token_cache_is_exported():
     assert TokenCache.__module__ == "llm.data.token_cache"
 
