@@ -398,7 +398,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(problems)
     world = world_size or total_ranks(cfg)
     problems += model_problems(t.model, t.data.seq_len)
-    problems += device_problems(t)
+    problems += device_problems(t, planning=bool(cfg.get("dry_run")))
     problems += downstream_problems(t)
     problems += tokenizer_problems(cfg, t)
     problems += layout_problems(cfg, t, world)
@@ -477,10 +477,11 @@ def downstream_problems(t: Typed) -> list[str]:
             "(harness tasks go in trainer.downstream.harness)"] if unknown else []
 
 
-def device_problems(t: Typed) -> list[str]:
-    """What needs CUDA: 16-bit FSDP collectives, the flash and flex attention kernels."""
+def device_problems(t: Typed, planning: bool = False) -> list[str]:
+    """What needs CUDA: a GPU accelerator (unless `planning`: a dry run of a GPU layout needs no
+    GPU), 16-bit FSDP collectives, the flash and flex attention kernels."""
     problems = []
-    if t.trainer.accelerator in ("gpu", "cuda") and not _cuda_available():
+    if t.trainer.accelerator in ("gpu", "cuda") and not _cuda_available() and not planning:
         return [f"trainer.accelerator={t.trainer.accelerator!r}: no CUDA GPU on this machine (trainer=gpu sets it); "
                 "allowed here: cpu or auto, e.g. drop trainer=gpu, or trainer.accelerator=cpu "
                 "model.attention.kernel=sdpa parallelism.compile=false to try its other settings on a CPU"]
