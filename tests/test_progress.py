@@ -140,6 +140,7 @@ def test_the_run_log_holds_what_the_console_showed(tmp_path):
         assert noise not in result.stdout + result.stderr
 
 
+@pytest.mark.slow  # CI: test_wandb_conventions::test_ddp_run_creates_exactly_one_wandb_run_and_each_progress_line_appears_once
 def test_two_ranks_speak_once(tmp_path):
     """DDP on 2 gloo processes: rank 0 appends to train.log what the console shows; rank 1 logs no
     information, so each progress line appears once."""
