@@ -190,8 +190,8 @@ def train_step_vs_transformers(
     """Tokens/s of a plain training loop (forward, cross-entropy, backward, AdamW step) over our
     Transformer and over its transformers twin built from the same weights (`_hf_twin`: Llama
     for a dense model, Mixtral for an MoE one), on the same batches: `warmup` untimed steps each,
-    then `repeats` interleaved rounds of `steps` timed steps; best round of each, and the ratio
-    ours / HF. An MoE model trains with its router losses on both sides, as each library does:
+    then `repeats` rounds of `steps` timed steps, the two sides alternating step by step (ABBA);
+    best round of each, and the ratio ours / HF. An MoE model trains with its router losses on both sides, as each library does:
     ours `model.router_loss()` (aux and z-loss), transformers' `output_router_logits=True` and
     `router_aux_loss_coef` times its aux loss. The first language-model losses of the two are
     returned too: equal (to float noise) when the twin really computes the same function.
@@ -241,11 +241,14 @@ def train_step_vs_transformers(
         for i in range(1, warmup):
             for step in runners.values():
                 step(batches[i % steps])
-        times: dict[str, list[float]] = {name: [] for name in runners}
+        # Interleaved step by step (ABBA), each side's round the sum of its steps' times: a shared
+        # machine's load comes and goes within seconds, and so hits both sides alike.
+        times: dict[str, list[float]] = {name: [0.0] * repeats for name in runners}
         for r in range(repeats):
-            for name in list(runners)[:: 1 if r % 2 == 0 else -1]:  # alternate who goes first
-                seconds, _ = timed(lambda step=runners[name]: [step(b) for b in batches], device)
-                times[name].append(seconds)
+            for i, b in enumerate(batches):
+                for name in list(runners)[:: 1 if (r * steps + i) % 2 == 0 else -1]:
+                    seconds, _ = timed(lambda step=runners[name]: step(b), device)
+                    times[name][r] += seconds
         used_threads = torch.get_num_threads()
     tokens = steps * batch * seq_len
     return {
