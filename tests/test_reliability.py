@@ -104,15 +104,21 @@ def ctrl_c_not_ignored():
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> Path:
-    """Uninterrupted runs to compare with: one process (RUN) and two DDP ranks (PARALLEL)."""
+    """The uninterrupted one-process run (RUN) to compare with; `ddp_reference` adds the two-rank one."""
     root = tmp_path_factory.mktemp("references")
-    # Both at once: their start-up (imports, data) overlaps, which saves CI time.
-    procs = [start(args, root / name, root) for name, args in (("single", RUN),
-                                                                ("ddp", [*PARALLEL, "parallelism=ddp", "trainer.devices=2"]))]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+    proc = start(RUN, root / "single", root)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(references) -> Path:
+    """The uninterrupted two-rank DDP run (PARALLEL), beside `references`' (only the slow tests need it)."""
+    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], references / "ddp", references)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    return references
 
 
 # ---- kill -9 at a random step, then resume ----
@@ -130,26 +136,27 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(seed, references):
     assert_same_curves(run, references / "single")
 
 
-# In CI the FSDP case below (sharded checkpoints, the harder resume) covers two ranks; DDP under -m slow.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, references):
-    run = references / f"ddp-killed-{seed}"
-    kill_at([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references, kill_step(seed))
-    resume(run, references)
-    assert_same_curves(run, references / "ddp")
+def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference):
+    run = ddp_reference / f"ddp-killed-{seed}"
+    kill_at([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference, kill_step(seed))
+    resume(run, ddp_reference)
+    assert_same_curves(run, ddp_reference / "ddp")
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
-def test_killed_fsdp_run_resumes_to_the_uninterrupted_curve(seed, references):
-    run = references / f"fsdp-killed-{seed}"
+# In CI, sharded checkpoints resume in test_parallel (world size 2 -> 1) and a kill is resumed above.
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_killed_fsdp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference):
+    run = ddp_reference / f"fsdp-killed-{seed}"
     args = [*PARALLEL, "parallelism=fsdp", "trainer.devices=2"]
-    kill_at(args, run, references, kill_step(seed))
+    kill_at(args, run, ddp_reference, kill_step(seed))
     shards = newest_loadable_checkpoint(run, set_aside=False)[0]
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2  # a whole sharded checkpoint
-    resume(run, references)
+    resume(run, ddp_reference)
     # FSDP reduces in another order than DDP: the same curve to float round-off (test_parallel's bound).
-    assert_same_curves(run, references / "ddp", abs_tol=2e-4)
+    assert_same_curves(run, ddp_reference / "ddp", abs_tol=2e-4)
 
 
 # ---- kill during a checkpoint write ----
@@ -330,16 +337,16 @@ def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_
 
 
 @pytest.mark.slow  # CI: test_sigusr1_to_the_launcher_reaches_both_ranks_and_they_stop_at_one_step (no resume)
-def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(references):
-    run = references / "ddp-preempted"
-    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references)
+def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(ddp_reference):
+    run = ddp_reference / "ddp-preempted"
+    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference)
     wait_for(proc, reached(run, 14), "step 14")
     proc.send_signal(signal.SIGUSR1)  # to the launcher only: it forwards the signal to the ranks
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
-    resume(run, references)
-    assert_same_curves(run, references / "ddp")
+    resume(run, ddp_reference)
+    assert_same_curves(run, ddp_reference / "ddp")
 
 
 # ---- two quick ranks (CI): a forwarded signal reaches both; a dying rank stops the run ----
@@ -480,9 +487,9 @@ def test_a_rank_killed_stops_the_launcher_and_the_other_rank_promptly(launcher_h
 # ---- Ctrl-C ----
 
 @pytest.mark.slow
-def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(references):
-    run = references / "ddp-interrupted"
-    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, references)
+def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(ddp_reference):
+    run = ddp_reference / "ddp-interrupted"
+    proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference)
     wait_for(proc, reached(run, 14), "step 14")
     os.killpg(proc.pid, signal.SIGINT)  # the launcher and both ranks, as from a terminal
     _, stderr = proc.communicate(timeout=120)
@@ -491,8 +498,8 @@ def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(references):
     assert summary["status"] == "interrupted"
     assert f"interrupted at step {summary['steps_done']}; checkpoint saved to {run / 'checkpoints' / LAST}" in stderr
     assert "Traceback" not in stderr
-    resume(run, references)
-    assert_same_curves(run, references / "ddp")
+    resume(run, ddp_reference)
+    assert_same_curves(run, ddp_reference / "ddp")
 
 
 class CtrlC(pl.Callback):
