@@ -76,6 +76,10 @@ def pipeline_problems(t: Any, world: int) -> list[str]:
     if getattr(t.parallelism, "replicate", None) is not None:
         problems.append(f"parallelism.replicate={t.parallelism.replicate} with a pipeline: hybrid sharding is not "
                         "composed with pipeline stages; set parallelism.replicate=null")
+    if t.trainer.downstream.every:
+        problems.append(f"trainer.downstream.every={t.trainer.downstream.every} with parallelism.pipeline: downstream "
+                        "tasks score the whole model in one forward, which no pipeline rank holds; set "
+                        "trainer.downstream.every=0 (and score a checkpoint afterwards with llm-eval)")
     if t.method is not None and not isinstance(t.method, PretrainConfig):
         problems.append("posttrain (a post-training method) with parallelism.pipeline: only pretraining (posttrain=none) "
                         "runs under pipeline parallelism; allowed: parallelism=single, ddp, fsdp, fsdp_tp or hsdp")
