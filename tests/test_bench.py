@@ -92,6 +92,9 @@ def test_peer_mode_refuses_a_peer_shape_that_cannot_be_built(tmp_path, monkeypat
     assert code == 2
     assert "bench.peer_shape.n_kv_heads=3: must divide bench.peer_shape.n_heads=4" in stderr
     assert "bench.decode_batches=[]" in stderr
+    code, stderr = llm_cli("bench", [*PEER_TINY, "model.moe.n_experts=4", f"paths.runs_dir={tmp_path}/runs"],
+                           tmp_path, monkeypatch, capsys)
+    assert code == 2 and "compares dense models" in stderr and "bench.against=transformers" in stderr
 
 
 @pytest.mark.slow  # torch.compile of both models on a CPU: minutes on 2 cores

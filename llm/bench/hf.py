@@ -278,6 +278,36 @@ def arch_label(cfg: ModelConfig) -> str:
     return f"{cfg.n_layers}L d{cfg.d_model} {cfg.n_heads}/{cfg.kv_heads}h ff{cfg.hidden_size} V{cfg.vocab_size}"
 
 
+def peer_model(base: ModelConfig, shape: dict, min_seq_len: int, key: str) -> ModelConfig:
+    """`base` with the `shape` fields given (n_layers, d_model, n_heads, n_kv_heads, mlp_hidden,
+    vocab_size; the rest of the architecture kept) and room for `min_seq_len` positions, checked
+    as a dense model transformers' Llama can hold. ConfigError naming `key` otherwise."""
+    import dataclasses
+
+    from llm.config import ConfigError
+    from llm.interop.hf import choose_family
+
+    shape = dict(shape)
+    attention = dataclasses.replace(base.attention, n_kv_heads=shape.pop("n_kv_heads", base.attention.n_kv_heads))
+    cfg = dataclasses.replace(base, **shape, attention=attention, max_seq_len=max(base.max_seq_len, min_seq_len))
+    problems = []
+    if cfg.n_heads % cfg.kv_heads:
+        problems.append(f"{key}.n_kv_heads={cfg.kv_heads}: must divide {key}.n_heads={cfg.n_heads}")
+    if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
+        problems.append(f"{key}.d_model={cfg.d_model}: must be a multiple of {key}.n_heads={cfg.n_heads}")
+    if cfg.moe.enabled:
+        problems.append(f"{key}: bench.peer=transformers compares dense models (model.moe.n_experts=0); for an MoE "
+                        "model use bench.against=transformers")
+    if not problems:
+        try:
+            choose_family(cfg)
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def peer_vs_transformers(
     shapes: dict[str, tuple[ModelConfig, int, int]],
     compile_shape: Optional[str],

@@ -205,13 +205,12 @@ def _peer(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
 
     import torch
 
-    from llm.bench.hf import peer_table, peer_vs_transformers
-    from llm.tracking.throughput import cpu_name
+    from llm.bench.hf import peer_model, peer_table, peer_vs_transformers
     from llm.config import ConfigError, typed
     from llm.config.schema import DataSchema, TrainerSchema
     from llm.config.validate import tokenizer_vocab_size
-    from llm.interop.hf import choose_family
     from llm.model import ModelConfig
+    from llm.tracking.throughput import cpu_name
 
     _needs_transformers("bench.peer=transformers")
     import transformers
@@ -223,27 +222,19 @@ def _peer(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
         model_cfg.vocab_size = tokenizer_vocab_size(cfg.tokenizer, load=True)
     p = bench.peer_shape
     problems = []
-    if p.n_heads % p.n_kv_heads:
-        problems.append(f"bench.peer_shape.n_kv_heads={p.n_kv_heads}: must divide bench.peer_shape.n_heads={p.n_heads}")
-    if p.d_model % p.n_heads and model_cfg.head_dim is None:
-        problems.append(f"bench.peer_shape.d_model={p.d_model}: must be a multiple of bench.peer_shape.n_heads={p.n_heads}")
-    if any(b < 1 for b in bench.decode_batches) or not bench.decode_batches:
+    if not bench.decode_batches or any(b < 1 for b in bench.decode_batches):
         problems.append(f"bench.decode_batches={bench.decode_batches}: one or more batch sizes >= 1, e.g. [1,8]")
+    decode_len = bench.prompt_len + bench.decode_tokens
+    shape = {k: v for k, v in dataclasses.asdict(p).items() if k not in ("batch", "seq_len")}
+    models = {}
+    for key, fields, length in (("bench.peer_shape", shape, max(p.seq_len, decode_len)), ("model", {}, decode_len)):
+        try:
+            models[key] = peer_model(model_cfg, fields, length, key)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
-    peer_cfg = dataclasses.replace(
-        model_cfg, n_layers=p.n_layers, d_model=p.d_model, n_heads=p.n_heads, mlp_hidden=p.mlp_hidden,
-        vocab_size=p.vocab_size, attention=dataclasses.replace(model_cfg.attention, n_kv_heads=p.n_kv_heads),
-        max_seq_len=max(model_cfg.max_seq_len, p.seq_len, bench.prompt_len + bench.decode_tokens))
-    model_cfg.max_seq_len = max(model_cfg.max_seq_len, bench.prompt_len + bench.decode_tokens)
-    for name, c in (("bench.peer_shape", peer_cfg), ("model", model_cfg)):
-        try:
-            choose_family(c)
-        except ValueError as e:
-            raise ConfigError([f"bench.peer=transformers with {name}: {e}"]) from None
-    if model_cfg.moe.enabled:
-        raise ConfigError(["bench.peer=transformers: a dense model (model.moe.n_experts=0); for an MoE model use "
-                           "bench.against=transformers"])
+    peer_cfg, model_cfg = models["bench.peer_shape"], models["model"]
     device = "cuda" if torch.cuda.is_available() and trainer.accelerator != "cpu" else "cpu"
     peer_name, config_name = "bench.peer_shape", f"model={_choice('model') or 'model'}"
     shapes = {peer_name: (peer_cfg, p.batch, p.seq_len), config_name: (model_cfg, data.micro_batch_size, data.seq_len)}
@@ -251,11 +242,13 @@ def _peer(cfg: DictConfig, bench: BenchSettings, out_dir: Path) -> None:
                                 steps=bench.steps, warmup=bench.warmup, repeats=bench.repeats,
                                 decode_tokens=bench.decode_tokens, decode_batches=tuple(bench.decode_batches),
                                 prompt_len=bench.prompt_len, seed=cfg.seed, device=device)
+    threads = torch.get_num_threads()
     machine = (torch.cuda.get_device_name() if device == "cuda" else
-               f"{cpu_name()}, {torch.get_num_threads()} threads")
+               f"{cpu_name()}, {threads} thread{'s' * (threads > 1)}")
     header = (f"ours vs transformers {transformers.__version__} (LlamaForCausalLM, SDPA) on {machine}, torch "
-              f"{torch.__version__}, fp32, AdamW, eager unless compiled; best of {bench.repeats} interleaved "
-              f"rounds ({bench.steps} training steps, {bench.decode_tokens} new tokens per row)")
+              f"{torch.__version__}, fp32, AdamW, eager unless compiled; best of {bench.repeats} rounds "
+              f"({bench.steps} training steps each, the two sides alternating step by step; "
+              f"{bench.decode_tokens} new tokens per row)")
     command = " ".join(["llm-bench", *_task_overrides()])
     lines = [header, "", *peer_table(rows), "", f"`{command}`"]
     (out_dir / "bench_peer.json").write_text(json.dumps({"header": header, "command": command, "rows": rows},
