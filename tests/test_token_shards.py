@@ -315,6 +315,23 @@ def test_a_failing_worker_is_reported(tmp_path, tokenizer):
         write_shards(documents, tokenizer, tmp_path, "k", np.dtype("u1"), 100, workers=2)
 
 
+def test_a_worker_that_dies_is_named_with_the_keys_to_change(tmp_path, tokenizer):
+    from llm.data.token_shards import _Workers
+
+    pool = _Workers(2, tokenizer)
+    try:
+        pool.submit(0, ["some text"], tmp_path / "s0.bin", np.dtype("<u2"))
+        assert pool.result(0)["n_documents"] == 1
+        pool.procs[0].kill()  # as the kernel's OOM killer would
+        pool.procs[0].wait()
+        with pytest.raises(RuntimeError, match=r"shard 2 died \(exit code -9\); out of memory\? try fewer "
+                                               "data.tokenize.workers"):
+            pool.submit(2, ["more text"], tmp_path / "s2.bin", np.dtype("<u2"))
+            pool.result(2)
+    finally:
+        pool.close()
+
+
 # --- configuration ------------------------------------------------------------------------------
 
 

@@ -149,12 +149,13 @@ def _send(stream: Any, message: dict[str, Any]) -> None:
 
 
 def _receive(stream: Any) -> Optional[dict[str, Any]]:
-    """The next message, or None at the end of the stream (the other side closed or died)."""
+    """The next message, or None at the end of the stream (the other side closed, or died midway)."""
     head = stream.read(8)
     if len(head) < 8:
         return None
-    data = stream.read(int.from_bytes(head, "little"))
-    return json.loads(data.decode("utf-8"))
+    size = int.from_bytes(head, "little")
+    data = stream.read(size)
+    return json.loads(data.decode("utf-8")) if len(data) == size else None
 
 
 def serve() -> None:

@@ -11,7 +11,8 @@ in Python objects and nothing is written. Each figure is the best of --repeat ru
 be busy); tokens are counted without the EOS tokens a cache adds between documents, so every row
 counts the same tokens. CPU seconds (this process's threads and the workers) say what a row costs
 whatever else the machine runs. A second encode_batch row calls it on a few hundred documents at a time,
-as a cache build does.
+as a cache build does. Every row starts from a fresh copy of the tokenizer, as a worker does (a
+BPE tokenizer caches the words it has seen, which would favour the rows after the first).
 """
 
 from __future__ import annotations
@@ -78,25 +79,33 @@ def measure(documents: list[str], tokenizer: Any, workers: list[int], shard_mb: 
     from llm.data.token_shards import ENCODE_DOCUMENTS
 
     def encode(batch: int) -> Any:
-        def run() -> dict[str, Any]:
+        def run(tok: Any) -> dict[str, Any]:
             n = 0
             for i in range(0, len(documents), batch):
-                n += sum(len(e.ids) for e in tokenizer.backend.encode_batch(documents[i:i + batch],
-                                                                            add_special_tokens=False))
+                n += sum(len(e.ids) for e in tok.backend.encode_batch(documents[i:i + batch], add_special_tokens=False))
             return {"tokens": n}
         return run
 
     corpus = MemoryCorpus(documents, "bench")
 
     def build(n: int) -> Any:
-        def run() -> dict[str, Any]:
+        def run(tok: Any) -> dict[str, Any]:
             directory = Path(tempfile.mkdtemp(dir=work_dir))
             try:
-                cache = build_token_cache(corpus, tokenizer, "train", directory, workers=n, shard_mb=shard_mb)
+                cache = build_token_cache(corpus, tok, "train", directory, workers=n, shard_mb=shard_mb)
                 return {"tokens": cache.n_tokens - cache.n_documents, "shards": len(cache.shards)}
             finally:
                 shutil.rmtree(directory)
         return run
+
+    def fresh() -> Any:
+        """A copy of the tokenizer with an empty word cache (BPE keeps one per tokenizer): every row
+        starts cold, as a worker process does, instead of finding the words of an earlier row."""
+        import tokenizers
+
+        from llm.tokenizer.tokenizer import Tokenizer
+
+        return Tokenizer(tokenizers.Tokenizer.from_str(tokenizer.backend.to_str()))
 
     methods = [("tokenizers encode_batch, one call", None, encode(len(documents))),
                (f"tokenizers encode_batch, {ENCODE_DOCUMENTS} documents a call", None, encode(ENCODE_DOCUMENTS))]
@@ -105,8 +114,9 @@ def measure(documents: list[str], tokenizer: Any, workers: list[int], shard_mb: 
             for name, n, _ in methods]
     for _ in range(repeat):
         for row, (_, _, run) in zip(rows, methods):
+            tok = fresh()
             cpu, start = cpu_seconds(), time.perf_counter()
-            row.update(run())
+            row.update(run(tok))
             row["seconds"] = min(row["seconds"], time.perf_counter() - start)
             row["cpu_seconds"] = min(row["cpu_seconds"], cpu_seconds() - cpu)
     for row in rows:
