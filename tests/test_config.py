@@ -31,6 +31,10 @@ REQUIRED = {
     # trainer=gpu without a GPU is refused (test_bench); its other keys validate on the CPU
     ("trainer", "gpu"): [] if torch.cuda.is_available() else ["trainer.accelerator=cpu", "model.attention.kernel=sdpa"],
     ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
+    # pipeline stages: 2 ranks (x 2 data-parallel, x 2 tensor-parallel), untied embedding and head
+    ("parallelism", "pp"): ["trainer.devices=2", "model.tie_embeddings=false"],
+    ("parallelism", "pp_fsdp"): ["trainer.devices=4", "model.tie_embeddings=false"],
+    ("parallelism", "pp_fsdp_tp"): ["trainer.devices=8", "model.tie_embeddings=false"],
     # Post-training starts from a trained model (validate reads no files: any path will do here).
     **{("posttrain", m): ["init_from=runs/base"] for m in ("sft", "reward", "dpo", "ppo", "grpo")},
     ("posttrain", "distill"): ["posttrain.teacher=runs/teacher"],  # a fresh student needs no init_from
