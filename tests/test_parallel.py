@@ -208,7 +208,10 @@ def single_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("option,extra", [("ddp", []), ("fsdp", []),
+@pytest.mark.parametrize("option,extra", [("ddp", []),
+                                          # CI: test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates
+                                          # (FSDP on two ranks for 10 steps, then one process: the same curve)
+                                          pytest.param("fsdp", [], marks=pytest.mark.slow),
                                           pytest.param("hsdp", [], marks=pytest.mark.slow),  # CI: test_hsdp_meshes_train
                                           pytest.param("fsdp", ["parallelism.activation_checkpointing=full"],
                                                        marks=pytest.mark.slow)],
@@ -235,6 +238,10 @@ def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(single_ru
     assert first.returncode == 0, first.stderr[-3000:]
     shards = run / "checkpoints" / "last.ckpt"
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2
+    # Two FSDP ranks follow the single-process curve (gradients averaged, reduced in another order).
+    assert [s for s, _ in val_curve(run)] == [5, 10]
+    assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single10")], abs=2e-4)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
 
     # Consolidated into one file, it loads into a plain model equal to the single-process one.
     done = run_cli([str(shards), "-o", str(tmp_path / "full.ckpt")], cwd=tmp_path, command="checkpoint")
