@@ -117,3 +117,21 @@ def test_unmasked_decoding_step_equals_the_masked_one(window):
         assert not cache.padded
         step = model(x[:, 8:], cache=cache)[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+
+
+def test_rmsnorm_equals_torchs_with_its_gradient():
+    from llm.model.layers import RMSNorm, _RMSNorm
+
+    torch.manual_seed(0)
+    ours, reference = RMSNorm(16, eps=1e-5), torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        reference.weight.copy_(ours.weight)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y, expected = ours(x), reference(x)
+    assert torch.equal(y, expected)  # the forward is the same ops: exports compare exactly with transformers
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, ours.weight), g), torch.autograd.grad(expected, (x, reference.weight), g)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    x64, w64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))

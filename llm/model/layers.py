@@ -80,9 +80,45 @@ def swiglu(h: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+class _RMSNorm(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight as one autograd node (PyTorch has no fused RMSNorm
+    backward on the CPU: autograd over its decomposition runs about twice the full-size ops of
+    this hand-written backward). Saves the normalised input and the per-row scale."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        h = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision: in float32
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        normed = h * rstd
+        ctx.save_for_backward(normed, rstd, weight)
+        ctx.dtype = x.dtype
+        return (normed * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        normed, rstd, weight = ctx.saved_tensors
+        grad = grad.to(normed.dtype)
+        grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = grad * weight
+        mean = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_normed, normed, mean, value=-1).mul_(rstd)
+        return grad_x.to(ctx.dtype), grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same numbers) with a faster backward (`_RMSNorm`) for plain tensors."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (w is not None and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+                and type(w) is nn.Parameter and type(x) is Tensor):
+            return _RMSNorm.apply(x, w, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+        return super().forward(x)
+
+
 def build_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
