@@ -135,3 +135,12 @@ def test_rmsnorm_equals_torchs_with_its_gradient():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     x64, w64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))
+
+
+@pytest.mark.slow  # 15 s of Dynamo tracing on a 2-core CPU
+def test_the_training_forward_compiles_to_one_graph():
+    """The hand-written autograd nodes step aside under torch.compile (inductor fuses the plain
+    ops itself): no graph break, so `torch.compile(model)` is one graph."""
+    model = Transformer(tiny())
+    explained = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 40)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -74,7 +74,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(h: Tensor) -> Tensor:
     """silu(gate) * up, h = [gate, up] on its last dimension (`fused_linear(x, gate, up)`)."""
-    if h.requires_grad and torch.is_grad_enabled():
+    if h.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (inductor fuses its own)
         return _SwiGLU.apply(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -111,6 +111,7 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if (w is not None and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+                and not torch.compiler.is_compiling()  # inductor fuses the decomposition itself
                 and type(w) is nn.Parameter and type(x) is Tensor):
             return _RMSNorm.apply(x, w, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
         return super().forward(x)

@@ -142,7 +142,7 @@ def rotate_heads(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     transposed copy first); cos/sin are (T, D) or (B, T, D) as `RotaryPosition.rotary` returns.
     The same numbers as `apply_rotary` on the (B, heads, T, D) view."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if cos.requires_grad or sin.requires_grad:  # (learned angles: no scheme here has them) plain autograd
+    if cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling():  # plain ops: inductor fuses them
         half = x.shape[-1] // 2
         return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(x.dtype)
     if x.requires_grad and torch.is_grad_enabled():
