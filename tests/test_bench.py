@@ -199,6 +199,24 @@ def test_bench_gpu_on_a_cpu_machine_exits_2_saying_why(tmp_path, monkeypatch, ca
     assert "trainer.accelerator='gpu': no CUDA GPU on this machine" in stderr
 
 
+@pytest.mark.slow  # a real 1-rank FSDP llm-train run in a subprocess (~30 s on 2 loaded cores)
+def test_bench_gpu_preset_runs_on_a_cpu_with_its_gpu_keys_overridden(tmp_path, monkeypatch, capsys):
+    # The preset's path end to end without a GPU: its groups (FSDP, trainer=gpu's bf16-mixed, synthetic
+    # data) reach llm-train, then bench.train's values, then the command line's (which win).
+    code, stderr = llm_cli("bench", ["bench=gpu", "trainer.accelerator=cpu", "model.attention.kernel=sdpa",
+                                     "parallelism.compile=false", "parallelism.param_dtype=float32", "model=nano",
+                                     "data.seq_len=64", "data.micro_batch_size=2", "model.vocab_size=512",
+                                     "data.corpus.n_documents=50", "bench.steps=2", "bench.warmup=1",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    row = json.loads(next((tmp_path / "runs" / "bench").glob("*/bench_mfu.json")).read_text())
+    assert {"parallelism=fsdp", "trainer=gpu", "data=synthetic", "model=nano"} <= set(row["choices"])
+    assert row["precision"] == "bf16-mixed" and row["tokens_per_step"] == 2 * 64 and row["params"] < 200_000
+    assert row["peak_source"].startswith("measured: best bfloat16")
+    config = (tmp_path / "runs" / "bench").glob("*/run/.hydra/config.yaml")
+    assert "param_dtype: float32" in next(config).read_text()  # the command line won over bench.train's bfloat16
+
+
 @CUDA
 @pytest.mark.gpu
 def test_bench_gpu_reports_mfu_against_the_bf16_peak(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 import torch
 
 from llm.tracking.metrics import read_metrics
@@ -22,12 +23,14 @@ from llm.tracking.throughput import Peak, compute_dtype, cpu_name, device_peak
 log = logging.getLogger(__name__)
 
 
-def train_command(overrides: list[str], steps: int, warmup: int, devices: int, run_dir: Path) -> list[str]:
-    """llm-train for warmup + steps optimizer steps with a tokens/s record after every step, no
-    validation or checkpoint before the end, no logger but the metrics file; `overrides` last, so
-    a user's keys win (trainer.devices too: `devices` is only the default)."""
+def train_command(overrides: list[str], steps: int, warmup: int, devices: int, run_dir: Path,
+                  choices: Optional[list[str]] = None) -> list[str]:
+    """llm-train with the config groups `choices` (["model=1b", ...]), for warmup + steps optimizer
+    steps with a tokens/s record after every step, no validation or checkpoint before the end, no
+    logger but the metrics file; `overrides` last, so a user's keys win (trainer.devices too:
+    `devices` is only the default)."""
     total = warmup + steps
-    return [sys.executable, "-m", "llm.cli.train", f"trainer.devices={devices}", f"budget.steps={total}",
+    return [sys.executable, "-m", "llm.cli.train", *(choices or []), f"trainer.devices={devices}", f"budget.steps={total}",
             "budget.tokens=null", "budget.flops=null", "budget.tokens_per_param=null", "trainer.log_every=1",
             f"trainer.val_every={total}", f"trainer.checkpoint_every={total}", "data.val_batches=1",
             "trainer.progress_bar=false", "logger=none", *overrides, f"hydra.run.dir={run_dir}"]
@@ -50,14 +53,14 @@ def measure(metrics: list[dict], summary: dict, warmup: int, peak: Peak) -> dict
             "peak_memory_mib_per_rank": summary.get("peak_memory_mib"), "final_train_loss": summary.get("train/loss")}
 
 
-def mfu_run(overrides: list[str], steps: int, warmup: int, out_dir: Path) -> dict:
+def mfu_run(overrides: list[str], steps: int, warmup: int, out_dir: Path, choices: Optional[list[str]] = None) -> dict:
     """One llm-train run (see `train_command`; on every visible CUDA GPU, else one process) and
     its `measure` against the peak of the device and compute dtype the run's own config chose."""
     from omegaconf import OmegaConf
 
     devices = torch.cuda.device_count() or 1
     run_dir = out_dir / "run"
-    command = train_command(overrides, steps, warmup, devices, run_dir)
+    command = train_command(overrides, steps, warmup, devices, run_dir, choices)
     log.info(f"running: llm-train {' '.join(command[3:-1])}")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 2:  # llm-train refused the config: its reasons, as bench's own (exit 2)
@@ -73,7 +76,8 @@ def mfu_run(overrides: list[str], steps: int, warmup: int, out_dir: Path) -> dic
     cuda = torch.cuda.is_available() and trainer.accelerator != "cpu"
     peak = device_peak(torch.device("cuda" if cuda else "cpu"), compute_dtype(precision))
     row = measure(read_metrics(run_dir / "metrics.jsonl"), summary, warmup, peak)
-    return {**row, "overrides": overrides, "precision": precision, "steps": steps, "warmup": warmup,
+    return {**row, "train_command": " ".join(["llm-train", *command[3:-1]]), "choices": choices or [],
+            "overrides": overrides, "precision": precision, "steps": steps, "warmup": warmup,
             "device": torch.cuda.get_device_name() if cuda else cpu_name(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "run_dir": str(run_dir)}
 
@@ -84,8 +88,8 @@ def markdown(row: dict, command: str) -> list[str]:
     cuda = f", CUDA {row['cuda']}" if row["cuda"] else ""
     memory = row["peak_memory_mib_per_rank"]
     return [f"#### Training MFU on {gpus} (torch {row['torch']}{cuda})", "",
-            f"`{command}` (llm-train {' '.join(row['overrides'])}; median of {row['steps_timed']} steps after "
-            f"{row['warmup']} warm-up steps)", "",
+            f"`{command}` (median of {row['steps_timed']} steps after {row['warmup']} warm-up steps; the "
+            "llm-train command is in bench_mfu.json)", "",
             "| parameters | ranks | precision | tokens/step | tokens/s | tokens/s per device | MFU | peak memory per rank |",
             "|---:|---:|---|---:|---:|---:|---:|---:|",
             f"| {row['params']:,} | {row['ranks']} | {row['precision']} | {row['tokens_per_step']:,} | "

@@ -263,8 +263,13 @@ def _mfu(bench: BenchSettings, out_dir: Path) -> None:
     and the Markdown block of its tokens/s and MFU (see `llm.bench.mfu`)."""
     from llm.bench.mfu import markdown, mfu_run
 
+    from hydra.core.hydra_config import HydraConfig
+
+    # llm-train composes the same groups (bench=gpu chooses them), then bench.train's values and the command line's
+    choices = [f"{group}={option}" for group, option in HydraConfig.get().runtime.choices.items()
+               if option is not None and group != "bench" and not group.startswith(("hydra", "schema"))]
     overrides = [*bench.train, *(o for o in _task_overrides() if not o.startswith(("bench", "hydra.")))]
-    row = mfu_run(overrides, bench.steps, bench.warmup, out_dir)
+    row = mfu_run(overrides, bench.steps, bench.warmup, out_dir, choices)
     command = " ".join(["llm-bench", *_task_overrides()])
     lines = markdown(row, command)
     (out_dir / "bench_mfu.json").write_text(json.dumps(row, indent=2) + "\n")

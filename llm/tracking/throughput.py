@@ -70,8 +70,9 @@ def device_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> Pea
     if device.type == "cpu":
         # fp32 at 2048 (a few seconds in all); 16-bit CPU matmuls can be 10x slower, so smaller
         size = 2048 if dtype == torch.float32 else 1024
+        threads = torch.get_num_threads()
         return Peak(measured_cpu_peak(size, dtype=dtype), f"measured: best {name} {size}x{size} matmul on this "
-                                                          f"CPU, {torch.get_num_threads()} threads")
+                                                          f"CPU, {threads} thread{'s' * (threads > 1)}")
     flops = get_available_flops(device, dtype)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     if flops is None:
