@@ -74,10 +74,6 @@ def bubble_fraction(schedule: str, pp: int, microbatches: int, per_rank: int = 1
     return (p - 1) / (3 * v * m + p - 1)
 
 
-def _chunk_name(i: int) -> str:
-    return str(i)
-
-
 class StageChunk(nn.Module):
     """One pipeline stage of a Transformer: what `torch.distributed.pipelining` runs. The first
     takes tokens, the others hidden states; the last returns logits."""
