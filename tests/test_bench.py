@@ -191,6 +191,13 @@ def test_mfu_mode_runs_llm_train_and_prints_a_markdown_block(tmp_path, monkeypat
     assert "#### Training MFU on 1x" in out and f"**{row['mfu']:.1%}**" in out
 
 
+def test_mfu_mode_passes_llm_trains_refusal_on_as_exit_2(tmp_path, monkeypatch, capsys):
+    code, stderr = llm_cli("bench", ["bench.mfu=true", "bench.train=['model.n_heads=3']", "model=nano",
+                                     f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "model.n_heads=3: must divide model.d_model=64" in stderr
+    assert not list((tmp_path / "runs" / "bench").iterdir())  # nothing left behind, its log included
+
+
 def test_bench_gpu_on_a_cpu_machine_exits_2_saying_why(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: bench=gpu would run")

@@ -88,6 +88,7 @@ def _app(cfg: DictConfig) -> None:
         from llm.run.run import discard_unstarted
 
         sys.stderr.write(f"error: {cause}\n")
+        (Path(cfg.paths.run_dir) / "bench.log").unlink(missing_ok=True)  # its job log (e.g. bench.mfu's "running: ...")
         discard_unstarted(cfg.paths.run_dir)
         sys.exit(CONFIG_ERROR_EXIT_CODE)
 
