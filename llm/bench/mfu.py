@@ -3,7 +3,7 @@ its own metrics file after a warm-up (torch.compile and the allocator settle the
 Markdown block of tokens/s, MFU and memory a maintainer can paste into the README.
 
 `llm-bench bench=gpu` runs the 1B preset under FSDP in bf16 on every visible GPU; any other
-config works the same way (`llm-bench bench.mfu=true bench.train=[model=nano,...]`), on a CPU too.
+config works the same way (`llm-bench bench.mfu=true model=small trainer=gpu`), on a CPU too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
 import torch
 
 from llm.tracking.metrics import read_metrics
