@@ -36,7 +36,7 @@ END_MARKER = "<!-- matrix:refused:end -->"
 
 PRETRAIN = "none"  # posttrain=none is pretraining
 STAGES = (PRETRAIN, "sft", "reward", "dpo", "ppo", "grpo", "distill")
-PARALLELISMS = ("single", "ddp", "fsdp", "fsdp_tp", "hsdp")
+PARALLELISMS = ("single", "ddp", "fsdp", "fsdp_tp", "hsdp", "pp", "pp_fsdp", "pp_fsdp_tp")
 SCHEDULES = ("cosine", "wsd")
 # The architecture groups and keys, in the order the covering array is built.
 ARCHITECTURE: dict[str, tuple[str, ...]] = {
@@ -63,7 +63,11 @@ METHOD_ARGS = {
     "ppo": ["posttrain.max_new_tokens=4", "posttrain.num_ppo_epochs=1"],
     "distill": ["posttrain.max_new_tokens=4"],  # the row's parent is also the teacher (self-distillation)
 }
-DEVICES = 2  # every multi-process layout runs on 2 ranks (fsdp_tp: 1 x 2; hsdp: 2 replicas of 1)
+DEVICES = 2  # every multi-process layout runs on 2 ranks (fsdp_tp: 1 x 2; hsdp: 2 replicas of 1; pp*: 2 stages)
+# 2 stages x 2 ranks each: pipeline x FSDP (dp 2), pipeline x tensor parallel (tp 2).
+WIDE_LAYOUTS = {"pp_fsdp": 4, "pp_fsdp_tp": 4}
+# A pipeline splits the embedding from the head: pretraining under one unties them (tied: refused, test_pipeline).
+PIPELINE_MODEL = ["model.tie_embeddings=false"]
 WSD_BRANCHES = "schedule.branches=[0.5]"
 
 
@@ -133,7 +137,7 @@ class Combination:
 
     @property
     def devices(self) -> int:
-        return 1 if self.parallelism == "single" else DEVICES
+        return 1 if self.parallelism == "single" else WIDE_LAYOUTS.get(self.parallelism, DEVICES)
 
     def overrides(self, parent: Optional[Path] = None) -> list[str]:
         """The command line of this combination; post-training needs its row's `parent` run."""
@@ -143,7 +147,8 @@ class Combination:
         if self.schedule == "wsd":
             out.append(WSD_BRANCHES)
         if not self.is_posttrain:
-            return [*out, *PRETRAIN_DATA, *architecture_overrides(self.architecture)]
+            untied = PIPELINE_MODEL if self.parallelism.startswith("pp") else []
+            return [*out, *PRETRAIN_DATA, *untied, *architecture_overrides(self.architecture)]
         if parent is None:
             raise ValueError(f"{self.id}: post-training needs the parent run of row {self.row}")
         teacher = [f"posttrain.teacher={parent}"] if self.stage == "distill" else []
@@ -171,14 +176,16 @@ def ci_real_runs(matrix: list[Combination]) -> list[Combination]:
     """The combinations CI trains for real (the rest train under `-m slow`): pairwise over
     stage x LoRA x schedule on one process (each post-training stage with LoRA off and on, and
     both schedules; the four LoRA x schedule pairs all occur), plus each multi-process layout
-    once, on stages chosen so that the layouts meet different methods."""
+    once, on stages chosen so that the layouts meet different methods (plain `pp` is the
+    pipeline of `pp_fsdp` without FSDP: tests/test_pipeline.py runs it on 2 ranks in CI)."""
     wanted: list[tuple[str, Optional[bool], str, str]] = [(PRETRAIN, None, "single", "cosine"),
                                                           (PRETRAIN, None, "single", "wsd")]
     for i, stage in enumerate(STAGES[1:]):
         first, second = ("cosine", "wsd") if i % 2 == 0 else ("wsd", "cosine")
         wanted += [(stage, False, "single", first), (stage, True, "single", second)]
     wanted += [(PRETRAIN, None, "fsdp_tp", "cosine"), ("sft", True, "ddp", "wsd"), ("dpo", False, "fsdp", "cosine"),
-               ("grpo", True, "hsdp", "cosine")]
+               ("grpo", True, "hsdp", "cosine"), (PRETRAIN, None, "pp_fsdp", "cosine"),
+               (PRETRAIN, None, "pp_fsdp_tp", "wsd")]
     by_key = {(c.stage, c.lora, c.parallelism, c.schedule): c for c in matrix}
     return [by_key[key] for key in wanted]
 

@@ -144,8 +144,8 @@ def test_ci_subset_covers_stage_lora_and_schedule_pairwise_and_every_layout():
     assert {(c.stage, c.lora) for c in MATRIX} == {(c.stage, c.lora) for c in subset}
     assert {(s, sch) for s in STAGES for sch in matrix.SCHEDULES} <= {(c.stage, c.schedule) for c in subset}
     assert {(lora, sch) for lora in (False, True) for sch in matrix.SCHEDULES} <= {(c.lora, c.schedule) for c in subset}
-    assert {c.parallelism for c in subset} == set(matrix.PARALLELISMS)
-    assert sum(c.devices > 1 for c in subset) == len(matrix.PARALLELISMS) - 1  # one run per multi-rank layout
+    assert {c.parallelism for c in subset} == set(matrix.PARALLELISMS) - {"pp"}  # pp: in pp_fsdp and test_pipeline
+    assert sum(c.devices > 1 for c in subset) == len(matrix.PARALLELISMS) - 2  # one run per other multi-rank layout
 
 
 def test_posttraining_refuses_an_architecture_override_that_contradicts_its_parent(parents, tmp_path):
