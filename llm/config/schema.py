@@ -318,7 +318,8 @@ class PipelineStagesSchema:
     microbatches: int = at_least(1, 4, high=MAX_BATCH)
     schedule: PipelineScheduleName = PipelineScheduleName("1f1b")
     stages_per_rank: int = at_least(1, 1, high=MAX_LAYERS)  # interleaved_1f1b, looped_bfs, interleaved_zb: >= 2
-    layers_per_stage: Optional[list[int]] = None  # blocks of each stage (pp x stages_per_rank counts); null: even
+    # blocks of each stage (pp x stages_per_rank counts); null: an even split
+    layers_per_stage: Optional[list[int]] = at_least(1, None, high=MAX_LAYERS, null="for an even split")
 
 
 @dataclass

@@ -108,7 +108,7 @@ def plan_lines(option: Any, cfg: ModelConfig, world: int, micro_batch: int, seq_
         mib = 2**20
         lines.append(f"pipeline rank {plan.pp_rank} ({'; '.join(held)}): parameters {plan.params / mib:.3f} MiB, "
                      f"gradients {plan.params / mib:.3f} MiB, optimizer state {2 * plan.params / mib:.3f} MiB, "
-                     f"activations ~{plan.activations / mib:.3f} MiB ({plan.in_flight:g} micro-batches in flight) "
+                     f"activations ~{plan.activations / mib:.3f} MiB ({plan.in_flight:g} micro-batch{'' if plan.in_flight == 1 else 'es'} in flight) "
                      f"(total ~{plan.total / mib:.3f} MiB)")
     return lines, {"mesh": mesh, "bubble": bubble, "params_bytes_per_stage": [p.params for p in plans],
                    "activation_bytes_per_stage": [p.activations for p in plans]}
