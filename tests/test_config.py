@@ -31,6 +31,8 @@ REQUIRED = {
     # trainer=gpu without a GPU is refused (test_bench); its other keys validate on the CPU
     ("trainer", "gpu"): [] if torch.cuda.is_available() else ["trainer.accelerator=cpu", "model.attention.kernel=sdpa"],
     ("parallelism", "hsdp"): ["trainer.devices=2"],  # 2 replicas
+    # the cluster sweep's jobs use trainer=gpu: without CUDA they validate as their dry run does
+    ("sweep", "isoflop_cluster"): [] if torch.cuda.is_available() else ["dry_run=true"],
     # pipeline stages: 2 ranks (x 2 data-parallel, x 2 tensor-parallel), untied embedding and head
     ("parallelism", "pp"): ["trainer.devices=2", "model.tie_embeddings=false"],
     ("parallelism", "pp_fsdp"): ["trainer.devices=4", "model.tie_embeddings=false"],
