@@ -8,18 +8,11 @@ the slow test at the end."""
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
-import traceback
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llm.config import ConfigError, validate
 from llm.model import ModelConfig, MoEConfig, Transformer
@@ -28,39 +21,10 @@ from llm.parallel.memory import memory_plan
 from llm.stages.optim import build_optimizer, clip_grad_norm_
 from llm.stages.pretrain import next_token_loss
 from tests.conftest import compose_train
+from tests.distributed import run_ranks
 
 STEPS = 3
 EP = 2
-
-
-def run_ranks(world: int, fn, *args) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes; re-raise the first rank's failure here."""
-    with tempfile.TemporaryDirectory() as tmp:
-        errors = Path(tmp) / "errors"
-        errors.mkdir()
-        try:
-            mp.spawn(_rank_main, args=(world, fn, f"file://{tmp}/store", str(errors), args), nprocs=world, join=True)
-        except mp.ProcessExitedException as e:  # a rank died; its traceback, if it wrote one, says why
-            if not any(errors.iterdir()):
-                raise e
-        failures = sorted(errors.iterdir())
-        if failures:
-            pytest.fail(failures[0].read_text())
-
-
-def _rank_main(rank, world, fn, init, errors, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        Path(errors, f"rank{rank}").write_text(traceback.format_exc())
-        os._exit(1)  # no teardown: the other ranks may be blocked in a collective
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown, where gloo's threads can abort the process
 
 
 def ep_cfg() -> ModelConfig:
@@ -189,7 +153,7 @@ def _ep_trains_as_one_process(rank: int, world: int, option: str, expected: list
                                           pytest.param("fsdp", 4, marks=pytest.mark.slow)],
                          ids=["ddp", "fsdp", "ddp-2-groups", "fsdp-2-groups"])
 def test_expert_parallel_trains_as_one_process(option, world):
-    run_ranks(world, _ep_trains_as_one_process, option, *single_process(world))
+    run_ranks(_ep_trains_as_one_process, option, *single_process(world), world=world)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.parallel import FSDP
@@ -24,38 +21,18 @@ from llm.stages.pretrain import next_token_loss
 from llm.checkpoint import load_network
 from llm.tracking.metrics import read_metrics
 from tests.conftest import TINY_RUN, run_cli
+from tests.distributed import run_ranks
 
 WORLD = 2
 
 
 def _run_ranks(fn, *args) -> None:
-    """Run fn(rank, *args) in 2 gloo processes; re-raise the first rank's failure here."""
-    with tempfile.TemporaryDirectory() as tmp:
-        errors = Path(tmp) / "errors"
-        errors.mkdir()
-        try:
-            mp.spawn(_rank_main, args=(fn, f"file://{tmp}/store", str(errors), args), nprocs=WORLD, join=True)
-        except mp.ProcessExitedException as e:  # a rank died; its traceback, if it wrote one, says why
-            if not any(errors.iterdir()):
-                raise e
-        failures = sorted(errors.iterdir())
-        if failures:
-            pytest.fail(failures[0].read_text())
+    """fn(rank, *args) on WORLD gloo processes (tests.distributed.run_ranks, without the world size)."""
+    run_ranks(_without_world, fn, *args, world=WORLD)
 
 
-def _rank_main(rank, fn, init, errors, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    try:
-        fn(rank, *args)
-    except BaseException:
-        Path(errors, f"rank{rank}").write_text(traceback.format_exc())
-        os._exit(1)  # no teardown: the other rank may be blocked in a collective
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown, where gloo's threads can abort the process
+def _without_world(rank, world, fn, *args):
+    fn(rank, *args)
 
 
 def tiny(n_kv_heads=None, position="rope", **kw) -> ModelConfig:

@@ -6,16 +6,12 @@ runs under pp (and pp x FSDP) reproduce the single-process curve and resume acro
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from llm.checkpoint import load_network
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
@@ -24,35 +20,7 @@ from llm.parallel.pipeline_plan import pipeline_plan
 from llm.stages.pretrain import next_token_loss
 from llm.tracking.metrics import read_metrics
 from tests.conftest import TINY_RUN, run_cli
-
-
-def _run_ranks(fn, *args, world: int = 2) -> None:
-    """Run fn(rank, world, *args) in `world` gloo processes; re-raise the first rank's failure here."""
-    with tempfile.TemporaryDirectory() as tmp:
-        errors = Path(tmp) / "errors"
-        errors.mkdir()
-        try:
-            mp.spawn(_rank_main, args=(fn, world, f"file://{tmp}/store", str(errors), args), nprocs=world, join=True)
-        except mp.ProcessExitedException as e:
-            if not any(errors.iterdir()):
-                raise e
-        failures = sorted(errors.iterdir())
-        if failures:
-            pytest.fail(failures[0].read_text())
-
-
-def _rank_main(rank, fn, world, init, errors, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    except BaseException:
-        Path(errors, f"rank{rank}").write_text(traceback.format_exc())
-        os._exit(1)  # no teardown: the other ranks may be blocked in a collective
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+from tests.distributed import run_ranks
 
 
 def tiny(**kw) -> ModelConfig:
@@ -99,7 +67,7 @@ def test_every_schedule_on_two_ranks_equals_one_process():
     # Every schedule, two steps: the losses (broadcast from the last stage) and every gradient.
     cases = [("gpipe", 1, "rope", None), ("1f1b", 1, "learned", [1, 3]), ("interleaved_1f1b", 2, "alibi", None),
              ("looped_bfs", 2, "rope", None), ("interleaved_zb", 2, "rope", None), ("zbv", 2, "rope", None)]
-    _run_ranks(_schedules_equal_one_process, cases)
+    run_ranks(_schedules_equal_one_process, cases)
 
 
 def _pipeline_x_fsdp_equals_one_process(rank, world, schedule, per_rank):
@@ -137,7 +105,7 @@ def _pipeline_x_fsdp_equals_one_process(rank, world, schedule, per_rank):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,per_rank", [("1f1b", 1), ("interleaved_1f1b", 2)])
 def test_pipeline_x_fsdp_on_four_ranks_equals_one_process(schedule, per_rank):
-    _run_ranks(_pipeline_x_fsdp_equals_one_process, schedule, per_rank, world=4)
+    run_ranks(_pipeline_x_fsdp_equals_one_process, schedule, per_rank, world=4)
 
 
 def _pipeline_x_tensor_parallel_equals_one_process(rank, world):
@@ -163,7 +131,7 @@ def _pipeline_x_tensor_parallel_equals_one_process(rank, world):
 
 @pytest.mark.slow
 def test_pipeline_x_tensor_parallel_on_four_ranks_equals_one_process():
-    _run_ranks(_pipeline_x_tensor_parallel_equals_one_process, world=4)
+    run_ranks(_pipeline_x_tensor_parallel_equals_one_process, world=4)
 
 
 def test_layer_split_and_stage_placement():
