@@ -136,7 +136,7 @@ def test_covering_array_has_every_pair_of_architecture_choices_and_the_matrix_us
         pairs = {(row[a], row[b]) for row in ROWS}
         assert pairs == set(itertools.product(ARCHITECTURE[a], ARCHITECTURE[b])), (a, b)
     assert {c.row for c in MATRIX} == set(range(len(ROWS)))
-    assert len(MATRIX) == len({c.id for c in MATRIX}) == 1 * 5 * 2 + 6 * 5 * 2 * 2  # pretraining has no LoRA key
+    assert len(MATRIX) == len({c.id for c in MATRIX}) == 1 * 8 * 2 + 6 * 8 * 2 * 2  # 8 layouts; pretraining has no LoRA key
 
 
 def test_ci_subset_covers_stage_lora_and_schedule_pairwise_and_every_layout():
