@@ -198,9 +198,8 @@ def test_mfu_mode_passes_llm_trains_refusal_on_as_exit_2(tmp_path, monkeypatch, 
     assert not list((tmp_path / "runs" / "bench").iterdir())  # nothing left behind, its log included
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: bench=gpu would run: the CPU refusal cannot happen")
 def test_bench_gpu_on_a_cpu_machine_exits_2_saying_why(tmp_path, monkeypatch, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is here: bench=gpu would run")
     code, stderr = llm_cli("bench", ["bench=gpu", f"paths.runs_dir={tmp_path}/runs"], tmp_path, monkeypatch, capsys)
     assert code == 2
     assert "trainer.accelerator='gpu': no CUDA GPU on this machine" in stderr
@@ -247,9 +246,8 @@ def test_trainer_gpu_selects_bf16_fused_adamw_flash_and_compile(tmp_path):
     assert compose_train([], tmp_path).model.attention.kernel == "sdpa"  # the default trainer changes nothing
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the CPU refusal cannot happen")
 def test_trainer_gpu_on_a_cpu_machine_is_refused_before_any_work(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is here")
     from llm.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu': no CUDA GPU on this machine"):

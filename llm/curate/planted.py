@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from llm.curate.decont import EvalItem
+
+logger = logging.getLogger(__name__)
 
 CORPUS, LABELS = "corpus", "planted.json"
 KINDS = ("untouched", "exact_duplicate", "near_duplicate", "low_quality", "contaminated")
@@ -218,16 +221,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--curated", default=None, help="the curation's output_dir (default: <folder>/curated)")
     args = parser.parse_args(argv)
     if args.action == "build":
-        from llm.curate.decont import builtin_items
+        from omegaconf import OmegaConf
 
-        knobs = {"addition": {"max_digits": 2}, "sorting": {"max_length": 4}, "copying": {"max_length": 5},
-                 "counting": {"max_length": 6}}  # conf/curate.yaml's decontamination defaults
-        items = builtin_items(list(knobs), knobs, 64, 0, 0.1)
+        from llm.curate.decont import builtin_items
+        from llm.resources import conf_dir
+
+        # The evaluation items llm-data removes by default: conf/curate.yaml's decontamination settings.
+        d = OmegaConf.to_container(OmegaConf.load(conf_dir() / "curate.yaml").decontamination)
+        items = builtin_items(d["builtin"], d["builtin_knobs"], d["questions"], d["seed"], d["val_fraction"])
         write(args.folder, plant(items, args.untouched, args.exact, args.near, args.low, args.contaminated, args.seed))
-        print(f"wrote {Path(args.folder) / CORPUS}")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logger.info("wrote %s", Path(args.folder) / CORPUS)
     else:
         curated = Path(args.curated or Path(args.folder) / "curated")
-        print(table(score(read_labels(args.folder), kept_texts(curated / "documents"))))
+        print(table(score(read_labels(args.folder), kept_texts(curated / "documents"))))  # the command's output
 
 
 if __name__ == "__main__":

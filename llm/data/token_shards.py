@@ -25,6 +25,7 @@ and anything wrong with it means a rebuild, with the reason logged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,10 +232,9 @@ class _Workers:
     def close(self) -> None:
         """Close every worker's input (it ends after its current shard) and wait for it."""
         for proc in self.procs:
-            try:
+            # A worker that already died (reported by the caller with its exit code) has a broken pipe.
+            with contextlib.suppress(OSError):
                 proc.stdin.close()
-            except OSError:
-                pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=60)

@@ -179,13 +179,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 tokenizer = build_tokenizer(corpus, work, kind="bpe", vocab_size=args.vocab_size)
         except (InputError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            log.error("error: %s", e)
             return 2
         text_mb = sum(len(d.encode("utf-8")) for d in documents) / 2**20
         log.info(f"{text_mb:.1f} MiB of {name} in {len(documents):,} documents; {tokenizer}; "
                  f"{available_cores()} cores; best of {args.repeat}")
         rows = measure(documents, tokenizer, args.workers, args.shard_mb, args.repeat, Path(work))
-    print(table(rows))
+    print(table(rows))  # the command's output, on stdout
     if args.json:
         Path(args.json).write_text(json.dumps({"text_mb": text_mb, "documents": len(documents),
                                                "cores": available_cores(), "rows": rows}, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -50,12 +51,10 @@ def cpu_name() -> str:
     import platform
     from pathlib import Path
 
-    try:
+    with contextlib.suppress(OSError):  # not Linux, or no /proc: the platform's name below
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
