@@ -52,6 +52,8 @@ def test_peer_table_marks_goals_and_differences():
     lines = peer_table([row, slow])
     assert lines[2] == "| decode b1 | s | 300 | 100 | **3.00x** (2.50x) | >= 1.5x | tokens equal |"
     assert "| **0.50x** (2.50x) | below 1.5x | tokens differ at row 0, position 3 (NOT the same) |" in lines[3]
+    shown = peer_table([{**row, "goal": None, "met": None}])  # a row shown for context: no goal to meet
+    assert "| **3.00x** (2.50x) | - | tokens equal |" in shown[2]
 
 
 # -- bench.peer=transformers end to end ---------------------------------------------------------
@@ -63,7 +65,8 @@ def test_peer_mode_prints_every_ratio_with_the_same_results(tmp_path, monkeypatc
     (out,) = (tmp_path / "runs" / "bench").glob("*/bench_peer.json")
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["train eager, bench.peer_shape", "train eager, model=nano",
-                                         "decode b1, bench.peer_shape", "decode b3 left-padded, bench.peer_shape"]
+                                         "decode eager b1, bench.peer_shape",
+                                         "decode eager b3 left-padded, bench.peer_shape"]
     assert [r["shape"] for r in rows] == ["1L d32 4/2h ff64 V128, 2x16", "2L d64 4/4h ff192 V2048, 2x16",
                                           "1L d32 4/2h ff64 V128, 1x5+4", "1L d32 4/2h ff64 V128, 3x5+4"]
     assert [r["goal"] for r in rows] == [1.2, 1.2, 1.5, 1.5]
@@ -106,6 +109,10 @@ def test_peer_mode_compiled_step_matches_transformers(tmp_path, monkeypatch, cap
     rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
     compiled = rows["train compiled, bench.peer_shape"]
     assert compiled["compiled"] and compiled["goal"] == 1.0 and compiled["ok"]
+    # decoding: the goal is on ours compiled (against transformers' generate as called); the eager row is context
+    eager, fast = rows["decode eager b1, bench.peer_shape"], rows["decode compiled b1, bench.peer_shape"]
+    assert (eager["goal"], eager["met"], eager["compiled"]) == (None, None, False)
+    assert fast["goal"] == 1.5 and fast["compiled"] and fast["ok"] and fast["met"] == (fast["ratio"] >= 1.5)
 
 
 @CUDA

@@ -20,6 +20,7 @@ from llm.generate import (
     top_p_filter,
 )
 from llm.generate.sampling import filter_logits
+from llm.generate.static import StaticKVCache, bucketed
 from llm.generate.speculative import accept_or_resample
 from llm.model import AttentionConfig, ModelConfig, PositionConfig, Transformer
 from llm.model.attention import attention_bias
@@ -93,6 +94,64 @@ def test_cached_decoding_equals_uncached(kind, n_kv_heads, window):
     sampled = generate(model, prompts, 12, temperature=1.0, generator=seeded(3))
     assert sampled == generate(model, prompts, 12, temperature=1.0, generator=seeded(3), use_cache=False)
     assert len(set(sampled[0] + sampled[1])) > 4  # sanity: the comparison covers varied tokens
+
+
+@pytest.mark.parametrize("kind, n_kv_heads, window", CACHE_CASES, ids=CACHE_IDS)
+def test_static_cache_steps_match_full_forward(kind, n_kv_heads, window):
+    """The fixed-shape cache of compiled decoding, run eagerly: every step attends over all slots,
+    the empty ones masked, and reproduces the full forward (left-padded rows too)."""
+    model = build(make_cfg(kind, n_kv_heads, window))
+    tokens = torch.randint(0, VOCAB, (2, 14), generator=seeded(1))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False  # row 1: two padding tokens before its prompt
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = StaticKVCache.for_model(model, batch=2, max_len=20)  # 6 slots more than needed: never seen
+    with torch.no_grad():
+        parts = [model(tokens[:, :6], positions, cache, mask)]
+        for t in range(6, 14):
+            parts.append(model(tokens[:, t : t + 1], positions[:, -1:] + t - 5, cache))
+        # the reference: the same left-padded rows through the ordinary cache
+        ref_cache = KVCache.for_model(model, batch=2, max_len=14)
+        ref = [model(tokens[:, :6], positions, ref_cache, mask)]
+        ref += [model(tokens[:, t : t + 1], positions[:, -1:] + t - 5, ref_cache) for t in range(6, 14)]
+    assert cache.length == 14 and bool(cache.valid[1, :2].any()) is False and bool(cache.valid[:, 14:].any()) is False
+    torch.testing.assert_close(torch.cat(parts, dim=1)[0], torch.cat(ref, dim=1)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(parts, dim=1)[1, 2:], torch.cat(ref, dim=1)[1, 2:], atol=1e-5, rtol=0)
+    with torch.no_grad():  # row 0 has no padding: its steps equal one full forward
+        torch.testing.assert_close(torch.cat(parts, dim=1)[0], model(tokens[:1])[0], atol=1e-5, rtol=0)
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once_per_shape():
+    """generate(compile=True): the same tokens as eager decoding (padded and not, greedy and
+    sampled), one graph per batch size and cache length, reused by later calls."""
+    from torch._dynamo.utils import counters
+
+    model = build(make_cfg("rope", 2, window=5))
+    padded, single = random_prompts([3, 7, 5], seed=4), random_prompts([6], seed=5)
+    eager = generate(model, padded, 12, pad_id=VOCAB - 1)
+    before = counters["stats"]["unique_graphs"]
+    assert generate(model, padded, 12, pad_id=VOCAB - 1, compile=True) == eager
+    assert generate(model, padded, 12, pad_id=VOCAB - 1, compile=True) == eager
+    assert generate(model, single, 12, compile=True) == generate(model, single, 12)
+    sampled = generate(model, single, 12, temperature=1.0, generator=seeded(3))
+    assert generate(model, single, 12, temperature=1.0, generator=seeded(3), compile=True) == sampled
+    assert counters["stats"]["unique_graphs"] - before == 2  # batch 3 and batch 1, each once
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(model, single, 4, use_cache=False, compile=True)
+
+
+@pytest.mark.slow  # one compilation per model: ~5-20 s each on a CPU
+@pytest.mark.parametrize("kind, n_kv_heads, window", [("alibi", None, 4), ("learned", 1, None),
+                                                      ("sinusoidal", 2, 3), ("none", None, None)])
+def test_compiled_decoding_equals_eager_for_every_position_scheme(kind, n_kv_heads, window):
+    model = build(make_cfg(kind, n_kv_heads, window))
+    prompts = random_prompts([3, 7, 5], seed=4)
+    assert generate(model, prompts, 12, pad_id=VOCAB - 1, compile=True) == generate(model, prompts, 12,
+                                                                                    pad_id=VOCAB - 1)
+
+
+def test_bucketed_cache_lengths():
+    assert [bucketed(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
 
 
 def test_cache_full_raises():

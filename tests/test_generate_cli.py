@@ -118,6 +118,8 @@ UNUSED_KEYS = [
     (dict(strategy="beam", top_p=0.5), "top_p=0.5: has no effect with strategy=beam"),
     (dict(strategy="beam", speculative_k=8), "speculative_k=8: has no effect with strategy=beam"),
     (dict(strategy="sample", beam_width=2), "beam_width=2: has no effect with strategy=sample"),
+    (dict(strategy="beam", compile=True), "compile=true: has no effect with strategy=beam (only greedy and sample "
+                                          "use it)"),
     (dict(strategy="sample", draft_checkpoint="small"), "draft_checkpoint='small': has no effect with strategy=sample"),
     (dict(strategy="speculative", draft_checkpoint="small", beam_width=1),
      "beam_width=1: has no effect with strategy=speculative"),
@@ -219,6 +221,14 @@ def test_batch_mode_equals_one_by_one(run, tmp_path, capsys):
     # Without output_file, batch mode prints the same records as JSON lines.
     _, stdout, _ = generate(run, [f"prompts_file={prompts_file}", "max_new_tokens=12"], capsys)
     assert [json.loads(line) for line in stdout.splitlines()] == written
+
+
+def test_compiled_decoding_writes_the_same_completions(run, tmp_path, capsys):
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    args = [f"prompts_file={prompts_file}", "batch_size=3", "max_new_tokens=12"]
+    eager, _, _ = generate(run, args, capsys)
+    compiled, _, _ = generate(run, [*args, "compile=true"], capsys)
+    assert compiled == eager and len(compiled) == 3
 
 
 def test_sampling_with_a_seed_is_reproducible(run, capsys):

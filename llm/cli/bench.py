@@ -68,7 +68,7 @@ class BenchSettings:
     hf_experts: Optional[str] = None  # transformers' experts_implementation (eager, grouped_mm, ...); null: its default
     peer: Peer = Peer.none
     peer_shape: PeerShape = field(default_factory=PeerShape)
-    peer_compile: bool = True  # bench.peer: also the compiled training step, at peer_shape
+    peer_compile: bool = True  # bench.peer: also the compiled cases (training step at peer_shape, decoding)
     decode_tokens: int = at_least(1, 128, high=10**6)
     decode_batches: list[int] = field(default_factory=lambda: [1, 8])
     prompt_len: int = at_least(1, 16, high=10**6)

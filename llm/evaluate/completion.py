@@ -38,6 +38,7 @@ class DecodeSettings:
     stop: list[str] = field(default_factory=list)
     add_bos: bool = False
     batch_size: int = 8  # prompts decoded together (greedy and sample; beam and speculative take one)
+    compile: bool = False  # greedy and sample: a compiled decoding step (llm.generate.static)
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Completer:
         return generate(
             self.model, batch, s.max_new_tokens, temperature=0.0 if s.strategy == "greedy" else s.temperature,
             top_k=s.top_k, top_p=s.top_p, eos_id=tok.eos_id, stop_sequences=self.stop_sequences, pad_id=tok.pad_id,
-            generator=self.generator, vocab_size=tok.vocab_size, stream=stream,
+            generator=self.generator, vocab_size=tok.vocab_size, stream=stream, compile=s.compile,
         )
 
     def _one(self, prompt: list[int]) -> list[int]:

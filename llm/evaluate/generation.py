@@ -71,7 +71,7 @@ def run_generate(cfg: DictConfig) -> list[Completion]:
     settings = DecodeSettings(
         strategy=s.strategy, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
         top_p=s.top_p, beam_width=s.beam_width, speculative_k=s.speculative_k, seed=s.seed, stop=list(s.stop),
-        add_bos=s.add_bos, batch_size=s.batch_size,
+        add_bos=s.add_bos, batch_size=s.batch_size, compile=s.compile,
     )
     completer = Completer(model, tokenizer, settings, draft)
     problems = completer.prompt_problems(prompts, "prompt" if s.prompt is not None else "prompts_file")

@@ -37,6 +37,7 @@ READ_BY = {
     "beam_width": ("beam",),
     "draft_checkpoint": ("speculative",),
     "speculative_k": ("speculative",),
+    "compile": ("greedy", "sample"),  # the batched decoder's step (beam and speculative run their own loops)
 }
 
 
@@ -78,6 +79,7 @@ class GenerateSettings:
     stream: bool = False
     device: str = "auto"
     batch_size: int = at_least(1, 8)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.stop = [unescape(s) for s in self.stop]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from llm.generate.cache import KVCache
 from llm.generate.sampling import sample
+from llm.generate.static import StaticKVCache, bucketed, compiled_step, output_weight
 
 ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
@@ -68,6 +69,7 @@ def generate(
     vocab_size: Optional[int] = None,
     stream: Optional[Callable[[int, int], None]] = None,
     lockstep: bool = False,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (a `Transformer` in eval mode; temperature 0 is greedy).
 
@@ -78,6 +80,9 @@ def generate(
     as it is produced. `generator` must be on the model's device. `lockstep` takes all
     `max_new_tokens` steps even after every row stopped: a sharded (FSDP) model gathers its
     weights in every forward, so all ranks must make the same number of calls.
+    `compile`: the steps after the prompt run as one compiled graph over a fixed-shape cache
+    (`llm.generate.static`; compiled once per model, batch and cache length): the same tokens
+    (to float rounding) with less per-step overhead. Needs the cache.
     """
     device = model.embed.weight.device
     vocab_size = vocab_size if vocab_size is not None else model.cfg.vocab_size
@@ -93,7 +98,15 @@ def generate(
     # Per-row positions only when padded, so equal-length prompts keep the shared fast path.
     positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
     next_pos = mask.sum(1, keepdim=True)  # (B, 1): each row's position for its next token
-    cache = KVCache.for_model(model, len(prompts), tokens.shape[1] + max_new_tokens) if use_cache else None
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decoding step: it needs use_cache=True")
+    total = tokens.shape[1] + max_new_tokens
+    cache: Optional[KVCache | StaticKVCache] = None
+    if compile:
+        cache = StaticKVCache.for_model(model, len(prompts), bucketed(total))
+        decode_step, head_t = compiled_step(), output_weight(model)
+    elif use_cache:
+        cache = KVCache.for_model(model, len(prompts), total)
     logits = model(tokens, positions, cache, mask if padded else None)[:, -1]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
@@ -108,7 +121,9 @@ def generate(
         if (all(done) and not lockstep) or step == max_new_tokens - 1:
             break
         new = new[:, None]
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):  # positions always given: the graph never reads the cache's length
+            logits = decode_step(model, new, next_pos, cache, head_t)
+        elif cache is not None:
             logits = model(new, next_pos if padded else None, cache)[:, -1]
         else:
             tokens = torch.cat([tokens, new], dim=1)

@@ -116,8 +116,8 @@ class Transformer(nn.Module):
         Packed rows (several documents per row, `llm.data.posttrain`) pass per-row `positions`
         that restart at each document and `documents` (B, T), so attention stays in its document.
         """
-        start = cache.length if cache is not None else 0
-        if positions is None:
+        if positions is None:  # (the cache's length only here: a compiled step passes positions, see llm.generate.static)
+            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.drop(self.position.embed(self.embed(tokens), positions))
         rotary = self.position.rotary(positions)
