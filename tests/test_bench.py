@@ -113,6 +113,9 @@ def test_peer_mode_compiled_step_matches_transformers(tmp_path, monkeypatch, cap
     eager, fast = rows["decode eager b1, bench.peer_shape"], rows["decode compiled b1, bench.peer_shape"]
     assert (eager["goal"], eager["met"], eager["compiled"]) == (None, None, False)
     assert fast["goal"] == 1.5 and fast["compiled"] and fast["ok"] and fast["met"] == (fast["ratio"] >= 1.5)
+    assert not fast["hf_compiled"]  # against transformers' generate as a user calls it
+    both = rows["decode both compiled b1, bench.peer_shape"]  # context: transformers' static cache, compiled
+    assert both["compiled"] and both["hf_compiled"] and both["goal"] is None and both["ok"]
 
 
 @CUDA

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from llm.evaluate.speed import timed
 from llm.generate import generate
 from llm.generate.decode import left_pad
+from llm.generate.static import STEP_OPTIONS
 from llm.interop.hf import export_hf
 from llm.model import ModelConfig, Transformer
 from llm.tokenizer import Tokenizer
@@ -65,6 +66,7 @@ def decode_vs_transformers(
     seed: int = 0,
     batch: int = 1,
     compile: bool = False,
+    hf_compile: bool = False,
 ) -> dict:
     """Greedy decoding of random prompts (ids below the tokenizer's vocab, or the int given;
     default: model.cfg.vocab_size), prefill included, with our KV-cache `generate` and with
@@ -76,14 +78,17 @@ def decode_vs_transformers(
     positions from it, as `generate` does).
 
     `compile`: ours decodes with `generate(compile=True)` (a compiled step over a fixed-shape
-    cache); transformers' `generate` stays as a user calls it (eager, its dynamic cache). The
-    untimed warm-up (a full-length run of each) pays for the compilation; its seconds are returned.
+    cache); transformers' `generate` stays as a user calls it (eager, its dynamic cache) unless
+    `hf_compile`: then its static cache and its own compilation of the forward (`compile_config`,
+    with our Inductor options; transformers compiles only on accelerators unless told otherwise).
+    The untimed warm-up (a full-length run of each) pays for the compilation; its seconds are returned.
 
     Returns best-of-`repeats` tokens/s for each (all rows' new tokens), the ratio ours / HF,
     their best seconds, and whether the token ids are identical (with the first differing
     (row, position), if any).
     """
     from transformers import GenerationConfig
+    from transformers.generation import CompileConfig
 
     model.eval()
     cfg = model.cfg
@@ -103,8 +108,13 @@ def decode_vs_transformers(
 
     @torch.no_grad()
     def theirs(n: int = new_tokens) -> list[list[int]]:
+        static = {}
+        if hf_compile:
+            compile_config = CompileConfig(mode=None, options=dict(STEP_OPTIONS))
+            compile_config._compile_all_devices = True  # transformers' switch for compiling on a CPU
+            static = {"cache_implementation": "static", "compile_config": compile_config}
         config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True,
-                                  eos_token_id=None, pad_token_id=0, suppress_tokens=barred)
+                                  eos_token_id=None, pad_token_id=0, suppress_tokens=barred, **static)
         out = hf.generate(ids, attention_mask=mask.long(), generation_config=config)
         return out[:, longest:].tolist()
 
@@ -131,6 +141,7 @@ def decode_vs_transformers(
         "identical": mismatch is None,
         "first_mismatch": mismatch,
         "compiled": compile,
+        "hf_compiled": hf_compile,
         "warmup_seconds": warmup,
         "batch": batch,
         "new_tokens": new_tokens,
@@ -358,19 +369,21 @@ def peer_vs_transformers(
     cfg, _, _ = shapes[decode_shape]
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
+    # (ours compiled, transformers compiled, label): the goal is for decoding as fast as this library
+    # can (compiled: it pays) against transformers' generate as users call it; the other rows are
+    # context: what compilation adds to ours, and both libraries compiled.
+    variants = [(False, False, "eager"), (True, False, "compiled"), (True, True, "both compiled")]
     for batch in decode_batches:
-        for compiled in (False, True) if compile_shape is not None else (False,):
-            kind = "compiled" if compiled else "eager"
+        for compiled, hf_compiled, kind in variants if compile_shape is not None else variants[:1]:
             log.info(f"greedy decoding {kind}, batch {batch}, {decode_shape} ...")
             result = decode_vs_transformers(model, None, prompt_len=prompt_len, new_tokens=decode_tokens,
-                                            repeats=repeats, seed=seed, batch=batch, compile=compiled)
+                                            repeats=repeats, seed=seed, batch=batch, compile=compiled,
+                                            hf_compile=hf_compiled)
             mismatch = result["first_mismatch"]
+            goal = GOALS["decode"] if (compiled and not hf_compiled) or compile_shape is None else None
             rows.append({**result, "shape_name": decode_shape,
                          "case": f"decode {kind} b{batch}" + (" left-padded" if batch > 1 else "") + f", {decode_shape}",
-                         "shape": f"{arch_label(cfg)}, {batch}x{prompt_len}+{decode_tokens}",
-                         # the goal is for decoding as fast as this library can (compiled where it
-                         # pays); the eager row shows what compilation adds
-                         "goal": GOALS["decode"] if compiled or compile_shape is None else None,
+                         "shape": f"{arch_label(cfg)}, {batch}x{prompt_len}+{decode_tokens}", "goal": goal,
                          "check": "tokens equal" if mismatch is None else f"tokens differ at row {mismatch[0]}, "
                                                                           f"position {mismatch[1]}",
                          "ok": mismatch is None})

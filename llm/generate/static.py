@@ -27,6 +27,9 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this: fewer distinct graphs to compile
+# Inductor's C++ wrapper launches the step's kernels without Python in between (a decoding step
+# is dozens of small kernels: on a CPU the Python wrapper's per-kernel cost is a good part of it).
+STEP_OPTIONS = {"cpp_wrapper": True}
 
 
 class StaticLayerCache:
@@ -138,5 +141,5 @@ def compiled_step() -> Callable[[nn.Module, Tensor, Tensor, StaticKVCache, Optio
     on a CPU; the same shapes later reuse it, weights may change in between)."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_step, dynamic=False, options={"cpp_wrapper": True})
+        _compiled = torch.compile(_step, dynamic=False, options=dict(STEP_OPTIONS))
     return _compiled
