@@ -150,6 +150,18 @@ def test_compiled_decoding_equals_eager_for_every_position_scheme(kind, n_kv_hea
                                                                                     pad_id=VOCAB - 1)
 
 
+@pytest.mark.slow  # MoE routing has data-dependent shapes: ~45 s of compilation for a 2-layer toy
+def test_compiled_decoding_of_moe_and_quantized_models_equals_eager():
+    from llm.generate.quantize import quantize
+    from llm.model import MoEConfig
+
+    prompts = random_prompts([4, 2], seed=6)
+    moe = build(make_cfg(moe=MoEConfig(n_experts=4, top_k=2)))
+    assert generate(moe, prompts, 10, compile=True) == generate(moe, prompts, 10)
+    int8 = quantize(build(make_cfg(d_model=64)), "int8")
+    assert generate(int8, prompts, 10, compile=True) == generate(int8, prompts, 10)
+
+
 def test_bucketed_cache_lengths():
     assert [bucketed(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
 
