@@ -162,8 +162,12 @@ def test_compiled_decoding_of_moe_and_quantized_models_equals_eager():
     assert generate(int8, prompts, 10, compile=True) == generate(int8, prompts, 10)
 
 
-def test_bucketed_cache_lengths():
+def test_bucketed_cache_lengths_and_a_full_static_cache_raises():
     assert [bucketed(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
+    model = build(make_cfg())
+    cache = StaticKVCache.for_model(model, batch=1, max_len=4)
+    with torch.no_grad(), pytest.raises(IndexError, match="out of bounds"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
 def test_cache_full_raises():

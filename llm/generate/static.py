@@ -52,8 +52,8 @@ class StaticKVCache:
     """The `KVCache` interface (what `Transformer.forward` uses) over fixed-shape tensors.
 
     `positions` and `valid` cover every slot; `valid` is False until a real token fills a slot,
-    which keeps queries off the empty slots. Slots are not bounds-checked in the graph: the caller
-    (`generate`) sizes the cache for the prompt plus every new token."""
+    which keeps queries off the empty slots. `generate` sizes the cache for the prompt plus every
+    new token; a write past the last slot raises (index out of bounds, eager and compiled)."""
 
     padded = True  # the model always builds the mask from `valid` (empty slots must be hidden)
 
