@@ -36,7 +36,7 @@ from llm.stages.objectives import IGNORE_INDEX, Ratio
 from llm.stages.posttrain import PostTrainModule, reduce_over_processes
 from llm.tokenizer import Tokenizer, build_tokenizer
 from llm.tracking.metrics import JsonlLogger, read_metrics
-from tests.conftest import REPO, compose_train, run_cli
+from tests.conftest import REPO, compose_train, llm_cli, run_cli
 
 # The parent: 2 layers, 32 wide, untied head (so LoRA can target lm_head), byte vocabulary.
 PARENT_SHAPE = dict(n_layers=2, d_model=32, n_heads=4, max_seq_len=64, tie_embeddings=False)
@@ -388,6 +388,13 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
+def train_here(args: list[str], cwd: Path, monkeypatch, capsys) -> SimpleNamespace:
+    """`llm-train args` in this process, as from a shell in `cwd` (tests.conftest.llm_cli: one
+    interpreter fewer to start than run_cli, seconds of CI a run), as completed_run reads it."""
+    code, stderr = llm_cli("train", args, cwd, monkeypatch, capsys)
+    return SimpleNamespace(returncode=code, stdout="", stderr=stderr)
+
+
 def completed_run(result: Any, root: Path) -> tuple[Path, dict]:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     run = only_run(root)
@@ -426,13 +433,13 @@ def addition_rows(start: int, n: int) -> list[dict]:
     return [{"prompt": f"{a}+{a % 7}=", "completion": f"{a + a % 7}"} for a in range(start, start + n)]
 
 
-def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
+def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, monkeypatch, capsys, single_thread):
     sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
     sft_dir.mkdir(), dpo_dir.mkdir()
     train = write_jsonl(tmp_path / "sft.jsonl", addition_rows(10, 24))
     val = write_jsonl(tmp_path / "sft_val.jsonl", addition_rows(50, 4))
-    result = run_cli(["posttrain=sft", f"init_from={parent}", *CLI_TINY, f"posttrain.data.source={train}",
-                      f"posttrain.data.val_source={val}"], cwd=sft_dir)
+    result = train_here(["posttrain=sft", f"init_from={parent}", *CLI_TINY, f"posttrain.data.source={train}",
+                         f"posttrain.data.val_source={val}"], sft_dir, monkeypatch, capsys)
     sft_run, summary = completed_run(result, sft_dir)
     assert f"sft data from {train}: train kept 24 of 24 rows; val kept 4 of 4 rows" in summary["posttrain_data"]
     assert "val/loss" in summary["last_metrics"]
@@ -445,8 +452,8 @@ def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": str(int(r["completion"]) + 1)}
              for r in addition_rows(10, 24)]
     train, val = write_jsonl(tmp_path / "dpo.jsonl", pairs[:20]), write_jsonl(tmp_path / "dpo_val.jsonl", pairs[20:])
-    result = run_cli(["posttrain=dpo", f"init_from={sft_run}", *CLI_TINY, f"posttrain.data.source={train}",
-                      f"posttrain.data.val_source={val}"], cwd=dpo_dir)
+    result = train_here(["posttrain=dpo", f"init_from={sft_run}", *CLI_TINY, f"posttrain.data.source={train}",
+                         f"posttrain.data.val_source={val}"], dpo_dir, monkeypatch, capsys)
     _, summary = completed_run(result, dpo_dir)
     assert summary["parent_stage"] == "sft" and summary["parent_run_id"] == sft_run.name
     assert {g: summary["choices"][g] for g in parent_labels} == parent_labels  # inherited through the sft run
@@ -454,15 +461,15 @@ def test_sft_then_dpo_from_trl_jsonl_files(parent, tmp_path, single_thread):
     assert {"rewards/accuracies", "val/rewards/margins"} <= set(summary["last_metrics"])
 
 
-def test_ppo_scores_with_a_reward_run_made_by_llm_train(parent, tmp_path, single_thread):
+def test_ppo_scores_with_a_reward_run_made_by_llm_train(parent, tmp_path, monkeypatch, capsys, single_thread):
     reward_dir, ppo_dir = tmp_path / "reward", tmp_path / "ppo"
     reward_dir.mkdir(), ppo_dir.mkdir()
-    result = run_cli(["posttrain=reward", f"init_from={parent}", *CLI_TINY, "posttrain.lora.enabled=true"],
-                     cwd=reward_dir)
+    result = train_here(["posttrain=reward", f"init_from={parent}", *CLI_TINY, "posttrain.lora.enabled=true"],
+                        reward_dir, monkeypatch, capsys)
     reward_run, summary = completed_run(result, reward_dir)
     assert summary["merged_checkpoint"] == str(reward_run / "checkpoints" / "merged.ckpt")  # LoRA: merged on export
-    result = run_cli(["posttrain=ppo", f"init_from={parent}", *CLI_TINY, *CLI_METHOD_ARGS["ppo"],
-                      f"posttrain.reward_model={reward_run}"], cwd=ppo_dir)
+    result = train_here(["posttrain=ppo", f"init_from={parent}", *CLI_TINY, *CLI_METHOD_ARGS["ppo"],
+                         f"posttrain.reward_model={reward_run}"], ppo_dir, monkeypatch, capsys)
     ppo_run, summary = completed_run(result, ppo_dir)
     assert {"objective/scores", "objective/kl", "loss/value_avg"} <= set(summary["last_metrics"])
     assert json.loads((ppo_run / "run.json").read_text())["config"]["posttrain"]["reward_model"] == str(reward_run)
