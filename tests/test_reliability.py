@@ -6,6 +6,7 @@ checkpoints are set aside; the last K and the best are kept."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -83,12 +84,41 @@ def kill_at(args: list[str], run_dir: Path, cwd: Path, step: int) -> None:
     proc.wait()
 
 
-def resume(run_dir: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = run_cli([f"resume={run_dir}", *extra], cwd=cwd, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-    return result
+@pytest.fixture
+def train_here(monkeypatch, capsys, single_thread):
+    """train_here(args, cwd, env) runs `llm-train args` in this process, as from a shell in `cwd`
+    with `env` added (as tests.conftest.llm_cli, keeping stdout; one interpreter fewer to start
+    than a subprocess, seconds of CI a run): (exit code, stdout, stderr)."""
+
+    def train_here(args: list[str], cwd: Path, env: dict | None = None) -> tuple[int, str, str]:
+        for name, value in {**ENV, **(env or {})}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["llm-train", *args])
+        capsys.readouterr()
+        code = 0
+        try:
+            importlib.import_module("llm.cli.train").main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return train_here
+
+
+@pytest.fixture
+def resume(train_here):
+    """resume(run_dir, cwd, *extra) resumes a run to completion in this process: its stdout."""
+
+    def resume(run_dir: Path, cwd: Path, *extra: str) -> str:
+        code, stdout, stderr = train_here([f"resume={run_dir}", *extra], cwd)
+        assert code == 0, stderr[-3000:]
+        assert "resuming from" in stdout
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        return stdout
+
+    return resume
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,8 +157,10 @@ def kill_step(seed: int) -> int:
     return random.Random(seed).randint(12, 37)  # after the first checkpoint, before the end
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
-def test_killed_run_resumes_to_the_uninterrupted_curve(seed, references):
+# CI: test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint (kill -9 at step 20, then resume to the same curve).
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_killed_run_resumes_to_the_uninterrupted_curve(seed, references, resume):
     run = references / f"killed-{seed}"
     kill_at(RUN, run, references, kill_step(seed))
     assert 10 <= checkpoint_step(newest_loadable_checkpoint(run, set_aside=False)[0]) < 40
@@ -138,7 +170,7 @@ def test_killed_run_resumes_to_the_uninterrupted_curve(seed, references):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference):
+def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference, resume):
     run = ddp_reference / f"ddp-killed-{seed}"
     kill_at([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference, kill_step(seed))
     resume(run, ddp_reference)
@@ -148,7 +180,7 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference):
 # In CI, sharded checkpoints resume in test_parallel (world size 2 -> 1) and a kill is resumed above.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_killed_fsdp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference):
+def test_killed_fsdp_run_resumes_to_the_uninterrupted_curve(seed, ddp_reference, resume):
     run = ddp_reference / f"fsdp-killed-{seed}"
     args = [*PARALLEL, "parallelism=fsdp", "trainer.devices=2"]
     kill_at(args, run, ddp_reference, kill_step(seed))
@@ -189,7 +221,7 @@ def plain_module(run: Path) -> None:
     (run / "run.json").write_text(json.dumps(saved))
 
 
-def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references):
+def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references, resume):
     run = references / "killed-writing"
     checkpoints = run / "checkpoints"
     proc = start([*RUN, "posttrain._target_=tests.test_reliability.CheckpointBallast"], run, references)
@@ -202,8 +234,7 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_checkpoint(references
 
     # The resumed run (the plain module: the ballast class is not on the resume allowlist) uses it.
     plain_module(run)
-    result = resume(run, references)
-    assert f"resuming from {previous}" in result.stdout
+    assert f"resuming from {previous}" in resume(run, references)
     assert not list(checkpoints.glob(".*.tmp*"))  # the torn temporary file was cleared away
     assert_same_curves(run, references / "single")
 
@@ -226,7 +257,7 @@ def limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, resource.RLIM_INFINITY))
 
 
-def test_no_space_then_ctrl_c_each_stop_cleanly_and_the_run_resumes_to_the_same_curve(references):
+def test_no_space_then_ctrl_c_each_stop_cleanly_and_the_run_resumes_to_the_same_curve(references, resume):
     """One run, three processes (CI time): a checkpoint past `ulimit -f`, then Ctrl-C, then the end."""
     run = references / "no-space-then-ctrl-c"
     last = run / "checkpoints" / LAST
@@ -310,7 +341,8 @@ def test_a_sharded_checkpoint_out_of_room_leaves_the_previous_one(tmp_path):
 
 # ---- preemption ----
 
-def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_resumes(references, tmp_path):
+def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_resumes(references, tmp_path,
+                                                                                        train_here):
     run = references / "preempted"
     fake_bin = tmp_path / "bin"  # stands in for SLURM's scontrol: records what it was asked
     fake_bin.mkdir()
@@ -330,14 +362,14 @@ def test_sigterm_checkpoints_exits_75_requeues_under_slurm_and_the_requeued_job_
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
     # SLURM restarts the job: the same command line, in the same run directory, with a restart count.
-    result = run_cli([*RUN, f"hydra.run.dir={run}"], cwd=references, env={**ENV, **slurm, "SLURM_RESTART_COUNT": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {run / 'checkpoints' / LAST}" in result.stdout
+    code, stdout, stderr = train_here([*RUN, f"hydra.run.dir={run}"], references, {**slurm, "SLURM_RESTART_COUNT": "1"})
+    assert code == 0, stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / LAST}" in stdout
     assert_same_curves(run, references / "single")
 
 
 @pytest.mark.slow  # CI: test_sigusr1_to_the_launcher_reaches_both_ranks_and_they_stop_at_one_step (no resume)
-def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(ddp_reference):
+def test_sigusr1_to_a_ddp_launcher_stops_every_rank_at_one_step(ddp_reference, resume):
     run = ddp_reference / "ddp-preempted"
     proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference)
     wait_for(proc, reached(run, 14), "step 14")
@@ -487,7 +519,7 @@ def test_a_rank_killed_stops_the_launcher_and_the_other_rank_promptly(launcher_h
 # ---- Ctrl-C ----
 
 @pytest.mark.slow
-def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(ddp_reference):
+def test_ctrl_c_to_a_ddp_run_stops_every_rank_at_one_step(ddp_reference, resume):
     run = ddp_reference / "ddp-interrupted"
     proc = start([*PARALLEL, "parallelism=ddp", "trainer.devices=2"], run, ddp_reference)
     wait_for(proc, reached(run, 14), "step 14")
