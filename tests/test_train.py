@@ -33,7 +33,24 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
-def test_llm_train_learns_and_leaves_a_complete_run_directory(tmp_path):
+def train_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`llm-train args` in this process, as from a shell in `cwd` (as tests.conftest.llm_cli, keeping
+    stdout; one interpreter fewer to start than run_cli, seconds of CI): (exit code, stdout, stderr)."""
+    import importlib
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["llm-train", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        importlib.import_module("llm.cli.train").main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_llm_train_learns_and_leaves_a_complete_run_directory(tmp_path, monkeypatch, capsys, single_thread):
     result = run_cli([*TINY_RUN, "budget.steps=60", "trainer.val_every=20", "trainer.log_every=10"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
@@ -59,10 +76,10 @@ def test_llm_train_learns_and_leaves_a_complete_run_directory(tmp_path):
     assert (run / "config.yaml").exists() and (run / "tokenizer.json").exists()
     # The tokenizer and token caches are reused by the next run (keyed by content hash).
     cached = sorted((tmp_path / ".cache").rglob("*"))
-    again = run_cli([*TINY_RUN, "budget.steps=2", "trainer.val_every=2"], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, stdout, stderr = train_here([*TINY_RUN, "budget.steps=2", "trainer.val_every=2"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
     assert sorted((tmp_path / ".cache").rglob("*")) == cached
-    assert "trained bpe tokenizer" not in again.stdout
+    assert "trained bpe tokenizer" not in stdout and "done: " in stdout  # (its log is captured)
 
 
 def _train_until_killed(args: list[str], run_dir: Path, kill_after_step: int) -> None:
@@ -171,7 +188,10 @@ def test_failed_run_is_recorded_as_failed(tmp_path, monkeypatch):
 
 
 def test_multirun_gives_each_job_its_own_run(tmp_path):
-    result = run_cli(["-m", *TINY_RUN, "attention=mha,mqa", "budget.steps=3", "trainer.val_every=3"], cwd=tmp_path)
+    # Through the local (joblib) launcher, jobs in parallel processes: Hydra's basic one, jobs in
+    # turn in one process, runs the sweeps below.
+    result = run_cli(["-m", "hydra/launcher=local", *TINY_RUN, "attention=mha,mqa", "budget.steps=3",
+                      "trainer.val_every=3"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "multirun").glob("*/*/summary.json"))]
     assert [s["choices"]["attention"] for s in summaries] == ["mha", "mqa"]
@@ -210,12 +230,13 @@ def test_isoflop_sweep_runs_through_hydra_multirun_and_fits(tmp_path):
     assert (tmp_path / "fit" / "fit.json").exists() and (tmp_path / "fit" / "loss_vs_compute.png").stat().st_size > 1000
 
 
-def test_wsd_branches_give_several_points_from_one_run(tmp_path):
+def test_wsd_branches_give_several_points_from_one_run(tmp_path, monkeypatch, capsys, single_thread):
     from llm.scaling.points import load_points
 
-    result = run_cli([*TINY_RUN, "schedule=wsd", "schedule.branches=[0.5]", "schedule.warmup=2", "budget.steps=20",
-                      "trainer.val_every=10", "trainer.log_every=2", "hydra.run.dir=runs/wsd"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, _, stderr = train_here([*TINY_RUN, "schedule=wsd", "schedule.branches=[0.5]", "schedule.warmup=2",
+                                  "budget.steps=20", "trainer.val_every=10", "trainer.log_every=2", "hydra.run.dir=runs/wsd"],
+                                 tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
     run = tmp_path / "runs" / "wsd"
     branch = run / "branches" / "00000010"
     summary = json.loads((branch / "summary.json").read_text())
