@@ -100,6 +100,42 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def fsdp_run(tmp_path_factory) -> Path:
+    """One real sharded run for the tests that need one (test_parallel, test_checkpoint; 2 gloo
+    processes cost ~20 s of CI a run): tests.test_parallel's CURVE under FSDP2 on 2 processes for
+    10 steps, a sharded last.ckpt at step 10, in <root>/runs/fsdp. Read it; copy it to change it."""
+    from tests.test_parallel import CURVE
+
+    root = tmp_path_factory.mktemp("fsdp")
+    run = root / "runs" / "fsdp"
+    result = run_cli([*CURVE, "parallelism=fsdp", "trainer.devices=2", "budget.steps=10", f"hydra.run.dir={run}"],
+                     cwd=root, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> tuple[Path, str]:
+    """One real DDP run for the tests that need one (test_parallel: its loss curve;
+    test_wandb_conventions: its one W&B run and console lines): tests.test_parallel's CURVE under
+    DDP on 2 gloo processes for 20 steps, logged to W&B offline, progress bar on, in <root>/ddp
+    (W&B's files under root): (the run, its stdout)."""
+    from tests.test_parallel import CURVE
+    from tests.test_wandb_conventions import clean_env
+
+    root = tmp_path_factory.mktemp("ddp")
+    run = root / "ddp"
+    args = [a for a in CURVE if not a.startswith(("logger=", "trainer.progress_bar"))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("WANDB_API_KEY", raising=False)  # (before any test's _isolated_wandb)
+        result = run_cli([*args, "logger=wandb", "logger.mode=offline", "trainer.progress_bar=true", "parallelism=ddp",
+                          "trainer.devices=2", "budget.steps=20", f"hydra.run.dir={run}"], cwd=root,
+                         env={**clean_env(root), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result.stdout
+
+
 def place_files(directory: Path, files: dict) -> None:
     """Write `files` into `directory` over what is there: {"summary_json": text or bytes} writes
     summary.json; None makes a directory of that name (a file where a directory does not belong)."""

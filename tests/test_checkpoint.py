@@ -34,7 +34,6 @@ from llm.model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from llm.model.value import ValueModel
 from llm.run.layout import LAST, RunDir
 from llm.tokenizer import Tokenizer, build_tokenizer
-from tests.conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster on a shared CPU
 
@@ -213,16 +212,8 @@ def test_references_that_name_no_checkpoint_are_refused_with_the_key_the_path_an
 
 # ---- a real sharded checkpoint: FSDP on 2 gloo processes ----
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory) -> Path:
-    """Two optimizer steps of llm-train under FSDP2 with 2 processes: a sharded last.ckpt."""
-    root = tmp_path_factory.mktemp("fsdp")
-    run = root / "runs" / "fsdp"
-    result = run_cli([*TINY_RUN, "parallelism=fsdp", "trainer.devices=2", "data.global_batch_size=16",
-                      "budget.steps=2", "trainer.checkpoint_every=2", "trainer.val_every=2", "data.val_batches=2",
-                      f"hydra.run.dir={run}"], cwd=root, env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
+# fsdp_run (tests/conftest.py): ten optimizer steps of llm-train under FSDP2 on 2 processes, a
+# sharded last.ckpt at step 10 (the run test_parallel resumes on one process).
 
 
 def test_a_real_fsdp_checkpoint_resolves_loads_and_consolidates_to_the_same_state(fsdp_run, tmp_path):
@@ -230,13 +221,13 @@ def test_a_real_fsdp_checkpoint_resolves_loads_and_consolidates_to_the_same_stat
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2  # one file of shards per rank
     expected = CheckpointRef(shards.resolve(), fsdp_run.resolve(), "sharded")
     assert resolve(fsdp_run, runs) == resolve("fsdp", runs) == resolve(shards, runs) == expected
-    assert expected.step == 2
+    assert expected.step == 10
 
     out = tmp_path / "full.ckpt"
     llm_consolidate([str(shards), "-o", str(out)])
     full = torch.load(out, map_location="cpu", weights_only=True)
     meta = load_meta(shards)
-    assert full["global_step"] == meta["global_step"] == 2 and full["llm"] == meta["llm"]
+    assert full["global_step"] == meta["global_step"] == 10 and full["llm"] == meta["llm"]
     assert full["loops"] == meta["loops"]  # the loop state: the file resumes like the directory
     assert checkpoint_problem(out) is None
 
@@ -252,7 +243,7 @@ def test_a_real_fsdp_checkpoint_resolves_loads_and_consolidates_to_the_same_stat
     moments = {k: v["exp_avg"] for k, v in optimizer["state"].items()}
     assert {k.removeprefix("model.") for k in moments} == set(from_shards) - {"lm_head.weight"}  # tied to embed
     assert all(v.shape == from_shards[k.removeprefix("model.")].shape for k, v in moments.items())
-    assert any(v.abs().sum() > 0 for v in moments.values())  # two real steps, not zeros
+    assert any(v.abs().sum() > 0 for v in moments.values())  # ten real steps, not zeros
 
     tokens = torch.randint(0, network.cfg.vocab_size, (2, 16))
     with torch.no_grad():

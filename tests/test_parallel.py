@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from llm.parallel.tensor_parallel import apply_tensor_parallel
 from llm.stages.pretrain import next_token_loss
 from llm.checkpoint import load_network
 from llm.tracking.metrics import read_metrics
-from tests.conftest import TINY_RUN, run_cli
+from tests.conftest import TINY_RUN, llm_cli, run_cli
 from tests.distributed import run_ranks
 
 WORLD = 2
@@ -69,11 +70,9 @@ def _tp_equals_unsharded(rank, cases):
             torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{case}: {name}")
 
 
-def test_tensor_parallel_forward_and_backward_equal_the_unsharded_model():
+def test_tensor_parallel_forward_and_backward_equal_the_unsharded_model(rank_checks):
     # MQA (1 K/V head) cannot be split over 2 ranks; validation refuses it (tests/test_config.py).
-    cases = [(None, "rope", True, "swiglu"), (2, "rope", False, "swiglu"), (None, "alibi", True, "gelu"),
-             (2, "alibi", False, "swiglu"), (2, "learned", True, "relu")]
-    _run_ranks(_tp_equals_unsharded, cases)
+    rank_checks("tensor_parallel")
 
 
 def _tp_value_model_equals_unsharded(rank, cases):
@@ -101,9 +100,9 @@ def _tp_value_model_equals_unsharded(rank, cases):
             torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{case}: {name}")
 
 
-def test_tensor_parallel_value_model_equals_the_unsharded_model():
+def test_tensor_parallel_value_model_equals_the_unsharded_model(rank_checks):
     # The reward model and PPO's critic under parallelism=fsdp_tp (posttrain=reward|ppo).
-    _run_ranks(_tp_value_model_equals_unsharded, [("rope", True), ("alibi", False)])
+    rank_checks("tensor_parallel_value_model")
 
 
 def _fsdp_shards(rank):
@@ -134,8 +133,8 @@ def _fsdp_shards(rank):
     assert plan.optimizer == moments
 
 
-def test_fsdp_gives_each_rank_about_half_of_every_parameter():
-    _run_ranks(_fsdp_shards)
+def test_fsdp_gives_each_rank_about_half_of_every_parameter(rank_checks):
+    rank_checks("fsdp_shards")
 
 
 def _hsdp_trains(rank, replicate):
@@ -163,11 +162,51 @@ def _hsdp_trains(rank, replicate):
 
 
 @pytest.mark.parametrize("replicate", [1, 2], ids=["1x2 mesh", "2x1 mesh"])
-def test_hsdp_meshes_train(replicate):
-    _run_ranks(_hsdp_trains, replicate)
+def test_hsdp_meshes_train(replicate, rank_checks):
+    rank_checks(f"hsdp_replicate_{replicate}")
+
+
+# The checks above, in one pair of gloo processes: each pair of processes costs ~10 s of CI to
+# start (two interpreters importing torch), the checks themselves well under a second each.
+RANK_CHECKS = {
+    "tensor_parallel": (_tp_equals_unsharded, [(None, "rope", True, "swiglu"), (2, "rope", False, "swiglu"),
+                                               (None, "alibi", True, "gelu"), (2, "alibi", False, "swiglu"),
+                                               (2, "learned", True, "relu")]),
+    "tensor_parallel_value_model": (_tp_value_model_equals_unsharded, [("rope", True), ("alibi", False)]),
+    "fsdp_shards": (_fsdp_shards,),
+    "hsdp_replicate_1": (_hsdp_trains, 1),
+    "hsdp_replicate_2": (_hsdp_trains, 2),
+}
+
+
+def _every_check(rank, passed):
+    for name, (fn, *args) in RANK_CHECKS.items():
+        fn(rank, *args)
+        Path(passed, f"{name}.rank{rank}").touch()  # this rank's asserts of this check held
+
+
+@pytest.fixture(scope="module")
+def rank_checks(tmp_path_factory):
+    """Runs RANK_CHECKS in order on WORLD gloo processes, once; rank_checks(name) fails unless that
+    check passed on every rank (a failing check stops the ranks: its traceback names it)."""
+    passed = tmp_path_factory.mktemp("rank_checks")
+    failure = ""
+    try:
+        _run_ranks(_every_check, str(passed))
+    except (Exception, pytest.fail.Exception) as e:  # the first rank's traceback, or the ranks died
+        failure = str(e)
+
+    def check(name: str) -> None:
+        assert name in RANK_CHECKS
+        missing = [r for r in range(WORLD) if not (passed / f"{name}.rank{r}").exists()]
+        assert not missing, f"{name} failed (or an earlier check of {list(RANK_CHECKS)} did) on ranks {missing}:\n{failure}"
+
+    return check
 
 
 # Whole runs: the same global batch (16 = 8 per rank x 2 ranks = 8 x 2 accumulation steps) and seed.
+# A constant learning rate (its 5% warmup is int(0.5) = 0 steps of a 10-step run, int(1) = 1 of a
+# 20-step one, which starts at the full rate): the first 10 steps of a 20-step run are a 10-step run.
 CURVE = [*TINY_RUN, "data.global_batch_size=16", "schedule=constant", "trainer.val_every=5", "trainer.log_every=5",
          "trainer.checkpoint_every=10"]
 
@@ -178,26 +217,23 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory):
+    """The single-process run of CURVE for 20 steps, in single20: its step-10 checkpoint is kept
+    (keep_last=2), the weights of a 10-step run."""
     root = tmp_path_factory.mktemp("single")
-    for steps in (10, 20):
-        result = run_cli([*CURVE, f"budget.steps={steps}", f"hydra.run.dir={root}/single{steps}"], cwd=root)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli([*CURVE, "budget.steps=20", f"hydra.run.dir={root}/single20"], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
     return root
 
 
-@pytest.mark.parametrize("option,extra", [("ddp", []),
-                                          # CI: test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates
-                                          # (FSDP on two ranks for 10 steps, then one process: the same curve)
-                                          pytest.param("fsdp", [], marks=pytest.mark.slow),
-                                          pytest.param("hsdp", [], marks=pytest.mark.slow),  # CI: test_hsdp_meshes_train
-                                          pytest.param("fsdp", ["parallelism.activation_checkpointing=full"],
-                                                       marks=pytest.mark.slow)],
-                         ids=["ddp", "fsdp", "hsdp", "fsdp+activation-checkpointing"])
-def test_two_process_run_reproduces_the_single_process_curve(option, extra, single_runs, tmp_path):
-    run = tmp_path / option
-    result = run_cli([*CURVE, f"parallelism={option}", "trainer.devices=2", "budget.steps=20", *extra,
-                      f"hydra.run.dir={run}"], cwd=single_runs)
-    assert result.returncode == 0, result.stderr[-3000:]
+def train_here(args: list[str], cwd: Path, monkeypatch, capsys) -> None:
+    """llm-train in this process (tests.conftest.llm_cli): the launcher of the ranks, if any, is
+    this process, one interpreter fewer to start than a subprocess."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the ranks'
+    code, stderr = llm_cli("train", args, cwd, monkeypatch, capsys)
+    assert code == 0, stderr[-3000:]
+
+
+def assert_reproduces_the_single_process_curve(run: Path, single_runs: Path, *dirs: str) -> None:
     reference, curve = val_curve(single_runs / "single20"), val_curve(run)
     assert [s for s, _ in curve] == [5, 10, 15, 20]
     # Gradients are averaged over ranks (not summed): the curves agree to float round-off.
@@ -205,32 +241,52 @@ def test_two_process_run_reproduces_the_single_process_curve(option, extra, sing
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert not list(run.glob(".hydra*")) or (run / ".hydra").is_dir()  # only the job's own .hydra folder
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) in (["checkpoints"], [".hydra", "checkpoints"])
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) in (sorted(["checkpoints", *dirs]),
+                                                                    sorted([".hydra", "checkpoints", *dirs]))
 
 
-def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(single_runs, tmp_path):
+def test_ddp_run_reproduces_the_single_process_curve(ddp_run, single_runs):
+    run, _ = ddp_run  # (tests.conftest.ddp_run: logged to W&B offline, which test_wandb_conventions reads)
+    assert_reproduces_the_single_process_curve(run, single_runs, "wandb")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,extra", [
+    # CI: test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates
+    # (FSDP on two ranks for 10 steps, then one process: the same curve)
+    ("fsdp", []),
+    ("hsdp", []),  # CI: test_hsdp_meshes_train
+    ("fsdp", ["parallelism.activation_checkpointing=full"])], ids=["fsdp", "hsdp", "fsdp+activation-checkpointing"])
+def test_two_process_run_reproduces_the_single_process_curve(option, extra, single_runs, tmp_path, monkeypatch, capsys):
+    run = tmp_path / option
+    train_here([*CURVE, f"parallelism={option}", "trainer.devices=2", "budget.steps=20", *extra, f"hydra.run.dir={run}"],
+               single_runs, monkeypatch, capsys)
+    assert_reproduces_the_single_process_curve(run, single_runs)
+
+
+def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(fsdp_run, single_runs, tmp_path, monkeypatch,
+                                                                       capsys, single_thread):
+    from llm.cli.checkpoint import main as llm_consolidate
+
     run = tmp_path / "fsdp"
-    first = run_cli([*CURVE, "parallelism=fsdp", "trainer.devices=2", "budget.steps=10", f"hydra.run.dir={run}"],
-                    cwd=single_runs)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(fsdp_run, run, symlinks=True)  # CURVE under FSDP on two ranks for 10 steps (tests.conftest.fsdp_run), kept as it is
     shards = run / "checkpoints" / "last.ckpt"
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2
     # Two FSDP ranks follow the single-process curve (gradients averaged, reduced in another order).
     assert [s for s, _ in val_curve(run)] == [5, 10]
-    assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single10")], abs=2e-4)
+    assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")[:2]],
+                                                            abs=2e-4)
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
 
-    # Consolidated into one file, it loads into a plain model equal to the single-process one.
-    done = run_cli([str(shards), "-o", str(tmp_path / "full.ckpt")], cwd=tmp_path, command="checkpoint")
-    assert done.returncode == 0, done.stderr
+    # Consolidated into one file, it loads into a plain model equal to the single-process one at step 10.
+    llm_consolidate([str(shards), "-o", str(tmp_path / "full.ckpt")])
     sharded_model = load_network(tmp_path / "full.ckpt")
-    single_model = load_network(single_runs / "single10" / "checkpoints" / "last.ckpt")
+    single_model = load_network(single_runs / "single20" / "checkpoints" / "step-00000010.ckpt")
     tokens = torch.randint(0, 512, (2, 32))
     torch.testing.assert_close(sharded_model(tokens), single_model(tokens), atol=2e-4, rtol=1e-4)
 
     # Resumed on one process (resharded on load), it continues the single-process curve.
-    resumed = run_cli([f"resume={run}", "trainer.devices=1", "budget.steps=20"], cwd=single_runs)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train_here([f"resume={run}", "trainer.devices=1", "budget.steps=20"], single_runs, monkeypatch, capsys)
     assert [v for _, v in val_curve(run)] == pytest.approx([v for _, v in val_curve(single_runs / "single20")], abs=2e-4)
 
 
@@ -247,13 +303,27 @@ def test_dry_run_plan_equals_counted_bytes_of_a_single_process_model():
     assert plan.activations > 0
 
 
-def test_dry_run_prints_the_layout_and_reads_no_data(tmp_path):
-    result = run_cli(["model=1b", "parallelism=fsdp_tp", "trainer.devices=8", "dry_run=true"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "shard (data parallel) 4 x tensor parallel 2" in result.stdout
-    assert "optimizer state" in result.stdout and not (tmp_path / ".cache").exists()
-    bad = run_cli(["model=1b", "parallelism=fsdp_tp", "trainer.devices=3", "dry_run=true"], cwd=tmp_path)
-    assert bad.returncode == 2 and "must divide the 3 ranks" in bad.stderr
+def test_dry_run_prints_the_layout_and_reads_no_data(tmp_path, monkeypatch, capsys):
+    # llm-train in this process (tests.conftest.llm_cli, keeping stdout): a subprocess shows nothing more.
+    import importlib
+
+    def llm_train(args: list[str]) -> tuple[int, str, str]:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["llm-train", *args])
+        try:
+            importlib.import_module("llm.cli.train").main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = llm_train(["model=1b", "parallelism=fsdp_tp", "trainer.devices=8", "dry_run=true"])
+    assert code == 0, err[-2000:]
+    assert "shard (data parallel) 4 x tensor parallel 2" in out
+    assert "optimizer state" in out and not (tmp_path / ".cache").exists()
+    code, _, err = llm_train(["model=1b", "parallelism=fsdp_tp", "trainer.devices=3", "dry_run=true"])
+    assert code == 2 and "must divide the 3 ranks" in err
 
 
 def test_launcher_configs_compose(tmp_path):
@@ -266,13 +336,8 @@ def test_launcher_configs_compose(tmp_path):
     assert "JoblibLauncher" in local.hydra.launcher._target_ and local.hydra.launcher.n_jobs == 2
 
 
-def test_local_parallel_launcher_runs_jobs_in_their_own_directories(tmp_path):
-    result = run_cli(["-m", "hydra/launcher=local", *TINY_RUN, "budget.steps=3", "trainer.val_every=3",
-                      "attention=mha,mqa"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summaries = sorted((tmp_path / "runs" / "multirun").glob("*/*/summary.json"))
-    assert len(summaries) == 2
-    assert {json.loads(p.read_text())["choices"]["attention"] for p in summaries} == {"mha", "mqa"}
+# The local (joblib) launcher runs a sweep's jobs, each in its own directory, in CI in
+# tests/test_train.py::test_multirun_gives_each_job_its_own_run.
 
 
 def test_torchrun_ranks_share_one_run_directory(tmp_path):

@@ -217,24 +217,21 @@ def test_resume_continues_the_same_wandb_run(sweep, tmp_path):
     assert max(h["trainer/global_step"] for h in second.history) == 5  # it went on to step 6
 
 
-def test_ddp_run_creates_exactly_one_wandb_run_and_each_progress_line_appears_once(tmp_path):
+def test_ddp_run_creates_exactly_one_wandb_run_and_each_progress_line_appears_once(ddp_run):
     """DDP on 2 gloo processes: one W&B run (the launcher and rank 1 start none); rank 0 appends
     to train.log what the console shows and rank 1 logs no information, so each progress line
-    appears once (one two-rank run for both: tests/test_progress.py's twin is `slow`)."""
-    run = tmp_path / "ddp"
-    args = [a for a in WANDB_RUN if not a.startswith("trainer.progress_bar")]
-    result = run_cli([*args, "parallelism=ddp", "trainer.devices=2", "data.global_batch_size=16", "budget.steps=4",
-                      "trainer.val_every=2", "trainer.log_every=2", "trainer.progress_bar=true", f"hydra.run.dir={run}"],
-                     cwd=tmp_path, env=clean_env(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    (only,) = offline_runs(tmp_path)  # the launcher and rank 1 start none
+    appears once (one two-rank run for both: tests/test_progress.py's twin is `slow`; the run is
+    tests.conftest.ddp_run, whose loss curve test_parallel checks)."""
+    run, stdout = ddp_run
+    (only,) = offline_runs(run.parent)  # the launcher and rank 1 start none
     w, summary = OfflineRun(only), json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and w.run.run_id == summary["run_id"]
     assert w.exit_code == 0 and any("val/loss" in h for h in w.history)
-    assert result.stdout.count("wandb sync") == 1
+    assert stdout.count("wandb sync") == 1
     logged = (run / "train.log").read_text()
-    for pattern in (r"step 2/4 \| loss", r"step 2/4 \| val/loss", r"step 4/4 \| loss", r"step 4/4 \| val/loss", r"done: "):
-        assert len(re.findall(f"^{pattern}", result.stdout, re.M)) == 1, (pattern, result.stdout)
+    for pattern in (r"step 5/20 \| loss", r"step 5/20 \| val/loss", r"step 20/20 \| loss", r"step 20/20 \| val/loss",
+                    r"done: "):
+        assert len(re.findall(f"^{pattern}", stdout, re.M)) == 1, (pattern, stdout)
         assert len(re.findall(pattern, logged)) == 1, (pattern, logged)
     assert "step" not in "".join(p.read_text() for p in run.glob("rank*.log"))  # other ranks: warnings at most
 
