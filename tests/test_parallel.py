@@ -269,7 +269,7 @@ def test_sharded_checkpoint_resumes_at_world_size_one_and_consolidates(fsdp_run,
     from llm.cli.checkpoint import main as llm_consolidate
 
     run = tmp_path / "fsdp"
-    shutil.copytree(fsdp_run, run, symlinks=True)  # CURVE under FSDP on two ranks for 10 steps (tests.conftest.fsdp_run), kept as it is
+    shutil.copytree(fsdp_run, run, symlinks=True)  # CURVE under FSDP on 2 ranks, 10 steps (conftest.fsdp_run), kept
     shards = run / "checkpoints" / "last.ckpt"
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2
     # Two FSDP ranks follow the single-process curve (gradients averaged, reduced in another order).

@@ -97,7 +97,7 @@ def _train_until_killed(args: list[str], run_dir: Path, kill_after_step: int) ->
     proc.wait()
 
 
-@pytest.mark.slow  # the same check runs in CI as tests/test_reliability.py::test_killed_run_resumes_to_the_uninterrupted_curve
+@pytest.mark.slow  # the same check: test_reliability.py (CI: kill -9 during a checkpoint write, resume, same curve)
 def test_killed_run_resumes_with_the_same_loss_curve(tmp_path):
     args = [*TINY_RUN, "budget.steps=60", "trainer.val_every=20", "trainer.checkpoint_every=20", "trainer.log_every=5"]
     straight = run_cli([*args, f"hydra.run.dir={tmp_path}/straight"], cwd=tmp_path)
