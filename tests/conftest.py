@@ -64,6 +64,21 @@ def llm_cli(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tu
     return code, capsys.readouterr().err
 
 
+def llm_cli_output(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """As `llm_cli`, keeping what the command wrote to stdout: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [f"llm-{command}", *args])
+    capsys.readouterr()
+    module = importlib.import_module(f"llm.cli.{command}")
+    code = 0
+    try:
+        module.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(autouse=True)
 def _logging_restored():
     """An entry point run in this process configures logging (Hydra's job logging, the argparse

@@ -14,7 +14,7 @@ from llm.config import ConfigError, typed, validate
 from llm.config.validate import tokenizer_vocab_size
 from llm.model import ModelConfig, Transformer
 from llm.scaling.flops import model_size
-from tests.conftest import REPO, compose_train, run_cli
+from tests.conftest import REPO, compose_train, llm_cli_output
 
 CONF = REPO / "conf"
 # (bench: llm-bench's own presets, not llm-train groups; tests/test_bench.py composes them)
@@ -231,26 +231,30 @@ def test_all_problems_reported_at_once(tmp_path):
     assert len(e.value.problems) == 4, e.value.problems
 
 
-def test_cli_bad_config_exits_before_reading_data(tmp_path):
-    result = run_cli(["model.n_heads=6", "model.d_model=96", "attention=gqa", "model.attention.n_kv_heads=4"], cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "model.attention.n_kv_heads=4" in result.stderr and "must divide" in result.stderr
+# The llm-train command lines below run in this process (tests.conftest.llm_cli_output): a
+# subprocess would show nothing more, for seconds of CI each.
+
+def test_cli_bad_config_exits_before_reading_data(tmp_path, monkeypatch, capsys):
+    code, _, stderr = llm_cli_output("train", ["model.n_heads=6", "model.d_model=96", "attention=gqa",
+                                               "model.attention.n_kv_heads=4"], tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert "model.attention.n_kv_heads=4" in stderr and "must divide" in stderr
     assert not (tmp_path / ".cache").exists()  # no tokenizer trained, no data tokenised
     assert not list(tmp_path.glob("runs/*/summary.json"))  # nothing a later run could take for output
 
 
-def test_cli_help_lists_groups(tmp_path):
-    result = run_cli(["--help"], cwd=tmp_path)
-    assert result.returncode == 0
+def test_cli_help_lists_groups(tmp_path, monkeypatch, capsys):
+    code, stdout, _ = llm_cli_output("train", ["--help"], tmp_path, monkeypatch, capsys)
+    assert code == 0
     for group in ("attention: gqa, mha, mqa", "position: alibi, learned, none, rope, sinusoidal", "experiment:"):
-        assert group in result.stdout, result.stdout
+        assert group in stdout, stdout
 
 
-def test_cli_override_of_a_key_that_does_not_exist_names_it(tmp_path):
+def test_cli_override_of_a_key_that_does_not_exist_names_it(tmp_path, monkeypatch, capsys):
     # Attention options live under model.attention; `attention.n_kv_heads` is not a key.
-    result = run_cli(["model.n_heads=6", "attention.n_kv_heads=4"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "attention.n_kv_heads" in result.stderr
+    code, _, stderr = llm_cli_output("train", ["model.n_heads=6", "attention.n_kv_heads=4"], tmp_path, monkeypatch, capsys)
+    assert code != 0
+    assert "attention.n_kv_heads" in stderr
     assert not (tmp_path / ".cache").exists()
 
 
