@@ -56,6 +56,49 @@ def test_peer_table_marks_goals_and_differences():
     assert "| **3.00x** (2.50x) | - | tokens equal |" in shown[2]
 
 
+# -- where a training step's time goes (llm.bench.profile) --------------------------------------
+
+def test_profiler_ops_fall_into_the_shared_categories_or_the_model_s_own():
+    from llm.bench.profile import category
+
+    assert category("aten::mm") == category("aten::addmm") == category("aten::bmm") == "matmuls"
+    assert category("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention kernel"
+    assert category("aten::_log_softmax_backward_data") == category("aten::nll_loss_forward") == "loss"
+    for own in ("aten::add", "aten::mul", "aten::cat", "autograd::engine::evaluate_function: MulBackward0"):
+        assert category(own) == "model's other ops"
+
+
+def test_step_split_counts_the_optimizer_once_and_the_model_s_own_ops_apart():
+    from torch.profiler import record_function
+
+    from llm.bench.profile import CATEGORIES, OPTIMIZER, bound, shared_ms, step_splits
+
+    a, b, w = torch.randn(256, 256), torch.randn(256, 256), torch.randn(1024, 1024)
+
+    def lean():
+        a @ b
+        with record_function(OPTIMIZER):  # elementwise ops inside the optimizer: its time, not the model's
+            for _ in range(10):
+                w.mul_(1.0)
+
+    def heavy():  # the same, plus elementwise work of the model's own
+        lean()
+        x = a
+        for _ in range(200):
+            x = x * 1.0001
+
+    splits = step_splits({"lean": lean, "heavy": heavy}, repeats=2)
+    for split in splits.values():
+        assert split["total"] == pytest.approx(sum(split[name] for name in CATEGORIES))
+        assert split["matmuls"] > 0 and split[OPTIMIZER] > 0 and split["attention kernel"] == split["loss"] == 0
+    assert splits["heavy"]["model's other ops"] > 5 * splits["lean"]["model's other ops"]
+    assert splits["lean"]["model's other ops"] < 0.5 * splits["lean"][OPTIMIZER]  # its mul_s counted once
+    assert shared_ms(splits["heavy"]) == pytest.approx(splits["heavy"]["total"] - splits["heavy"]["model's other ops"])
+    # the bound: their whole step over our shared part (above 1: room to be faster)
+    assert bound({"total": 100.0, "model's other ops": 20.0}, {"total": 100.0, "model's other ops": 20.0}) == 1.25
+    assert bound({"total": 90.0, "model's other ops": 10.0}, {"total": 120.0, "model's other ops": 40.0}) == 1.5
+
+
 # -- bench.peer=transformers end to end ---------------------------------------------------------
 
 def test_peer_mode_prints_every_ratio_with_the_same_results(tmp_path, monkeypatch, capsys):
@@ -82,11 +125,17 @@ def test_peer_mode_prints_every_ratio_with_the_same_results(tmp_path, monkeypatc
         assert r["median_ratio"] == pytest.approx(statistics.median(r["hf_seconds"]) / statistics.median(r["ours_seconds"]))
         assert r["met"] == (r["ratio"] >= r["goal"])
         assert len(r["ours_seconds"]) == len(r["hf_seconds"]) == 2
+    for r in rows[:2]:  # eager training rows: where the step goes, and the bound the shared part leaves
+        ours, hf = r["split"]["ours"], r["split"]["hf"]
+        assert r["bound"] == pytest.approx(hf["total"] / (ours["total"] - ours["model's other ops"]))
+        assert ours["matmuls"] > 0 and ours["optimizer"] > 0 and ours["loss"] > 0
+    assert "split" not in rows[2]  # decoding rows are not profiled
     table = out.with_name("bench_peer.md").read_text()  # what stdout showed, to paste
+    assert "| train eager, bench.peer_shape | ours |" in table and f"**{rows[0]['bound']:.2f}x**" in table
     assert table.splitlines()[2].startswith("| case | shape | ours tokens/s | transformers tokens/s | ours / transformers")
     assert f"**{rows[2]['ratio']:.2f}x**" in table and "tokens equal" in table
-    assert table.rstrip().endswith("`llm-bench " + " ".join([*PEER_TINY, "bench.peer_compile=false",
-                                                             f"paths.runs_dir={tmp_path}/runs"]) + "`")
+    assert ("`llm-bench " + " ".join([*PEER_TINY, "bench.peer_compile=false", f"paths.runs_dir={tmp_path}/runs"])
+            + "`\n") in table
 
 
 def test_peer_mode_refuses_a_peer_shape_that_cannot_be_built(tmp_path, monkeypatch, capsys):

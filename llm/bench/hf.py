@@ -24,7 +24,9 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
+from llm.bench.profile import CATEGORIES, OPTIMIZER, bound, shared_ms, step_splits
 from llm.evaluate.speed import timed
 from llm.generate import generate
 from llm.generate.decode import left_pad
@@ -205,6 +207,7 @@ def train_step_vs_transformers(
     device: str | torch.device = "cpu",
     experts_implementation: Optional[str] = None,
     compile: bool = False,
+    profile: bool = False,
 ) -> dict:
     """Tokens/s of a plain training loop (forward, cross-entropy, backward, AdamW step) over our
     Transformer and over its transformers twin built from the same weights (`_hf_twin`: Llama
@@ -217,6 +220,9 @@ def train_step_vs_transformers(
 
     `compile`: both models through `torch.compile` (the whole model, as a user of either library
     would; the warm-up steps pay for the compilation, so `warmup` must be at least 1).
+    `profile`: after the timing, three profiled steps of each side split into what both share and
+    what is each model's own (`llm.bench.profile`): `split` {ours, hf} in ms and the `bound` on
+    ours / transformers that the shared part leaves.
     """
     torch.manual_seed(seed)
     device = torch.device(device)
@@ -248,8 +254,9 @@ def train_step_vs_transformers(
             logits, router = forward(tokens[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
             (loss + router).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with record_function(OPTIMIZER):  # timed as one by llm.bench.profile
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             return loss.item()
 
         return step
@@ -268,9 +275,12 @@ def train_step_vs_transformers(
                 for name in list(runners)[:: 1 if (r * steps + i) % 2 == 0 else -1]:
                     seconds, _ = timed(lambda step=runners[name]: step(b), device)
                     times[name][r] += seconds
+        split = step_splits({name: lambda step=step: step(batches[0]) for name, step in runners.items()}) if profile else None
         used_threads = torch.get_num_threads()
     tokens = steps * batch * seq_len
     return {
+        "split": split,
+        "bound": bound(split["ours"], split["hf"]) if split else None,
         "hf_model": type(hf).__name__,
         "hf_experts_implementation": getattr(hf.config, "_experts_implementation", None) if moe else None,
         **rates(tokens, min(times["ours"]), min(times["hf"])),
@@ -339,6 +349,7 @@ def peer_vs_transformers(
     prompt_len: int = 16,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    profile: bool = False,
 ) -> list[dict]:
     """Every comparison of issue 21 in one run, each an interleaved side-by-side with the same
     weights and inputs: the eager training step at each of `shapes` ({name: (model config, batch,
@@ -347,7 +358,8 @@ def peer_vs_transformers(
     compile_shape is None) compiled; the decoding goal applies to the fastest of ours, the compiled row.
 
     One row per case: {case, shape, goal, ratio (of the best rounds), median_ratio, met (ratio >= goal),
-    ours/hf tokens/s and seconds, check, ok}:
+    ours/hf tokens/s and seconds, check, ok; with `profile`, eager training rows also `split` and
+    `bound` (`llm.bench.profile`)}:
     `check` says how the two sides were shown to compute the same thing (first losses within
     1e-3, or identical token ids) and `ok` whether it held."""
     rows = []
@@ -356,7 +368,8 @@ def peer_vs_transformers(
         cfg, batch, seq_len = shapes[name]
         log.info(f"training step {'compiled' if compiled else 'eager'}, {name}: {arch_label(cfg)}, {batch}x{seq_len} ...")
         result = train_step_vs_transformers(cfg, batch, seq_len, steps=steps, warmup=max(warmup, 2 if compiled else 1),
-                                            repeats=repeats, seed=seed, device=device, compile=compiled)
+                                            repeats=repeats, seed=seed, device=device, compile=compiled,
+                                            profile=profile and not compiled)
         same = abs(result["first_loss_ours"] - result["first_loss_hf"]) <= 1e-3
         return {**result, "case": f"train {'compiled' if compiled else 'eager'}, {name}", "shape_name": name,
                 "shape": f"{arch_label(cfg)}, {batch}x{seq_len}", "goal": GOALS[kind],
@@ -408,4 +421,21 @@ def peer_table(rows: list[dict]) -> list[str]:
                      f"{row['hf_tokens_per_s']:,.0f} | **{row['ratio']:.2f}x** ({row['median_ratio']:.2f}x) | "
                      f"{_goal_cell(row)} | "
                      f"{row['check']}{'' if row['ok'] else ' (NOT the same)'} |")
+    return lines
+
+
+def split_table(rows: list[dict]) -> list[str]:
+    """Where each profiled training row's step goes (ms, ours and transformers'), what both share,
+    and the bound that leaves on ours / transformers (`llm.bench.profile`). [] without profiles."""
+    profiled = [row for row in rows if row.get("split")]
+    if not profiled:
+        return []
+    lines = ["| case | side | " + " | ".join(CATEGORIES) + " | step | shared | bound on ours / transformers |",
+             "|---|---|" + "---:|" * (len(CATEGORIES) + 3)]
+    for row in profiled:
+        for side, label in (("ours", "ours"), ("hf", "transformers")):
+            split = row["split"][side]
+            cells = " | ".join(f"{split[name]:,.1f}" for name in CATEGORIES)
+            last = f"**{row['bound']:.2f}x**" if side == "ours" else ""
+            lines.append(f"| {row['case']} | {label} | {cells} | {split['total']:,.1f} | {shared_ms(split):,.1f} | {last} |")
     return lines
