@@ -123,7 +123,10 @@ def test_static_cache_steps_match_full_forward(kind, n_kv_heads, window):
 
 def test_compiled_decoding_equals_eager_and_compiles_once_per_shape():
     """generate(compile=True): the same tokens as eager decoding (padded and not, greedy and
-    sampled), one graph per batch size and cache length, reused by later calls."""
+    sampled), one graph per batch size and cache length, reused by later calls; the step reads
+    column-major copies of the Linear weights (the same values)."""
+    from llm.generate.static import decoding_weights
+
     from torch._dynamo.utils import counters
 
     model = build(make_cfg("rope", 2, window=5))
@@ -138,13 +141,19 @@ def test_compiled_decoding_equals_eager_and_compiles_once_per_shape():
     assert counters["stats"]["unique_graphs"] - before == 2  # batch 3 and batch 1, each once
     with pytest.raises(ValueError, match="needs use_cache=True"):
         generate(model, single, 4, use_cache=False, compile=True)
+    weights = decoding_weights(model)
+    assert set(weights) == {name for name, p in model.named_parameters(remove_duplicate=False)
+                            if name.endswith(".weight") and "norm" not in name and name != "embed.weight"}
+    head = weights["lm_head.weight"]
+    assert torch.equal(head, model.lm_head.weight) and head.t().is_contiguous() and not head.is_contiguous()
 
 
 @pytest.mark.slow  # one compilation per model: ~5-20 s each on a CPU
-@pytest.mark.parametrize("kind, n_kv_heads, window", [("alibi", None, 4), ("learned", 1, None),
-                                                      ("sinusoidal", 2, 3), ("none", None, None)])
-def test_compiled_decoding_equals_eager_for_every_position_scheme(kind, n_kv_heads, window):
-    model = build(make_cfg(kind, n_kv_heads, window))
+@pytest.mark.parametrize("kind, n_kv_heads, window, tied", [("alibi", None, 4, True), ("learned", 1, None, True),
+                                                            ("sinusoidal", 2, 3, True), ("none", None, None, True),
+                                                            ("rope", 2, None, False)])
+def test_compiled_decoding_equals_eager_for_every_position_scheme(kind, n_kv_heads, window, tied):
+    model = build(make_cfg(kind, n_kv_heads, window, tie_embeddings=tied))
     prompts = random_prompts([3, 7, 5], seed=4)
     assert generate(model, prompts, 12, pad_id=VOCAB - 1, compile=True) == generate(model, prompts, 12,
                                                                                     pad_id=VOCAB - 1)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llm.generate.cache import KVCache
 from llm.generate.sampling import sample
-from llm.generate.static import StaticKVCache, bucketed, compiled_step, output_weight
+from llm.generate.static import StaticKVCache, bucketed, compiled_step, decoding_weights
 
 ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
@@ -104,7 +104,7 @@ def generate(
     cache: Optional[KVCache | StaticKVCache] = None
     if compile:
         cache = StaticKVCache.for_model(model, len(prompts), bucketed(total))
-        decode_step, head_t = compiled_step(), output_weight(model)
+        decode_step, weights = compiled_step(), decoding_weights(model)
     elif use_cache:
         cache = KVCache.for_model(model, len(prompts), total)
     logits = model(tokens, positions, cache, mask if padded else None)[:, -1]
@@ -122,7 +122,7 @@ def generate(
             break
         new = new[:, None]
         if isinstance(cache, StaticKVCache):  # positions always given: the graph never reads the cache's length
-            logits = decode_step(model, new, next_pos, cache, head_t)
+            logits = decode_step(model, new, next_pos, cache, weights)
         elif cache is not None:
             logits = model(new, next_pos if padded else None, cache)[:, -1]
         else:
