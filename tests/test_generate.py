@@ -115,6 +115,8 @@ def test_static_cache_steps_match_full_forward(kind, n_kv_heads, window):
         ref = [model(tokens[:, :6], positions, ref_cache, mask)]
         ref += [model(tokens[:, t : t + 1], positions[:, -1:] + t - 5, ref_cache) for t in range(6, 14)]
     assert cache.length == 14 and bool(cache.valid[1, :2].any()) is False and bool(cache.valid[:, 14:].any()) is False
+    cache.truncate(10)  # forgets slots 10.. (what speculative decoding does with rejected tokens)
+    assert cache.length == 10 and bool(cache.valid[:, 10:].any()) is False and bool(cache.valid[0, :10].all())
     torch.testing.assert_close(torch.cat(parts, dim=1)[0], torch.cat(ref, dim=1)[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat(parts, dim=1)[1, 2:], torch.cat(ref, dim=1)[1, 2:], atol=1e-5, rtol=0)
     with torch.no_grad():  # row 0 has no padding: its steps equal one full forward

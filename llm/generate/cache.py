@@ -48,12 +48,15 @@ class KVCache:
     ):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.layers = [
-            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            self._layer(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)
         ]
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.padded = False  # whether a mask ever came with tokens (then some slots may be invalid)
+
+    def _layer(self, k: Tensor, v: Tensor) -> LayerCache:
+        return LayerCache(k, v)
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int) -> KVCache:

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from llm.generate.cache import KVCache
+
 log = logging.getLogger(__name__)
 
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this: fewer distinct graphs to compile
@@ -49,14 +51,12 @@ class StaticLayerCache:
         return self.k, self.v
 
 
-class StaticKVCache:
+class StaticKVCache(KVCache):
     """The `KVCache` interface (what `Transformer.forward` uses) over fixed-shape tensors.
 
     `positions` and `valid` cover every slot; `valid` is False until a real token fills a slot,
     which keeps queries off the empty slots. `generate` sizes the cache for the prompt plus every
     new token; a write past the last slot raises (index out of bounds, eager and compiled)."""
-
-    padded = True  # the model always builds the mask from `valid` (empty slots must be hidden)
 
     def __init__(
         self,
@@ -68,30 +68,22 @@ class StaticKVCache:
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
     ):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.filled = torch.zeros((), dtype=torch.long, device=device)
-        self.layers = [
-            StaticLayerCache(torch.zeros(shape, dtype=dtype, device=device),
-                             torch.zeros(shape, dtype=dtype, device=device), self.filled)
-            for _ in range(n_layers)
-        ]
-        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)  # before the layers, which share it
+        super().__init__(n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device)
+        self.padded = True  # the model always builds the mask from `valid` (empty slots must be hidden)
 
-    @classmethod
-    def for_model(cls, model: nn.Module, batch: int, max_len: int) -> StaticKVCache:
-        """A cache shaped for `model` (a `Transformer`), on its device and in its dtype."""
-        cfg, weight = model.cfg, model.embed.weight
-        return cls(len(model.blocks), batch, cfg.kv_heads, max_len, cfg.head_size, weight.dtype, weight.device)
+    def _layer(self, k: Tensor, v: Tensor) -> StaticLayerCache:
+        return StaticLayerCache(k, v, self.filled)
 
     @property
     def length(self) -> int:
         """Slots filled so far (read outside the compiled step only: it synchronises)."""
         return int(self.filled)
 
-    @property
-    def max_len(self) -> int:
-        return self.positions.shape[1]
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on."""
+        self.filled.clamp_(max=length)
+        self.valid[:, length:] = False
 
     def append(self, positions: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Record the positions ((T,) or (B, T)) and validity ((B, T), None: all real) of the
