@@ -36,6 +36,8 @@ class LayerCache:
 class KVCache:
     """Every layer's cache, plus each slot's position and validity (shared by the layers)."""
 
+    padded = False  # whether a mask ever came with tokens (then some slots may be invalid)
+
     def __init__(
         self,
         n_layers: int,
@@ -53,7 +55,6 @@ class KVCache:
         ]
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.padded = False  # whether a mask ever came with tokens (then some slots may be invalid)
 
     def _layer(self, k: Tensor, v: Tensor) -> LayerCache:
         return LayerCache(k, v)

@@ -58,21 +58,11 @@ class StaticKVCache(KVCache):
     which keeps queries off the empty slots. `generate` sizes the cache for the prompt plus every
     new token; a write past the last slot raises (index out of bounds, eager and compiled)."""
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float32,
-        device: Optional[torch.device] = None,
-    ):
-        self.filled = torch.zeros((), dtype=torch.long, device=device)  # before the layers, which share it
-        super().__init__(n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device)
-        self.padded = True  # the model always builds the mask from `valid` (empty slots must be hidden)
+    padded = True  # the model always builds the mask from `valid` (empty slots must be hidden)
 
     def _layer(self, k: Tensor, v: Tensor) -> StaticLayerCache:
+        if not hasattr(self, "filled"):  # the fill count, one tensor that every layer shares
+            self.filled = torch.zeros((), dtype=torch.long, device=k.device)
         return StaticLayerCache(k, v, self.filled)
 
     @property
