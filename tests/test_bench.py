@@ -99,6 +99,19 @@ def test_step_split_counts_the_optimizer_once_and_the_model_s_own_ops_apart():
     assert bound({"total": 90.0, "model's other ops": 10.0}, {"total": 120.0, "model's other ops": 40.0}) == 1.5
 
 
+def test_the_both_compiled_row_is_refused_when_transformers_cannot_compile_on_a_cpu(monkeypatch):
+    pytest.importorskip("transformers")
+    from transformers.generation import CompileConfig
+
+    from llm.bench.hf import decode_vs_transformers
+    from llm.model import ModelConfig, Transformer
+
+    monkeypatch.delattr(CompileConfig, "_compile_all_devices")
+    model = Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=64))
+    with pytest.raises(ValueError, match="no compiled side to compare with"):
+        decode_vs_transformers(model, None, new_tokens=2, compile=True, hf_compile=True)
+
+
 # -- bench.peer=transformers end to end ---------------------------------------------------------
 
 def test_peer_mode_prints_every_ratio_with_the_same_results(tmp_path, monkeypatch, capsys):
