@@ -1,10 +1,10 @@
 """Compiled decoding: a KV cache whose shapes never change, so one compiled graph serves every step.
 
-An eager decoding step of a small model is reading every weight once plus a few hundred small
-operators' overhead (on a CPU, about half and half at batch 1). `torch.compile` removes the overhead, but only if
-a step is the same graph every time: the ordinary `KVCache` returns keys sliced to the tokens so
-far (a new shape each step) and counts them in a Python int (a new constant each step), either of
-which recompiles. `StaticKVCache` keeps both out of the graph:
+An eager decoding step of a small model reads every weight once and pays a few hundred small
+operators' overhead (on a CPU, about half of the step each at batch 1). `torch.compile` removes
+the overhead, but only if a step is the same graph every time: the ordinary `KVCache` returns keys
+sliced to the tokens so far (a new shape each step) and counts them in a Python int (a new
+constant each step), either of which recompiles. `StaticKVCache` keeps both out of the graph:
 
 - every layer attends over all `max_len` slots; slots not filled yet are invalid in the mask, so
   they get no attention weight (SDPA's masked softmax gives them exactly 0);
