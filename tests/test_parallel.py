@@ -21,7 +21,7 @@ from llm.parallel.tensor_parallel import apply_tensor_parallel
 from llm.stages.pretrain import next_token_loss
 from llm.checkpoint import load_network
 from llm.tracking.metrics import read_metrics
-from tests.conftest import TINY_RUN, llm_cli, run_cli
+from tests.conftest import TINY_RUN, llm_cli, llm_cli_output, run_cli
 from tests.distributed import run_ranks
 
 WORLD = 2
@@ -304,19 +304,9 @@ def test_dry_run_plan_equals_counted_bytes_of_a_single_process_model():
 
 
 def test_dry_run_prints_the_layout_and_reads_no_data(tmp_path, monkeypatch, capsys):
-    # llm-train in this process (tests.conftest.llm_cli, keeping stdout): a subprocess shows nothing more.
-    import importlib
-
+    # llm-train in this process (tests.conftest.llm_cli_output): a subprocess shows nothing more.
     def llm_train(args: list[str]) -> tuple[int, str, str]:
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", ["llm-train", *args])
-        try:
-            importlib.import_module("llm.cli.train").main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return llm_cli_output("train", args, tmp_path, monkeypatch, capsys)
 
     code, out, err = llm_train(["model=1b", "parallelism=fsdp_tp", "trainer.devices=8", "dry_run=true"])
     assert code == 0, err[-2000:]

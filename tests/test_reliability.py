@@ -6,7 +6,6 @@ checkpoints are set aside; the last K and the best are kept."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import math
@@ -37,7 +36,7 @@ from llm.tracking.metrics import read_metrics
 from llm.tracking.preemption import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, SIGNALS, Interrupted,
                                      PreemptionHandler, ctrl_c_stops_at_once)
 from llm.train import train
-from tests.conftest import REPO, TINY_RUN, compose_train, llm_cli, run_cli
+from tests.conftest import REPO, TINY_RUN, compose_train, llm_cli, llm_cli_output, run_cli
 
 # 40 steps, a checkpoint every 10: a kill anywhere after step 10 loses at most 9 steps of work.
 RUN = [*TINY_RUN, "budget.steps=40", "trainer.val_every=10", "trainer.checkpoint_every=10", "trainer.log_every=1"]
@@ -87,22 +86,13 @@ def kill_at(args: list[str], run_dir: Path, cwd: Path, step: int) -> None:
 @pytest.fixture
 def train_here(monkeypatch, capsys, single_thread):
     """train_here(args, cwd, env) runs `llm-train args` in this process, as from a shell in `cwd`
-    with `env` added (as tests.conftest.llm_cli, keeping stdout; one interpreter fewer to start
-    than a subprocess, seconds of CI a run): (exit code, stdout, stderr)."""
+    with `env` added (tests.conftest.llm_cli_output; one interpreter fewer to start than a
+    subprocess, seconds of CI a run): (exit code, stdout, stderr)."""
 
     def train_here(args: list[str], cwd: Path, env: dict | None = None) -> tuple[int, str, str]:
         for name, value in {**ENV, **(env or {})}.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["llm-train", *args])
-        capsys.readouterr()
-        code = 0
-        try:
-            importlib.import_module("llm.cli.train").main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return llm_cli_output("train", args, cwd, monkeypatch, capsys)
 
     return train_here
 

@@ -20,7 +20,7 @@ from llm.scaling.flops import model_size
 from llm.tracking.metrics import read_metrics
 from llm.run.plan import budget_steps
 from llm.train import train
-from tests.conftest import TINY_RUN, compose_train, run_cli
+from tests.conftest import TINY_RUN, compose_train, llm_cli_output, run_cli
 
 
 def records(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -34,20 +34,9 @@ def only_run(root: Path) -> Path:
 
 
 def train_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
-    """`llm-train args` in this process, as from a shell in `cwd` (as tests.conftest.llm_cli, keeping
-    stdout; one interpreter fewer to start than run_cli, seconds of CI): (exit code, stdout, stderr)."""
-    import importlib
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["llm-train", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        importlib.import_module("llm.cli.train").main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    """`llm-train args` in this process, as from a shell in `cwd` (one interpreter fewer to start
+    than run_cli, seconds of CI): (exit code, stdout, stderr)."""
+    return llm_cli_output("train", args, cwd, monkeypatch, capsys)
 
 
 def test_llm_train_learns_and_leaves_a_complete_run_directory(tmp_path, monkeypatch, capsys, single_thread):
@@ -200,17 +189,18 @@ def test_multirun_gives_each_job_its_own_run(tmp_path):
     assert summaries[1]["N"] < summaries[0]["N"]  # MQA's K/V projections are smaller
 
 
-def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    result = run_cli(["-m", *TINY_RUN, "budget.steps=2", "trainer.val_every=2", "optim.lr=1e-3,-1,2e-3"], cwd=tmp_path)
-    assert result.returncode != 0  # the sweep as a whole failed ...
+def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys, single_thread):
+    code, stdout, _ = train_here(["-m", *TINY_RUN, "budget.steps=2", "trainer.val_every=2", "optim.lr=1e-3,-1,2e-3"],
+                                 tmp_path, monkeypatch, capsys)
+    assert code != 0  # the sweep as a whole failed ...
     (sweep,) = (tmp_path / "runs" / "multirun").iterdir()
     index = json.loads((sweep / "index.json").read_text())
     assert [r["status"] for r in index] == ["completed", "failed", "completed"]  # ... but every job ran
     assert "optim.lr=-1" in index[1]["error"] and index[2]["val/loss"] > 0
-    assert "2 completed, 1 failed" in result.stdout
+    assert "2 completed, 1 failed" in stdout
 
 
-def test_isoflop_sweep_runs_through_hydra_multirun_and_fits(tmp_path):
+def test_isoflop_sweep_runs_through_hydra_multirun_and_fits(tmp_path, monkeypatch, capsys):
     result = run_cli(["-m", "sweep=isoflop", "budget.flops=2e9,6e9", "model.size=5e4,1.2e5,3e5",
                       "data.corpus.max_bytes=300000", "tokenizer.vocab_size=512", "data.seq_len=64",
                       "data.micro_batch_size=8", "trainer.val_every=5"], cwd=tmp_path, timeout=600)
@@ -221,12 +211,12 @@ def test_isoflop_sweep_runs_through_hydra_multirun_and_fits(tmp_path):
     summaries = [json.loads((Path(r["run_dir"]) / "summary.json").read_text()) for r in index]
     for s in summaries:  # each run spent its budget (to within one step)
         assert s["budget_flops"] <= s["C"] < s["budget_flops"] + s["flops_per_token"] * s["tokens_per_step"]
-    fit = run_cli(["fit", str(sweep), "--approaches", "2,kaplan", "--bootstrap", "5", "--out", str(tmp_path / "fit")],
-                  cwd=tmp_path, command="scaling")
+    code, stdout, stderr = llm_cli_output("scaling", ["fit", str(sweep), "--approaches", "2,kaplan", "--bootstrap", "5",
+                                                      "--out", str(tmp_path / "fit")], tmp_path, monkeypatch, capsys)
     # Toy runs this short may not bracket an optimum (Approach 2 then reports why it skipped);
     # what must hold is that the fit read all six runs of the sweep directory.
-    assert fit.returncode in (0, 1), fit.stderr[-3000:]
-    assert "6 runs/points" in fit.stdout + fit.stderr
+    assert code in (0, 1), stderr[-3000:]
+    assert "6 runs/points" in stdout + stderr
     assert (tmp_path / "fit" / "fit.json").exists() and (tmp_path / "fit" / "loss_vs_compute.png").stat().st_size > 1000
 
 
