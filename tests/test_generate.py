@@ -174,7 +174,11 @@ def test_compiled_decoding_of_moe_and_quantized_models_equals_eager():
 
 
 def test_bucketed_cache_lengths_and_a_full_static_cache_raises():
-    assert [bucketed(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]
+    lengths = [1, 32, 33, 128, 129, 144, 300, 1000, 5000]
+    assert [bucketed(n) for n in lengths] == [32, 32, 64, 128, 160, 160, 320, 1024, 5120]
+    for n in range(1, 5000):  # never shorter, less than a quarter (or one MIN_BUCKET of 32) longer; few graphs
+        assert n <= bucketed(n) < n + max(32, n / 4)
+    assert len({bucketed(n) for n in range(129, 257)}) == 4 and len({bucketed(n) for n in range(2049, 4097)}) == 4
     model = build(make_cfg())
     cache = StaticKVCache.for_model(model, batch=1, max_len=4)
     with torch.no_grad(), pytest.raises(IndexError, match="out of bounds"):

@@ -13,7 +13,7 @@ constant each step), either of which recompiles. `StaticKVCache` keeps both out 
 `compiled_step` compiles one decoding step (`torch.compile`, static shapes, Inductor's C++
 wrapper, which also takes the Python out of launching its kernels) once per model, batch and
 cache length; `generate(compile=True)` (and `llm-generate compile=true`) uses it. Cache lengths are
-rounded up to `LENGTH_BUCKET`, so prompts of similar lengths share a graph. On a CPU the step reads
+rounded up (`bucketed`), so prompts of similar lengths share a graph. On a CPU the step reads
 column-major copies of the Linear weights (`decoding_weights`), which MKL streams faster.
 """
 
@@ -29,7 +29,11 @@ from llm.generate.cache import KVCache
 
 log = logging.getLogger(__name__)
 
-LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this: fewer distinct graphs to compile
+# Cache lengths are rounded up so that nearby lengths share a compiled graph: to a multiple of a
+# quarter of the largest power of two not above the length (at least MIN_BUCKET), so a cache is at
+# most ~25% longer than needed (every step reads all of its slots) and lengths fall into at most
+# four graphs per doubling.
+MIN_BUCKET = 32
 # Inductor's C++ wrapper launches the step's kernels without Python in between (a decoding step
 # is dozens of small kernels: on a CPU the Python wrapper's per-kernel cost is a good part of it).
 STEP_OPTIONS = {"cpp_wrapper": True}
@@ -88,9 +92,10 @@ class StaticKVCache(KVCache):
 
 
 def bucketed(length: int) -> int:
-    """`length` rounded up to a multiple of LENGTH_BUCKET (slots past the last token stay empty:
+    """`length` rounded up to its bucket (see MIN_BUCKET; slots past the last token stay empty:
     a model with learned positions never looks up a position for them)."""
-    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+    step = max(MIN_BUCKET, (1 << (length.bit_length() - 1)) // 4)
+    return -(-length // step) * step
 
 
 RELAYOUT_MAX_BYTES = 2 * 2**30  # above this much Linear weight, decode from the weights as they are
