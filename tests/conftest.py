@@ -50,31 +50,29 @@ def run_cli(args: list[str], cwd: Path, command: str = "train", timeout: float =
                           timeout=timeout, **kwargs)
 
 
-def llm_cli(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """Run `llm-<command> args` in this process, as from a shell in `cwd`: (exit code, stderr).
-    No interpreter start-up: seconds cheaper than `run_cli` where a subprocess proves nothing more."""
+def _main_exit_code(command: str, args: list[str], cwd: Path, monkeypatch) -> int:
+    """`llm-<command> args` run in this process from `cwd`: its exit code."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [f"llm-{command}", *args])
     module = importlib.import_module(f"llm.cli.{command}")
-    code = 0
     try:
         module.main()
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def llm_cli(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """Run `llm-<command> args` in this process, as from a shell in `cwd`: (exit code, stderr).
+    No interpreter start-up: seconds cheaper than `run_cli` where a subprocess proves nothing more."""
+    code = _main_exit_code(command, args, cwd, monkeypatch)
     return code, capsys.readouterr().err
 
 
 def llm_cli_output(command: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
     """As `llm_cli`, keeping what the command wrote to stdout: (exit code, stdout, stderr)."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [f"llm-{command}", *args])
     capsys.readouterr()
-    module = importlib.import_module(f"llm.cli.{command}")
-    code = 0
-    try:
-        module.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    code = _main_exit_code(command, args, cwd, monkeypatch)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
