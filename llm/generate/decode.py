@@ -101,7 +101,7 @@ def generate(
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decoding step: it needs use_cache=True")
     total = tokens.shape[1] + max_new_tokens
-    cache: Optional[KVCache | StaticKVCache] = None
+    cache: Optional[KVCache] = None
     if compile:
         cache = StaticKVCache.for_model(model, len(prompts), bucketed(total))
         decode_step, weights = compiled_step(), decoding_weights(model)
@@ -121,7 +121,7 @@ def generate(
         if (all(done) and not lockstep) or step == max_new_tokens - 1:
             break
         new = new[:, None]
-        if isinstance(cache, StaticKVCache):  # positions always given: the graph never reads the cache's length
+        if compile:  # positions always given: the graph never reads the cache's length
             logits = decode_step(model, new, next_pos, cache, weights)
         elif cache is not None:
             logits = model(new, next_pos if padded else None, cache)[:, -1]
