@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("wrote %s", Path(args.folder) / CORPUS)
     else:
         curated = Path(args.curated or Path(args.folder) / "curated")
-        print(table(score(read_labels(args.folder), kept_texts(curated / "documents"))))  # the command's output
+        scores = score(read_labels(args.folder), kept_texts(curated / "documents"))
+        sys.stdout.write(table(scores) + "\n")  # the command's output
 
 
 if __name__ == "__main__":

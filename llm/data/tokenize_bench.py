@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         log.info(f"{text_mb:.1f} MiB of {name} in {len(documents):,} documents; {tokenizer}; "
                  f"{available_cores()} cores; best of {args.repeat}")
         rows = measure(documents, tokenizer, args.workers, args.shard_mb, args.repeat, Path(work))
-    print(table(rows))  # the command's output, on stdout
+    sys.stdout.write(table(rows) + "\n")  # the command's output, on stdout
     if args.json:
         Path(args.json).write_text(json.dumps({"text_mb": text_mb, "documents": len(documents),
                                                "cores": available_cores(), "rows": rows}, indent=2))
